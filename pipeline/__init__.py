@@ -1,0 +1,1 @@
+"""Image embeddings at batch scale: a Beam pipeline over frozen keras.applications backbones."""

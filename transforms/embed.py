@@ -1,0 +1,271 @@
+"""Embed stage: one fused Keras model per worker process, and the DoFn that reads, decodes and embeds files."""
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import time
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.transforms import window
+from apache_beam.utils import shared
+
+from transforms import decode
+from transforms.backbones import get_backbone, preprocess
+from transforms.read import read_bytes, sha256_hex
+from transforms.weights import load_backbone
+from transforms.write import error_row, rows_to_table
+
+_LOG = logging.getLogger(__name__)
+ERRORS_TAG = "errors"
+
+
+def configure_tensorflow(allow_tf32=False, mixed_precision=False):
+  """Must run before the first TensorFlow op: GPU memory growth and precision can't change later."""
+  import tensorflow as tf
+  for gpu in tf.config.list_physical_devices("GPU"):
+    try:
+      tf.config.experimental.set_memory_growth(gpu, True)
+    except RuntimeError as e:  # already initialised in this process: keep going
+      _LOG.warning("could not set GPU memory growth: %s", e)
+  # TF32 matmuls/convs move results by ~1e-3 on Ampere+: off unless asked for.
+  tf.config.experimental.enable_tensor_float_32_execution(bool(allow_tf32))
+  if mixed_precision:
+    import keras
+    keras.mixed_precision.set_global_policy("mixed_float16")
+
+
+class FusedModel:
+  """uint8 batches (one per input size) in, concatenated float32 pooled features out."""
+
+  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False):
+    import tensorflow as tf
+    configure_tensorflow(allow_tf32, mixed_precision)
+    self.backbones = tuple(backbones)
+    self.sizes = tuple(sorted({b.size for b in self.backbones}))
+    self.models = [load_backbone(b.name, b.size, pooling, b.weights) for b in self.backbones]
+    self.dim = sum(get_backbone(b.name).dim for b in self.backbones)
+    modes = [get_backbone(b.name).preprocessing for b in self.backbones]
+    position = {size: i for i, size in enumerate(self.sizes)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes])
+    def forward(*images):
+      parts = []
+      for spec, mode, model in zip(self.backbones, modes, self.models):
+        x = preprocess(tf.cast(images[position[spec.size]], tf.float32), mode)
+        parts.append(tf.cast(model(x, training=False), tf.float32))
+      return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+    self._forward = forward
+
+  def __call__(self, images: dict) -> np.ndarray:
+    return self._forward(*[images[s] for s in self.sizes]).numpy()
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  try:
+    import tensorflow as tf
+    if isinstance(error, tf.errors.ResourceExhaustedError):
+      return True
+  except ImportError:
+    pass
+  return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
+
+
+def embed_robust(model, images: dict, max_batch: int):
+  """Runs `model` over the batch in chunks of at most `max_batch`.
+
+  An out-of-memory error halves the chunk and retries; any other error splits
+  the chunk until the one image to blame is found. Returns (embeddings of the
+  images that worked, their indices, [(index, exception)] of those that failed,
+  the chunk size that worked), so one bad image never takes its neighbours down.
+  """
+  n = len(next(iter(images.values())))
+  results, failures = {}, []
+  stack = [(start, min(start + max_batch, n)) for start in range(0, n, max_batch)][::-1]
+  while stack:
+    start, stop = stack.pop()
+    chunk = {s: a[start:stop] for s, a in images.items()}
+    try:
+      out = model(chunk)
+    except Exception as e:  # classified below; a chunk of one is the image to blame
+      if stop - start == 1:
+        failures.append((start, e))
+        continue
+      if is_out_of_memory(e):
+        max_batch = max(1, (stop - start) // 2)
+        _LOG.warning("out of memory on a batch of %d: retrying in batches of %d", stop - start, max_batch)
+      middle = (start + stop) // 2
+      stack.extend([(middle, stop), (start, middle)])
+      continue
+    for i in range(start, stop):
+      results[i] = out[i - start]
+  order = sorted(results)
+  dim = len(results[order[0]]) if order else 0
+  embeddings = np.stack([results[i] for i in order]) if order else np.zeros((0, dim), np.float32)
+  return embeddings, order, failures, max_batch
+
+
+@dataclasses.dataclass
+class Loaded:
+  uri: str
+  sha256: Optional[str] = None
+  image: Optional[decode.DecodedImage] = None
+  error: Optional[dict] = None
+
+
+class _Clock:
+  """When this file's decode started; read by the waiter to enforce --decode-timeout."""
+  __slots__ = ("decode_started",)
+
+  def __init__(self):
+    self.decode_started = None
+
+
+def load_file(uri, config, clock=None) -> Loaded:
+  """Read + hash + decode one file; every failure becomes an error row, never an exception."""
+  try:
+    data = read_bytes(uri)
+  except Exception as e:  # vanished, unreadable, permission: the file's own fault
+    return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}"))
+  digest = sha256_hex(data)
+  if clock is not None:
+    clock.decode_started = time.monotonic()
+  try:
+    image = decode.decode_and_resize(
+        data, config.sizes, resize=config.resize, max_pixels=config.max_pixels, fast=config.fast_decode)
+  except decode.DecodeError as e:
+    return Loaded(uri, digest, error=error_row(uri, "decode", e.error_type, str(e)))
+  except Exception as e:  # decode_and_resize maps bad data itself; this is a last guard
+    return Loaded(uri, digest, error=error_row(uri, "decode", type(e).__name__, str(e)))
+  return Loaded(uri, digest, image=image)
+
+
+class EmbedFilesDoFn(beam.DoFn):
+  """Paths in; Arrow tables of embeddings out (main) and error rows (tagged `errors`).
+
+  Reading and decoding run in a thread pool ahead of the model, so the CPU
+  decodes the next batch while TensorFlow runs this one; only paths cross the
+  shuffle into this stage.
+  """
+
+  def __init__(self, config):
+    self._config = config
+    self._shared = shared.Shared()
+    self._embedded = Metrics.counter("embed", "num_embedded")
+    self._inferences = Metrics.counter("embed", "num_inferences")
+    self._failed = {s: Metrics.counter("embed", f"num_failed_{s}") for s in ("read", "decode", "embed")}
+    self._latency = Metrics.distribution("embed", "inference_batch_latency_micro_secs")
+
+  def setup(self):
+    config = self._config
+    key = repr((config.backbones, config.pooling, config.allow_tf32, config.mixed_precision))
+    self._model = self._shared.acquire(
+        lambda: FusedModel(config.backbones, config.pooling, config.allow_tf32, config.mixed_precision),
+        tag=key)
+    self._executor = self._new_executor()
+    self._max_batch = config.batch_size
+    self._progress = None
+    if config.progress:
+      from transforms.progress import progress_bar
+      self._progress = progress_bar("embedded")
+
+  def _new_executor(self):
+    config = self._config
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(config.read_threads, config.decode_threads), thread_name_prefix="read-decode")
+
+  def start_bundle(self):
+    self._pending = collections.deque()
+
+  def process(self, uri):
+    clock = _Clock()
+    self._pending.append((uri, clock, self._executor.submit(load_file, uri, self._config, clock)))
+    # Keep one batch decoding in the pool while the model runs the one before it.
+    while len(self._pending) >= 2 * self._config.batch_size:
+      yield from self._embed_next_batch()
+
+  def finish_bundle(self):
+    while self._pending:
+      for output in self._embed_next_batch():
+        if isinstance(output, beam.pvalue.TaggedOutput):
+          yield beam.pvalue.TaggedOutput(output.tag, window.GlobalWindows.windowed_value(output.value))
+        else:
+          yield window.GlobalWindows.windowed_value(output)
+
+  def teardown(self):
+    executor = getattr(self, "_executor", None)
+    if executor is not None:
+      executor.shutdown(wait=False, cancel_futures=True)
+
+  def _wait(self, uri, clock, future) -> Loaded:
+    timeout = self._config.decode_timeout
+    while True:
+      try:
+        return future.result(timeout=min(timeout, 1.0))
+      except concurrent.futures.TimeoutError:
+        started = clock.decode_started
+        if started is not None and time.monotonic() - started > timeout:
+          # The stuck thread can't be killed; leave it to finish in the old pool
+          # and give the rest of the run a fresh one.
+          self._executor.shutdown(wait=False)
+          self._executor = self._new_executor()
+          self._resubmit_pending()
+          return Loaded(uri, error=error_row(
+              uri, "decode", "decode_timeout",
+              f"decoding took longer than --decode-timeout={timeout:g}s; skipped"))
+
+  def _resubmit_pending(self):
+    # Work queued in the abandoned pool would never run: hand it to the new one.
+    pending = collections.deque()
+    for uri, clock, future in self._pending:
+      if future.cancel():
+        future = self._executor.submit(load_file, uri, self._config, clock)
+      pending.append((uri, clock, future))
+    self._pending = pending
+
+  def _embed_next_batch(self):
+    config = self._config
+    loaded = []
+    while self._pending and len(loaded) < config.batch_size:
+      uri, clock, future = self._pending.popleft()
+      item = self._wait(uri, clock, future)
+      if item.error is not None:
+        self._failed[item.error["stage"]].inc()
+        yield beam.pvalue.TaggedOutput(ERRORS_TAG, item.error)
+      else:
+        loaded.append(item)
+    if not loaded:
+      return
+    images = {s: np.stack([item.image.arrays[s] for item in loaded]) for s in config.sizes}
+    started = time.perf_counter()
+    embeddings, ok, failures, self._max_batch = embed_robust(self._model, images, self._max_batch)
+    self._latency.update(int((time.perf_counter() - started) * 1e6))
+    self._inferences.inc(len(ok))
+    for index, error in failures:
+      self._failed["embed"].inc()
+      yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(
+          loaded[index].uri, "embed", type(error).__name__, str(error).splitlines()[0][:500]))
+    if ok:
+      rows = [loaded[i] for i in ok]
+      self._embedded.inc(len(rows))
+      if self._progress is not None:
+        self._progress.update(len(rows))
+      yield rows_to_table(
+          [r.uri for r in rows], [r.sha256 for r in rows],
+          [r.image.width for r in rows], [r.image.height for r in rows], embeddings)
+
+
+class ReadDecodeEmbed(beam.PTransform):
+  """The one stage that runs on accelerator workers: paths in, embeddings and errors out."""
+
+  def __init__(self, config):
+    super().__init__()
+    self._config = config
+
+  def expand(self, paths):
+    return paths | "EmbedFiles" >> beam.ParDo(EmbedFilesDoFn(self._config)).with_outputs(
+        ERRORS_TAG, main="embeddings")

@@ -1,0 +1,176 @@
+"""Write stage: Arrow tables for embeddings and errors, the Parquet sink, and the run summary (_SUCCESS.json)."""
+
+import datetime
+import io
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io import filebasedsink
+from apache_beam.io.filesystems import FileSystems
+
+LAYOUT_KEY = b"embedding_layout"
+SUCCESS_FILE = "_SUCCESS.json"
+ERROR_STAGES = ("read", "decode", "embed")
+
+
+def embeddings_schema(dim: int, layout: dict = None, extra_fields=()) -> pa.Schema:
+  fields = [
+      pa.field("uri", pa.string(), nullable=False),
+      pa.field("sha256", pa.string(), nullable=False),
+      pa.field("width", pa.int32(), nullable=False),
+      pa.field("height", pa.int32(), nullable=False),
+      pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
+      *extra_fields,
+  ]
+  metadata = {LAYOUT_KEY: json.dumps(layout, sort_keys=True).encode()} if layout else None
+  return pa.schema(fields, metadata=metadata)
+
+
+ERRORS_SCHEMA = pa.schema([
+    pa.field("uri", pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("error_type", pa.string(), nullable=False),
+    pa.field("message", pa.string(), nullable=False),
+])
+
+
+def rows_to_table(uris, sha256s, widths, heights, embeddings: np.ndarray) -> pa.Table:
+  """One Arrow table for a batch: the vector column is a FixedSizeList over one flat float32 buffer."""
+  embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+  n, dim = embeddings.shape
+  values = pa.array(embeddings.reshape(-1), type=pa.float32())  # zero-copy view
+  return pa.Table.from_arrays(
+      [
+          pa.array(uris, type=pa.string()),
+          pa.array(sha256s, type=pa.string()),
+          pa.array(np.asarray(widths, dtype=np.int32)),
+          pa.array(np.asarray(heights, dtype=np.int32)),
+          pa.FixedSizeListArray.from_arrays(values, dim),
+      ],
+      schema=embeddings_schema(dim),
+  )
+
+
+def error_row(uri, stage, error_type, message) -> dict:
+  assert stage in ERROR_STAGES, stage
+  return {"uri": uri, "stage": stage, "error_type": error_type, "message": str(message)}
+
+
+def errors_to_table(rows) -> pa.Table:
+  return pa.Table.from_pylist(list(rows), schema=ERRORS_SCHEMA)
+
+
+class _BufferedParquetWriter:
+  """Collects per-batch tables into row groups of `row_group_size` rows before writing."""
+
+  def __init__(self, handle, schema, row_group_size):
+    self.handle = handle
+    self.schema = schema
+    self.row_group_size = row_group_size
+    # Embeddings are unique floats and uris/digests unique strings: a dictionary
+    # page would only cost time, so it stays off.
+    self.writer = pq.ParquetWriter(
+        handle, schema, compression="snappy", use_dictionary=False, write_statistics=["uri"])
+    self.pending = []
+    self.pending_rows = 0
+
+  def write(self, table: pa.Table):
+    self.pending.append(table)
+    self.pending_rows += table.num_rows
+    if self.pending_rows >= self.row_group_size:
+      self.flush(whole_groups_only=True)
+
+  def flush(self, whole_groups_only=False):
+    if not self.pending:
+      return
+    table = pa.concat_tables(self.pending).cast(self.schema)
+    keep = table.num_rows % self.row_group_size if whole_groups_only else 0
+    self.writer.write_table(table.slice(0, table.num_rows - keep), row_group_size=self.row_group_size)
+    self.pending = [table.slice(table.num_rows - keep)] if keep else []
+    self.pending_rows = keep
+
+  def close(self):
+    self.flush()
+    self.writer.close()
+    self.handle.close()
+
+
+class ParquetTableSink(filebasedsink.FileBasedSink):
+  """A file sink of pyarrow Tables with our schema's metadata, no dictionary pages, sized row groups."""
+
+  def __init__(self, file_path_prefix, schema, num_shards=0, row_group_size=8192):
+    super().__init__(
+        file_path_prefix,
+        coder=None,
+        file_name_suffix=".parquet",
+        num_shards=num_shards,
+        shard_name_template=None,
+        mime_type="application/x-parquet",
+        compression_type="uncompressed")
+    self._schema = schema
+    self._row_group_size = row_group_size
+
+  def open(self, temp_path):
+    return _BufferedParquetWriter(super().open(temp_path), self._schema, self._row_group_size)
+
+  def write_record(self, writer, table):
+    writer.write(table)
+
+  def close(self, writer):
+    writer.close()
+
+
+def summarize(config, matched, embedded, failures, files, finished_at=None) -> dict:
+  """The run summary written last as _SUCCESS.json; failures is [((stage, error_type), count)]."""
+  failed = sum(count for _, count in failures)
+  by_stage, by_type = {}, {}
+  for (stage, error_type), count in failures:
+    by_stage[stage] = by_stage.get(stage, 0) + count
+    by_type[error_type] = by_type.get(error_type, 0) + count
+  finished_at = finished_at or time.time()
+  fraction = failed / matched if matched else 0.0
+  if matched != embedded + failed:
+    status = "inconsistent"
+  elif fraction > config.max_failure_fraction:
+    status = "over_failure_budget"
+  else:
+    status = "ok"
+  iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
+  return {
+      "status": status,
+      "counts": {
+          "matched": matched,
+          "embedded": embedded,
+          "failed": failed,
+          "failed_by_stage": dict(sorted(by_stage.items())),
+          "failed_by_type": dict(sorted(by_type.items())),
+      },
+      "failure_fraction": fraction,
+      "max_failure_fraction": config.max_failure_fraction,
+      "inputs": list(config.inputs),
+      "output": config.output,
+      "files": sorted(FileSystems.split(f)[1] for f in files),
+      "layout": config.layout(),
+      "timings": {
+          "started": iso(config.started_at),
+          "finished": iso(finished_at),
+          "seconds": round(finished_at - config.started_at, 3),
+          "images_per_second": round(embedded / max(finished_at - config.started_at, 1e-9), 3),
+      },
+  }
+
+
+def write_summary(output: str, summary: dict) -> str:
+  path = FileSystems.join(output, SUCCESS_FILE)
+  with FileSystems.create(path, mime_type="application/json") as f:
+    f.write(json.dumps(summary, indent=2, sort_keys=False).encode())
+  return path
+
+
+def read_summary(output: str) -> dict:
+  with FileSystems.open(FileSystems.join(output, SUCCESS_FILE),
+                        compression_type="uncompressed") as f:
+    return json.load(io.TextIOWrapper(f, encoding="utf-8"))
