@@ -1,12 +1,15 @@
-"""Assembles the Beam graph: match -> reshuffle -> read/decode/embed -> Parquet -> run summary."""
+"""Assembles the Beam graph: inputs -> (previous run, dedupe) -> reshuffle -> read/decode/embed -> Parquet -> summary."""
 
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 
-from transforms.embed import ERRORS_TAG, ReadDecodeEmbed
+from transforms.dedupe import Dedupe
+from transforms.embed import CARRIED_TAG, ERRORS_TAG, ReadDecodeEmbed, item_parts
+from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
+from transforms.refresh import CarryOver, PreviousIndex, attach_previous, removed_uri
 from transforms.write import (ERRORS_SCHEMA, ParquetTableSink, embeddings_schema, errors_to_table,
                               summarize, write_summary)
 
@@ -38,15 +41,40 @@ class MatchInputs(beam.PTransform):
     return paths
 
 
-def _write_summary_step(files, config, matched, embedded, failures):
-  summary = summarize(config, matched, embedded, sorted(failures), files)
+def _write_summary_step(files, config, matched, embedded, carried, removed, failures):
+  summary = summarize(config, matched, embedded, sorted(failures), files, carried=carried, removed=removed)
   return write_summary(config.output, summary)
 
 
-def build_graph(p: beam.Pipeline, config):
+def input_items(p, config):
+  """(uri, info) per input: from the --input globs or the manifest, with extra columns."""
+  if config.manifest:
+    return p | "ReadManifest" >> ReadManifest(config.manifest, config.manifest_schema)
   paths = p | "MatchInputs" >> MatchInputs(config.inputs)
+  if config.label_from_dir:
+    return paths | "LabelFromDir" >> beam.Map(label_item)
+  return paths
+
+
+def _count(pcoll, label):
+  return pcoll | label >> beam.combiners.Count.Globally()
+
+
+def build_graph(p: beam.Pipeline, config):
+  items = input_items(p, config)
   if config.progress:
-    paths = paths | "ProgressMatched" >> beam.Map(CountProgress("matched"))
+    items = items | "ProgressMatched" >> beam.Map(CountProgress("matched"))
+  matched = _count(items, "CountMatched")
+
+  removed = None
+  if config.previous:
+    keyed = items | "KeyByUri" >> beam.Map(lambda element: item_parts(element))
+    joined = ({"items": keyed, "previous": p | "PreviousIndex" >> PreviousIndex(config.previous)}
+              | "JoinPreviousIndex" >> beam.CoGroupByKey())
+    items = joined | "AttachPrevious" >> beam.FlatMap(attach_previous)
+    removed = _count(joined | "Removed" >> beam.FlatMap(removed_uri), "CountRemoved")
+  if config.dedupe:
+    items = items | "Dedupe" >> Dedupe(config.read_threads)
 
   embed = ReadDecodeEmbed(config)
   hints = resource_hints(config)
@@ -54,12 +82,17 @@ def build_graph(p: beam.Pipeline, config):
     # On the composite alone: only paths are shuffled into accelerator workers;
     # listing and writing stay on ordinary ones.
     embed = embed.with_resource_hints(**hints)
-  results = paths | "Reshuffle" >> beam.Reshuffle() | "ReadDecodeEmbed" >> embed
-  embeddings, errors = results.embeddings, results[ERRORS_TAG]
+  results = items | "Reshuffle" >> beam.Reshuffle() | "ReadDecodeEmbed" >> embed
+  embeddings, errors, carried = results.embeddings, results[ERRORS_TAG], results[CARRIED_TAG]
 
-  embedding_files = embeddings | "WriteEmbeddings" >> beam.io.Write(ParquetTableSink(
+  tables = embeddings
+  if config.previous:
+    carried_tables = carried | "CarryOver" >> CarryOver(config.previous, config.extra_fields)
+    tables = (embeddings, carried_tables) | "AllRows" >> beam.Flatten()
+
+  embedding_files = tables | "WriteEmbeddings" >> beam.io.Write(ParquetTableSink(
       FileSystems.join(config.output, "embeddings"),
-      embeddings_schema(config.dim, config.layout()),
+      embeddings_schema(config.dim, config.layout(), config.extra_fields),
       num_shards=config.num_shards,
       row_group_size=config.row_group_size))
   error_files = (errors
@@ -69,7 +102,6 @@ def build_graph(p: beam.Pipeline, config):
                      FileSystems.join(config.output, "errors"), ERRORS_SCHEMA,
                      row_group_size=config.row_group_size)))
 
-  matched = paths | "CountMatched" >> beam.combiners.Count.Globally()
   embedded = (embeddings
               | "Rows" >> beam.Map(lambda table: table.num_rows)
               | "CountEmbedded" >> beam.CombineGlobally(sum))
@@ -77,6 +109,8 @@ def build_graph(p: beam.Pipeline, config):
               | "FailureKind" >> beam.Map(lambda row: (row["stage"], row["error_type"]))
               | "CountFailures" >> beam.combiners.Count.PerElement()
               | "FailureList" >> beam.combiners.ToList())
+  carried_count = _count(carried, "CountCarried")
+  removed = removed if removed is not None else p | "NoneRemoved" >> beam.Create([0])
   # The summary's main input is the written file names, so it runs after both
   # writes have finalized: a job nobody waits on still ends with _SUCCESS.json.
   return ((embedding_files, error_files)
@@ -84,4 +118,4 @@ def build_graph(p: beam.Pipeline, config):
           | "AllFiles" >> beam.combiners.ToList()
           | "WriteSummary" >> beam.Map(
               _write_summary_step, config, AsSingleton(matched), AsSingleton(embedded),
-              AsSingleton(failures)))
+              AsSingleton(carried_count), AsSingleton(removed), AsSingleton(failures)))

@@ -3,6 +3,7 @@
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import sys
 import time
@@ -11,7 +12,7 @@ from typing import Optional
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms import decode
+from transforms import decode, manifest, refresh
 from transforms.backbones import BACKBONES, get_backbone
 from transforms.weights import WeightsSource, resolve_weights
 
@@ -80,6 +81,19 @@ class EmbedOptions(PipelineOptions):
     _flag(parser, "row-group-size", type=int, default=8192,
           help="Rows per Parquet row group.")
     _flag(parser, "progress", default="auto", help="auto | on | off: tqdm progress bars.")
+    _flag(parser, "input-manifest", default=None,
+          help="CSV, JSONL or Parquet file (local or gs://) with a 'uri' column; other columns "
+               "are carried to the output rows. Instead of --input.")
+    _flag(parser, "label-from-dir", action="store_true", default=False,
+          help="Add a 'label' column: each file's parent folder name.")
+    _flag(parser, "dedupe", action="store_true", default=False,
+          help="Embed each distinct file content once; every uri still gets its row.")
+    _flag(parser, "normalize", default="none",
+          help="none | l2: L2-normalise each backbone's part before concatenation.")
+    _flag(parser, "previous", default=None,
+          help="An earlier run's output: rows of unchanged files are carried over.")
+    _flag(parser, "ignore-bad-previous", action="store_true", default=False,
+          help="A missing or partial --previous is ignored with a warning instead of refused.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +126,14 @@ class RunConfig:
   row_group_size: int = 8192
   progress: bool = False
   started_at: float = 0.0
+  normalize: str = "none"
+  extra_fields: tuple = ()  # pyarrow Fields carried from a manifest or --label-from-dir
+  manifest: Optional[str] = None
+  manifest_schema: object = None  # pyarrow.Schema fixed at launch, so every worker reads the same types
+  label_from_dir: bool = False
+  dedupe: bool = False
+  previous: Optional[str] = None  # set only when the previous run's rows are valid for this one
+  refresh: Optional[dict] = None  # what happened to --previous, and why; goes into _SUCCESS.json
 
   @property
   def sizes(self):
@@ -140,6 +162,7 @@ class RunConfig:
         "dim": offset,
         "backbones": entries,
         "pooling": self.pooling,
+        "normalize": self.normalize,
         "resize": self.resize,
         "fast_decode": self.fast_decode,
         "mixed_precision": self.mixed_precision,
@@ -217,8 +240,11 @@ def prepare_output(output, overwrite):
 def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   """Validates the options; raises LaunchError with one line naming the option and value."""
   opts = options.view_as(EmbedOptions)
-  if not opts.input:
-    raise LaunchError("--input is required (a glob of image files); received: none")
+  if not opts.input and not opts.input_manifest:
+    raise LaunchError("--input (a glob of image files) or --input-manifest is required; received: none")
+  if opts.input and opts.input_manifest:
+    raise LaunchError(f"give either --input or --input-manifest, not both; received: --input {opts.input[0]!r} "
+                      f"and --input-manifest {opts.input_manifest!r}")
   if not opts.output:
     raise LaunchError("--output is required (a directory); received: none")
   names = [n.strip() for n in (opts.backbones or "").split(",") if n.strip()]
@@ -233,6 +259,7 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   _check_choice("pooling", opts.pooling, ("avg", "max"))
   _check_choice("resize", opts.resize, decode.RESIZE_POLICIES)
   _check_choice("progress", opts.progress, ("auto", "on", "off"))
+  _check_choice("normalize", opts.normalize, ("none", "l2"))
   _check_positive("batch-size", opts.batch_size)
   _check_positive("read-threads", opts.read_threads)
   _check_positive("decode-threads", opts.decode_threads, minimum=0)
@@ -259,7 +286,19 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       raise LaunchError(str(e).splitlines()[0]) from None
     specs.append(BackboneSpec(name, size, weights))
 
-  if check_files:
+  manifest_schema, extra = None, ()
+  if opts.input_manifest:
+    try:
+      manifest_schema = manifest.manifest_schema(opts.input_manifest)
+    except ValueError as e:
+      raise LaunchError(str(e).splitlines()[0]) from None
+    extra = manifest.extra_fields(manifest_schema)
+  if opts.label_from_dir:
+    if any(f.name == "label" for f in extra):
+      raise LaunchError(f"--label-from-dir: --input-manifest {opts.input_manifest!r} has a 'label' column already")
+    extra = extra + (manifest.LABEL_FIELD,)
+
+  if check_files and opts.input:
     check_inputs_match(opts.input)
 
   progress = {"on": True, "off": False}.get(opts.progress)
@@ -267,8 +306,8 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
     runner = (options.get_all_options().get("runner") or "DirectRunner")
     progress = "Direct" in str(runner) and sys.stderr.isatty()
 
-  return RunConfig(
-      inputs=tuple(opts.input),
+  config = RunConfig(
+      inputs=tuple(opts.input or ()),
       output=opts.output.rstrip("/"),
       backbones=tuple(specs),
       pooling=opts.pooling,
@@ -288,7 +327,36 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       row_group_size=opts.row_group_size,
       progress=progress,
       started_at=time.time(),
+      normalize=opts.normalize,
+      extra_fields=extra,
+      manifest=opts.input_manifest,
+      manifest_schema=manifest_schema,
+      label_from_dir=bool(opts.label_from_dir),
+      dedupe=bool(opts.dedupe),
   )
+  if opts.previous:
+    config = _with_previous(config, opts.previous.rstrip("/"), opts.ignore_bad_previous)
+  return config
+
+
+def _with_previous(config, previous, ignore_bad):
+  """Checks --previous at launch: reuse its rows, re-embed everything (model changed), or refuse."""
+  if previous == config.output:
+    raise LaunchError(f"--previous {previous!r} is the --output directory; write the refresh elsewhere")
+  try:
+    summary = refresh.read_previous_summary(previous)
+  except refresh.PreviousRunError as e:
+    if not ignore_bad:
+      raise LaunchError(f"{e}; pass --ignore-bad-previous to embed everything instead") from None
+    reason = f"ignored: {e}"
+    logging.warning("--previous: %s; embedding everything", reason)
+    return dataclasses.replace(config, refresh={"previous": previous, "reused": False, "reason": reason})
+  reason = refresh.model_difference(summary["layout"], config.layout())
+  if reason:
+    logging.warning("--previous %s: %s; re-embedding everything", previous, reason)
+    return dataclasses.replace(config, refresh={"previous": previous, "reused": False, "reason": reason})
+  return dataclasses.replace(config, previous=previous,
+                             refresh={"previous": previous, "reused": True, "reason": "same model"})
 
 
 def describe(config: RunConfig) -> str:

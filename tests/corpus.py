@@ -24,6 +24,11 @@ class Expected:
   # pipeline's embedding) must equal the recipe's exactly.
   recipe: bool = False
 
+  @property
+  def stage(self) -> Optional[str]:
+    """The errors output's stage for a failure: every corpus failure is in the bytes themselves."""
+    return None if self.ok else "decode"
+
 
 def build_corpus(root: pathlib.Path) -> dict[str, Expected]:
   """Writes the corpus under `root`; returns {relative posix name: Expected}."""
@@ -142,10 +147,11 @@ def build_corpus(root: pathlib.Path) -> dict[str, Expected]:
   save("tall_50x4000.jpg", full.resize((50, 4000), Image.BILINEAR), plain, "JPEG", quality=90)
   save("large_4000x3000.jpg", full.resize((4000, 3000), Image.BILINEAR), plain, "JPEG", quality=85)
 
-  # Names and extensions: content decides, never the name.
+  # Names and extensions: content decides, never the name. Beam globs read [ ] as a
+  # character class, so "photo [1].jpg" is found by a ** glob but never by its own name.
   for name in ("photo.JPG", "photo.JPEG", "photo.jpe", "no_extension", "jpeg_named.png",
                "name with spaces.jpg", 'café, "quoted" photo.jpg', "it's (1).jpg", "日本語の写真.jpg",
-               "a/b/c/d/e/f/g/h/i/j/deep.jpg"):
+               "photo [1].jpg", "a/b/c/d/e/f/g/h/i/j/deep.jpg"):
     write(name, baseline, plain)
   save("png_named.jpg", photo, lossless, "PNG", compress_level=1)
 

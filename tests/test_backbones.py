@@ -1,5 +1,8 @@
 """Backbone registry against keras.applications itself: every family built, every fact checked."""
 
+import json
+import os
+import subprocess
 import sys
 from unittest import mock
 
@@ -24,6 +27,36 @@ EXPECTED_NAMES = [
 # One backbone per keras.applications module: each module has its own preprocess_input.
 ONE_PER_MODULE = list({getattr(keras.applications, b.constructor).__module__: b
                        for b in BACKBONES.values()}.values())
+
+
+_DERIVE_ALL = """
+import json
+from transforms.backbones import BACKBONES, keras_weights_filename
+print(json.dumps({b.name: keras_weights_filename(b.name, b.min_size) for b in BACKBONES.values()}))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _derivation_child(tmp_path_factory):
+  # Deriving a file name is a full model build (about 70 s for all of them): a child process
+  # does them while this one runs the build tests, so the two share the 2 cores instead of queueing.
+  stderr = open(tmp_path_factory.mktemp("derive") / "stderr", "w+")
+  child = subprocess.Popen([sys.executable, "-c", _DERIVE_ALL], stdout=subprocess.PIPE, stderr=stderr,
+                           text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+  yield child, stderr
+  if child.poll() is None:
+    child.kill()
+  child.communicate()
+  stderr.close()
+
+
+@pytest.fixture(scope="module")
+def derived_file_names(_derivation_child):
+  child, stderr = _derivation_child
+  out, _ = child.communicate(timeout=600)
+  stderr.seek(0)
+  assert child.returncode == 0, stderr.read()[-3000:]
+  return json.loads(out.splitlines()[-1])
 
 
 def test_registry_holds_every_keras_application_in_order():
@@ -101,14 +134,13 @@ def test_preprocess_rejects_an_unknown_mode():
 
 
 @pytest.mark.parametrize("backbone", BACKBONES.values(), ids=lambda b: b.name)
-def test_keras_weights_filename_is_what_keras_fetches(backbone):
-  file_name = keras_weights_filename(backbone.name, backbone.min_size)
+def test_keras_weights_filename_is_what_keras_fetches(backbone, derived_file_names):
+  file_name = derived_file_names[backbone.name]
   assert isinstance(file_name, str) and file_name.endswith(".h5") and "/" not in file_name
 
 
-def test_keras_weights_filenames_are_distinct():
-  names = [keras_weights_filename(b.name, b.min_size) for b in BACKBONES.values()]  # cached above
-  assert len(set(names)) == len(names)
+def test_keras_weights_filenames_are_distinct(derived_file_names):
+  assert len(set(derived_file_names.values())) == len(BACKBONES)
 
 
 def test_mobilenet_v1_and_v2_weights_files_depend_on_size():

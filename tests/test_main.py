@@ -66,8 +66,8 @@ def test_two_backbones_of_different_sizes_match_the_keras_recipe(photos, tmp_pat
 
   summary = read_summary(str(out))
   assert summary["status"] == "ok"
-  assert summary["counts"] == {"matched": len(files), "embedded": len(files), "failed": 0,
-                               "failed_by_stage": {}, "failed_by_type": {}}
+  assert summary["counts"] == {"matched": len(files), "embedded": len(files), "carried_over": 0,
+                               "removed": 0, "failed": 0, "failed_by_stage": {}, "failed_by_type": {}}
   assert summary["layout"] == layout
 
   rows = {uri: i for i, uri in enumerate(table.column("uri").to_pylist())}

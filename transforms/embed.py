@@ -21,6 +21,7 @@ from transforms.write import error_row, rows_to_table
 
 _LOG = logging.getLogger(__name__)
 ERRORS_TAG = "errors"
+CARRIED_TAG = "carried"
 
 
 def configure_tensorflow(allow_tf32=False, mixed_precision=False):
@@ -41,7 +42,7 @@ def configure_tensorflow(allow_tf32=False, mixed_precision=False):
 class FusedModel:
   """uint8 batches (one per input size) in, concatenated float32 pooled features out."""
 
-  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False):
+  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none"):
     import tensorflow as tf
     configure_tensorflow(allow_tf32, mixed_precision)
     self.backbones = tuple(backbones)
@@ -56,7 +57,9 @@ class FusedModel:
       parts = []
       for spec, mode, model in zip(self.backbones, modes, self.models):
         x = preprocess(tf.cast(images[position[spec.size]], tf.float32), mode)
-        parts.append(tf.cast(model(x, training=False), tf.float32))
+        part = tf.cast(model(x, training=False), tf.float32)
+        # Per backbone, so backbones with different feature scales weigh alike in a search.
+        parts.append(tf.math.l2_normalize(part, axis=1) if normalize == "l2" else part)
       return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
     self._forward = forward
@@ -115,6 +118,8 @@ class Loaded:
   sha256: Optional[str] = None
   image: Optional[decode.DecodedImage] = None
   error: Optional[dict] = None
+  carried: bool = False  # bytes unchanged since the previous run: its row is reused
+  info: Optional[dict] = None  # the item's extra columns, previous digest, duplicates
 
 
 class _Clock:
@@ -125,13 +130,18 @@ class _Clock:
     self.decode_started = None
 
 
-def load_file(uri, config, clock=None) -> Loaded:
-  """Read + hash + decode one file; every failure becomes an error row, never an exception."""
+def load_file(uri, config, clock=None, previous_sha256=None) -> Loaded:
+  """Read + hash + decode one file; every failure becomes an error row, never an exception.
+
+  A file whose digest equals `previous_sha256` is not decoded: the previous run's row stands.
+  """
   try:
     data = read_bytes(uri)
   except Exception as e:  # vanished, unreadable, permission: the file's own fault
     return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}"))
   digest = sha256_hex(data)
+  if previous_sha256 is not None and digest == previous_sha256:
+    return Loaded(uri, digest, carried=True)
   if clock is not None:
     clock.decode_started = time.monotonic()
   try:
@@ -144,8 +154,35 @@ def load_file(uri, config, clock=None) -> Loaded:
   return Loaded(uri, digest, image=image)
 
 
+def item_parts(element):
+  """An element is a path, or (path, info) with info's optional keys `columns` (extra output
+  columns), `previous_sha256` (the previous run's digest) and `duplicates` ([(path, columns)]
+  of files with the same bytes, which get this file's row)."""
+  if isinstance(element, str):
+    return element, {}
+  return element[0], element[1] or {}
+
+
+def _rows_for(items, embeddings, config):
+  """Expands duplicates and lays out extra columns; one table for the batch."""
+  uris, shas, widths, heights, index, extra = [], [], [], [], [], {f.name: [] for f in config.extra_fields}
+  for i, item in enumerate(items):
+    for uri, columns in [(item.uri, item.info.get("columns") or {})] + list(item.info.get("duplicates") or ()):
+      uris.append(uri)
+      shas.append(item.sha256)
+      widths.append(item.image.width)
+      heights.append(item.image.height)
+      index.append(i)
+      for name in extra:
+        extra[name].append(columns.get(name))
+  if len(index) != len(items):
+    embeddings = embeddings[index]
+  return rows_to_table(uris, shas, widths, heights, embeddings, extra, config.extra_fields)
+
+
 class EmbedFilesDoFn(beam.DoFn):
-  """Paths in; Arrow tables of embeddings out (main) and error rows (tagged `errors`).
+  """Paths in; Arrow tables of embeddings out (main), error rows (tagged `errors`) and the
+  paths whose bytes are unchanged since the previous run (tagged `carried`).
 
   Reading and decoding run in a thread pool ahead of the model, so the CPU
   decodes the next batch while TensorFlow runs this one; only paths cross the
@@ -156,15 +193,18 @@ class EmbedFilesDoFn(beam.DoFn):
     self._config = config
     self._shared = shared.Shared()
     self._embedded = Metrics.counter("embed", "num_embedded")
+    self._carried = Metrics.counter("embed", "num_carried_over")
     self._inferences = Metrics.counter("embed", "num_inferences")
     self._failed = {s: Metrics.counter("embed", f"num_failed_{s}") for s in ("read", "decode", "embed")}
     self._latency = Metrics.distribution("embed", "inference_batch_latency_micro_secs")
 
   def setup(self):
     config = self._config
-    key = repr((config.backbones, config.pooling, config.allow_tf32, config.mixed_precision))
+    key = repr((config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
+                config.normalize))
     self._model = self._shared.acquire(
-        lambda: FusedModel(config.backbones, config.pooling, config.allow_tf32, config.mixed_precision),
+        lambda: FusedModel(config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
+                           config.normalize),
         tag=key)
     self._executor = self._new_executor()
     self._max_batch = config.batch_size
@@ -178,12 +218,16 @@ class EmbedFilesDoFn(beam.DoFn):
     return concurrent.futures.ThreadPoolExecutor(
         max_workers=max(config.read_threads, config.decode_threads), thread_name_prefix="read-decode")
 
+  def _submit(self, uri, info, clock):
+    return self._executor.submit(load_file, uri, self._config, clock, info.get("previous_sha256"))
+
   def start_bundle(self):
     self._pending = collections.deque()
 
-  def process(self, uri):
+  def process(self, element):
+    uri, info = item_parts(element)
     clock = _Clock()
-    self._pending.append((uri, clock, self._executor.submit(load_file, uri, self._config, clock)))
+    self._pending.append((uri, info, clock, self._submit(uri, info, clock)))
     # Keep one batch decoding in the pool while the model runs the one before it.
     while len(self._pending) >= 2 * self._config.batch_size:
       yield from self._embed_next_batch()
@@ -221,21 +265,30 @@ class EmbedFilesDoFn(beam.DoFn):
   def _resubmit_pending(self):
     # Work queued in the abandoned pool would never run: hand it to the new one.
     pending = collections.deque()
-    for uri, clock, future in self._pending:
+    for uri, info, clock, future in self._pending:
       if future.cancel():
-        future = self._executor.submit(load_file, uri, self._config, clock)
-      pending.append((uri, clock, future))
+        future = self._submit(uri, info, clock)
+      pending.append((uri, info, clock, future))
     self._pending = pending
+
+  def _failures(self, uri, info, error):
+    for path in [uri] + [dup for dup, _ in info.get("duplicates") or ()]:
+      self._failed[error["stage"]].inc()
+      yield beam.pvalue.TaggedOutput(ERRORS_TAG, dict(error, uri=path))
 
   def _embed_next_batch(self):
     config = self._config
     loaded = []
     while self._pending and len(loaded) < config.batch_size:
-      uri, clock, future = self._pending.popleft()
+      uri, info, clock, future = self._pending.popleft()
       item = self._wait(uri, clock, future)
+      item.info = info
       if item.error is not None:
-        self._failed[item.error["stage"]].inc()
-        yield beam.pvalue.TaggedOutput(ERRORS_TAG, item.error)
+        yield from self._failures(uri, info, item.error)
+      elif item.carried:
+        for path, columns in [(uri, info.get("columns"))] + list(info.get("duplicates") or ()):
+          self._carried.inc()
+          yield beam.pvalue.TaggedOutput(CARRIED_TAG, (item.sha256, (path, columns or {})))
       else:
         loaded.append(item)
     if not loaded:
@@ -246,17 +299,15 @@ class EmbedFilesDoFn(beam.DoFn):
     self._latency.update(int((time.perf_counter() - started) * 1e6))
     self._inferences.inc(len(ok))
     for index, error in failures:
-      self._failed["embed"].inc()
-      yield beam.pvalue.TaggedOutput(ERRORS_TAG, error_row(
-          loaded[index].uri, "embed", type(error).__name__, str(error).splitlines()[0][:500]))
+      item = loaded[index]
+      yield from self._failures(item.uri, item.info, error_row(
+          item.uri, "embed", type(error).__name__, str(error).splitlines()[0][:500]))
     if ok:
-      rows = [loaded[i] for i in ok]
-      self._embedded.inc(len(rows))
+      table = _rows_for([loaded[i] for i in ok], embeddings, config)
+      self._embedded.inc(table.num_rows)
       if self._progress is not None:
-        self._progress.update(len(rows))
-      yield rows_to_table(
-          [r.uri for r in rows], [r.sha256 for r in rows],
-          [r.image.width for r in rows], [r.image.height for r in rows], embeddings)
+        self._progress.update(table.num_rows)
+      yield table
 
 
 class ReadDecodeEmbed(beam.PTransform):
@@ -268,4 +319,4 @@ class ReadDecodeEmbed(beam.PTransform):
 
   def expand(self, paths):
     return paths | "EmbedFiles" >> beam.ParDo(EmbedFilesDoFn(self._config)).with_outputs(
-        ERRORS_TAG, main="embeddings")
+        ERRORS_TAG, CARRIED_TAG, main="embeddings")

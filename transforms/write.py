@@ -37,8 +37,12 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def rows_to_table(uris, sha256s, widths, heights, embeddings: np.ndarray) -> pa.Table:
-  """One Arrow table for a batch: the vector column is a FixedSizeList over one flat float32 buffer."""
+def rows_to_table(uris, sha256s, widths, heights, embeddings: np.ndarray, extra=None,
+                  extra_fields=()) -> pa.Table:
+  """One Arrow table for a batch: the vector column is a FixedSizeList over one flat float32 buffer.
+
+  `extra` maps each of `extra_fields` (manifest columns, label) to its values, in row order.
+  """
   embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
   n, dim = embeddings.shape
   values = pa.array(embeddings.reshape(-1), type=pa.float32())  # zero-copy view
@@ -49,8 +53,9 @@ def rows_to_table(uris, sha256s, widths, heights, embeddings: np.ndarray) -> pa.
           pa.array(np.asarray(widths, dtype=np.int32)),
           pa.array(np.asarray(heights, dtype=np.int32)),
           pa.FixedSizeListArray.from_arrays(values, dim),
+          *[pa.array(extra[f.name], type=f.type) for f in extra_fields],
       ],
-      schema=embeddings_schema(dim),
+      schema=embeddings_schema(dim, extra_fields=extra_fields),
   )
 
 
@@ -123,8 +128,10 @@ class ParquetTableSink(filebasedsink.FileBasedSink):
     writer.close()
 
 
-def summarize(config, matched, embedded, failures, files, finished_at=None) -> dict:
-  """The run summary written last as _SUCCESS.json; failures is [((stage, error_type), count)]."""
+def summarize(config, matched, embedded, failures, files, finished_at=None, carried=0, removed=0) -> dict:
+  """The run summary written last as _SUCCESS.json; failures is [((stage, error_type), count)].
+
+  Every matched input is embedded, carried over from --previous, or failed."""
   failed = sum(count for _, count in failures)
   by_stage, by_type = {}, {}
   for (stage, error_type), count in failures:
@@ -132,7 +139,7 @@ def summarize(config, matched, embedded, failures, files, finished_at=None) -> d
     by_type[error_type] = by_type.get(error_type, 0) + count
   finished_at = finished_at or time.time()
   fraction = failed / matched if matched else 0.0
-  if matched != embedded + failed:
+  if matched != embedded + carried + failed:
     status = "inconsistent"
   elif fraction > config.max_failure_fraction:
     status = "over_failure_budget"
@@ -144,6 +151,8 @@ def summarize(config, matched, embedded, failures, files, finished_at=None) -> d
       "counts": {
           "matched": matched,
           "embedded": embedded,
+          "carried_over": carried,
+          "removed": removed,
           "failed": failed,
           "failed_by_stage": dict(sorted(by_stage.items())),
           "failed_by_type": dict(sorted(by_type.items())),
@@ -154,6 +163,7 @@ def summarize(config, matched, embedded, failures, files, finished_at=None) -> d
       "output": config.output,
       "files": sorted(FileSystems.split(f)[1] for f in files),
       "layout": config.layout(),
+      "refresh": getattr(config, "refresh", None),
       "timings": {
           "started": iso(config.started_at),
           "finished": iso(finished_at),

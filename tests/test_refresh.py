@@ -1,0 +1,114 @@
+"""Incremental refresh: unchanged files carried over, changed and new ones embedded, gone ones left out."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import read_embeddings
+from pipeline.main import run
+from transforms import refresh
+from transforms.write import read_summary
+
+SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
+ARGS = ["--backbones", "mobilenet_v2", "--weights", "random", "--image-size", "64", "--batch-size", "4"]
+
+
+@pytest.fixture
+def bucket(tmp_path):
+  d = tmp_path / "bucket"
+  d.mkdir()
+  for p in sorted(SAMPLES.glob("*.jpg")):
+    shutil.copy(p, d / p.name)
+  return d
+
+
+def _run(bucket, out, *extra):
+  return run(["--input", f"{bucket}/*.jpg", "--output", str(out), *ARGS, *extra])
+
+
+def _rows(out):
+  emb = read_embeddings(str(out))
+  return {u: (s, v) for u, s, v in zip(emb.uris, emb.column("sha256"), emb.vectors)}
+
+
+def test_unchanged_refresh_embeds_nothing_and_gives_the_same_rows(bucket, tmp_path):
+  assert _run(bucket, tmp_path / "day1") == 0
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  counts = read_summary(str(tmp_path / "day2"))["counts"]
+  n = len(list(bucket.glob("*.jpg")))
+  assert (counts["embedded"], counts["carried_over"], counts["removed"], counts["failed"]) == (0, n, 0, 0)
+  one, two = _rows(tmp_path / "day1"), _rows(tmp_path / "day2")
+  assert one.keys() == two.keys()
+  for uri in one:
+    assert one[uri][0] == two[uri][0]
+    np.testing.assert_array_equal(one[uri][1], two[uri][1])
+  summary = read_summary(str(tmp_path / "day2"))
+  assert summary["refresh"] == {"previous": str(tmp_path / "day1"), "reused": True, "reason": "same model"}
+
+
+def test_changed_new_and_removed_files(bucket, tmp_path):
+  assert _run(bucket, tmp_path / "day1") == 0
+  files = sorted(bucket.glob("*.jpg"))
+  changed, removed = files[0], files[1]
+  Image.open(changed).transpose(Image.FLIP_LEFT_RIGHT).save(changed, quality=90)
+  removed.unlink()
+  Image.open(files[2]).rotate(90, expand=True).save(bucket / "new.jpg", quality=90)
+  shutil.copy(files[3], bucket / "copy of unchanged.jpg")  # new name, old bytes
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  counts = read_summary(str(tmp_path / "day2"))["counts"]
+  assert counts["removed"] == 1
+  # the changed file, the new one, and the copy: a uri the previous run didn't have is embedded
+  assert counts["embedded"] == 3
+  assert counts["carried_over"] == len(files) - 2
+  day2 = _rows(tmp_path / "day2")
+  assert set(day2) == {str(p) for p in bucket.glob("*.jpg")}
+  # A fresh full run over today's files gives the same rows: the refresh is complete on its own.
+  assert _run(bucket, tmp_path / "full") == 0
+  full = _rows(tmp_path / "full")
+  assert full.keys() == day2.keys()
+  for uri in full:
+    assert full[uri][0] == day2[uri][0]
+    np.testing.assert_allclose(day2[uri][1], full[uri][1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_different_model_re_embeds_everything_and_says_why(bucket, tmp_path):
+  assert _run(bucket, tmp_path / "day1") == 0
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1"), "--pooling", "max") == 0
+  summary = read_summary(str(tmp_path / "day2"))
+  assert summary["counts"]["carried_over"] == 0
+  assert summary["counts"]["embedded"] == len(list(bucket.glob("*.jpg")))
+  assert summary["refresh"]["reused"] is False
+  assert summary["refresh"]["reason"] == "pooling changed: 'avg' -> 'max'"
+
+
+def test_missing_or_partial_previous_is_refused_or_ignored_with_the_flag(bucket, tmp_path, capsys):
+  assert _run(bucket, tmp_path / "out", "--previous", str(tmp_path / "nothing")) == 2
+  assert "--previous" in capsys.readouterr().err
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  (partial / "embeddings-00000-of-00001.parquet").write_bytes(b"x")
+  assert _run(bucket, tmp_path / "out", "--previous", str(partial)) == 2
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert "no readable _SUCCESS.json" in err and "--ignore-bad-previous" in err
+  assert _run(bucket, tmp_path / "out", "--previous", str(partial), "--ignore-bad-previous") == 0
+  summary = read_summary(str(tmp_path / "out"))
+  assert summary["refresh"]["reused"] is False and summary["refresh"]["reason"].startswith("ignored")
+  assert summary["counts"]["embedded"] == len(list(bucket.glob("*.jpg")))
+
+
+def test_model_difference_names_what_changed():
+  base = {"dim": 1280, "pooling": "avg", "normalize": "none", "resize": "squash", "fast_decode": False,
+          "mixed_precision": False, "allow_tf32": False,
+          "backbones": [{"name": "mobilenet_v2", "offset": 0, "dim": 1280, "input_size": 224,
+                         "preprocessing": "tf", "weights_fingerprint": "sha256:aa", "weights": "weights_h5"}],
+          "versions": {"keras": "3.0"}}
+  same = json.loads(json.dumps(base))
+  same["versions"] = {"keras": "3.1"}
+  assert refresh.model_difference(base, same) is None
+  other = json.loads(json.dumps(base))
+  other["backbones"][0]["weights_fingerprint"] = "sha256:bb"
+  assert refresh.model_difference(base, other) == "mobilenet_v2 weights_fingerprint changed: 'sha256:aa' -> 'sha256:bb'"
