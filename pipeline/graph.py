@@ -41,8 +41,10 @@ class MatchInputs(beam.PTransform):
     return paths
 
 
-def _write_summary_step(files, config, matched, embedded, carried, removed, failures):
+def _write_summary_step(files, config, matched, embedded, carried, removed, deduplicated, failures):
   summary = summarize(config, matched, embedded, sorted(failures), files, carried=carried, removed=removed)
+  if config.dedupe:
+    summary["counts"]["deduplicated"] = deduplicated
   return write_summary(config.output, summary)
 
 
@@ -73,8 +75,12 @@ def build_graph(p: beam.Pipeline, config):
               | "JoinPreviousIndex" >> beam.CoGroupByKey())
     items = joined | "AttachPrevious" >> beam.FlatMap(attach_previous)
     removed = _count(joined | "Removed" >> beam.FlatMap(removed_uri), "CountRemoved")
+  deduplicated = None
   if config.dedupe:
     items = items | "Dedupe" >> Dedupe(config.read_threads)
+    deduplicated = (items
+                    | "Duplicates" >> beam.Map(lambda item: len(item_parts(item)[1].get("duplicates") or ()))
+                    | "CountDuplicates" >> beam.CombineGlobally(sum))
 
   embed = ReadDecodeEmbed(config)
   hints = resource_hints(config)
@@ -111,6 +117,7 @@ def build_graph(p: beam.Pipeline, config):
               | "FailureList" >> beam.combiners.ToList())
   carried_count = _count(carried, "CountCarried")
   removed = removed if removed is not None else p | "NoneRemoved" >> beam.Create([0])
+  deduplicated = deduplicated if deduplicated is not None else p | "NoneDeduplicated" >> beam.Create([0])
   # The summary's main input is the written file names, so it runs after both
   # writes have finalized: a job nobody waits on still ends with _SUCCESS.json.
   return ((embedding_files, error_files)
@@ -118,4 +125,5 @@ def build_graph(p: beam.Pipeline, config):
           | "AllFiles" >> beam.combiners.ToList()
           | "WriteSummary" >> beam.Map(
               _write_summary_step, config, AsSingleton(matched), AsSingleton(embedded),
-              AsSingleton(carried_count), AsSingleton(removed), AsSingleton(failures)))
+              AsSingleton(carried_count), AsSingleton(removed), AsSingleton(deduplicated),
+              AsSingleton(failures)))

@@ -39,6 +39,19 @@ def configure_tensorflow(allow_tf32=False, mixed_precision=False):
     keras.mixed_precision.set_global_policy("mixed_float16")
 
 
+def l2_normalize(x):
+  """Row-wise unit L2 norm; all-zero rows stay zero.
+
+  Rescaled by the largest magnitude first: tf.math.l2_normalize clamps the sum of squares at
+  1e-12, so rows of tiny features (norms below 1e-6, as random or dead backbones give) would
+  come out short of unit length.
+  """
+  import tensorflow as tf
+  scale = tf.reduce_max(tf.abs(x), axis=1, keepdims=True)
+  x = tf.math.divide_no_nan(x, scale)
+  return tf.math.l2_normalize(x, axis=1)
+
+
 class FusedModel:
   """uint8 batches (one per input size) in, concatenated float32 pooled features out."""
 
@@ -59,7 +72,7 @@ class FusedModel:
         x = preprocess(tf.cast(images[position[spec.size]], tf.float32), mode)
         part = tf.cast(model(x, training=False), tf.float32)
         # Per backbone, so backbones with different feature scales weigh alike in a search.
-        parts.append(tf.math.l2_normalize(part, axis=1) if normalize == "l2" else part)
+        parts.append(l2_normalize(part) if normalize == "l2" else part)
       return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
     self._forward = forward

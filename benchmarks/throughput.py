@@ -1,0 +1,607 @@
+"""Throughput of embed-images against the bare forward pass, plain Keras and Beam RunInference, in one run.
+
+    python benchmarks/throughput.py [--n 1024] [--backbones mobilenet_v2] [--batch-size 32] [--repeats 3]
+
+On the same N and 2N JPEGs (500x375, quality 90, made from samples/*.jpg and cached in a temp
+directory), the same backbones and the same seeded random weights, it times:
+
+  1. bare:   the forward pass alone, a tf.function over pre-decoded uint8 batches (cast and the
+             family's preprocess_input inside): the limit;
+  2. keras:  load_img + img_to_array + preprocess_input + model.predict, batch by batch, then one
+             Parquet file;
+  3. runinference: Beam's RunInference (KeyedModelHandler + TFModelHandlerNumpy, SAVED_WEIGHTS with
+             create_model_fn) after a decode Map, then WriteToParquet, on the local FnApiRunner;
+  4. pipeline: `embed-images --input ... --output ... --weights random` as a subprocess.
+
+2, 3 and 4 each run as a whole child process, timed from start to exit (imports, model building
+and pipeline start-up included), at N and at 2N: "whole" is N / t(N), "marginal" is
+N / (t(2N) - t(N)), the rate once start-up is paid. 1 runs in a child too, but times only the
+forward loop after a warm-up. Peak RSS is the sum over the child's whole process tree, sampled
+every 50 ms (plus the largest single process, from wait4). Parquet's share of a pipeline run is
+measured in-process by timing the sink's methods and the Arrow table building (mode
+pipeline-sink). Every output is read back and compared with plain Keras's, row by row, so the
+four sides are known to compute the same thing.
+"""
+
+import argparse
+import glob
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+IMAGE_SIZE = (500, 375)
+JPEG_QUALITY = 90
+IMAGE_SEED = 20240605
+MODES = ("bare", "keras", "runinference", "pipeline")
+TITLES = {
+    "bare": "1 bare forward (tf.function, uint8 batches)",
+    "keras": "2 plain Keras (load_img..predict)",
+    "runinference": "3 Beam RunInference + WriteToParquet",
+    "pipeline": "4 embed-images (this pipeline)",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def make_images(count, cache_dir):
+  """The first `count` benchmark JPEGs (generated once, deterministically, then reused)."""
+  from PIL import Image, ImageEnhance
+  pool = os.path.join(cache_dir, f"pool-{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}-q{JPEG_QUALITY}-s{IMAGE_SEED}")
+  os.makedirs(pool, exist_ok=True)
+  sources = sorted(glob.glob(os.path.join(REPO, "samples", "*.jpg")))
+  if not sources:
+    raise SystemExit(f"no samples/*.jpg under {REPO}")
+  photos = [Image.open(p).convert("RGB") for p in sources]
+  paths = []
+  for i in range(count):
+    path = os.path.join(pool, f"{i:06d}.jpg")
+    paths.append(path)
+    if os.path.exists(path):
+      continue
+    rng = random.Random(IMAGE_SEED * 1000003 + i)  # per image: the pool can grow without changing
+    photo = photos[rng.randrange(len(photos))]
+    w, h = photo.size
+    scale = rng.uniform(0.55, 1.0)
+    aspect = IMAGE_SIZE[0] / IMAGE_SIZE[1] * rng.uniform(0.85, 1.15)
+    cw = min(w, max(16, round((w * h * scale * scale * aspect) ** 0.5)))
+    ch = min(h, max(16, round(cw / aspect)))
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = photo.crop((left, top, left + cw, top + ch))
+    if rng.random() < 0.5:
+      img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+      img = enhance(img).enhance(rng.uniform(0.7, 1.3))
+    img = img.resize(IMAGE_SIZE, Image.BILINEAR)
+    partial = path + ".partial"
+    img.save(partial, "JPEG", quality=JPEG_QUALITY)
+    os.replace(partial, path)
+  return paths
+
+
+def subset_dir(paths, n, cache_dir):
+  """A directory holding (symlinks to) the first n images, for an `--input DIR/*.jpg` glob."""
+  d = os.path.join(cache_dir, f"n{n}-{os.path.basename(os.path.dirname(paths[0]))}")
+  if not os.path.isdir(d) or len(os.listdir(d)) != n:
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d)
+    for path in paths[:n]:
+      os.symlink(path, os.path.join(d, os.path.basename(path)))
+  return d
+
+
+def list_images(image_dir):
+  return sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Child modes (each runs in its own process)
+
+
+def _specs(args):
+  from transforms.backbones import get_backbone
+  names = [n.strip() for n in args.backbones.split(",") if n.strip()]
+  return [(name, args.image_size or get_backbone(name).native_size) for name in names]
+
+
+def _preprocess_input(name):
+  import importlib
+  import keras
+  from transforms.backbones import get_backbone
+  constructor = getattr(keras.applications, get_backbone(name).constructor)
+  return importlib.import_module(constructor.__module__).preprocess_input
+
+
+def _seeded_model(name, size, pooling):
+  from transforms.weights import load_backbone, resolve_weights
+  return load_backbone(name, size, pooling, resolve_weights("random", name, size))
+
+
+def _result(**fields):
+  print("RESULT " + json.dumps(fields), flush=True)
+
+
+def _write_parquet(path, uris, embeddings):
+  import numpy as np
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  embeddings = np.ascontiguousarray(embeddings, np.float32)
+  column = pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1)), embeddings.shape[1])
+  pq.write_table(pa.table({"uri": uris, "embedding": column}), path)
+
+
+def child_bare(args):
+  """The limit: only the forward pass, on arrays decoded beforehand, after a warm-up."""
+  import keras
+  import numpy as np
+  import tensorflow as tf
+  specs = _specs(args)
+  paths = list_images(args.images)
+  sizes = sorted({size for _, size in specs})
+  arrays = {s: np.stack([np.asarray(keras.utils.load_img(p, target_size=(s, s), interpolation="bilinear"))
+                         for p in paths]) for s in sizes}
+  models = [(_seeded_model(name, size, args.pooling), _preprocess_input(name), size) for name, size in specs]
+
+  @tf.function
+  def forward(batch):
+    parts = [model(pre(tf.cast(batch[size], tf.float32)), training=False) for model, pre, size in models]
+    return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
+
+  bs = args.batch_size
+  batches = [{s: arrays[s][i:i + bs] for s in sizes} for i in range(0, len(paths), bs)]
+  for shape in {len(next(iter(b.values()))): b for b in batches}.values():
+    forward(shape).numpy()  # trace every batch shape (the last one may be short)
+  passes = []
+  for _ in range(args.passes):
+    started = time.perf_counter()
+    out = [forward(b).numpy() for b in batches]
+    passes.append(time.perf_counter() - started)
+  np.save(os.path.join(args.out, "embeddings.npy"), np.concatenate(out))
+  with open(os.path.join(args.out, "uris.json"), "w") as f:
+    json.dump(paths, f)
+  _result(images=len(paths), passes=passes)
+
+
+def child_keras(args):
+  """The plain recipe, the way its documentation writes it, batch by batch."""
+  import keras
+  import numpy as np
+  specs = _specs(args)
+  paths = list_images(args.images)
+  models = [(_seeded_model(name, size, args.pooling), _preprocess_input(name), size) for name, size in specs]
+  bs = args.batch_size
+  out = []
+  for i in range(0, len(paths), bs):
+    chunk = paths[i:i + bs]
+    parts = []
+    for model, preprocess_input, size in models:
+      x = np.stack([keras.utils.img_to_array(keras.utils.load_img(
+          p, target_size=(size, size), interpolation="bilinear")) for p in chunk])
+      parts.append(model.predict(preprocess_input(x), batch_size=bs, verbose=0))
+    out.append(np.concatenate(parts, axis=1))
+  _write_parquet(os.path.join(args.out, "embeddings.parquet"), paths, np.concatenate(out))
+  _result(images=len(paths))
+
+
+def _weights_file(cache_dir, name, size, pooling):
+  return os.path.join(cache_dir, "weights", f"{name}-{size}-{pooling}-seeded.weights.h5")
+
+
+def child_prepare(args):
+  """Saves the seeded models' weights, which RunInference's SAVED_WEIGHTS handler loads."""
+  for name, size in _specs(args):
+    path = _weights_file(args.cache_dir, name, size, args.pooling)
+    if not os.path.exists(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      _seeded_model(name, size, args.pooling).save_weights(path)
+  _result(ok=True)
+
+
+def child_runinference(args):
+  """Beam's own answer: decode in a Map, RunInference per backbone, WriteToParquet."""
+  import functools
+  import types
+  try:
+    import tensorflow_hub  # noqa: F401  (tensorflow_inference imports it at module level)
+  except ImportError:
+    # Only hub.resolve(model_uri) of the SAVED_MODEL path uses it; SAVED_WEIGHTS never does.
+    sys.modules["tensorflow_hub"] = types.SimpleNamespace(resolve=lambda uri: uri)
+  import apache_beam as beam
+  import pyarrow as pa
+  from apache_beam.io import fileio
+  from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+  from apache_beam.ml.inference.tensorflow_inference import ModelType, TFModelHandlerNumpy
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+  from transforms.backbones import build_backbone, get_backbone
+
+  specs = _specs(args)
+  dim = sum(get_backbone(name).dim for name, _ in specs)
+  schema = pa.schema([("uri", pa.string()), ("embedding", pa.list_(pa.float32()))])
+
+  def decode(path, name, size):
+    import keras
+    x = keras.utils.img_to_array(keras.utils.load_img(path, target_size=(size, size), interpolation="bilinear"))
+    return path, _preprocess_input(name)(x)
+
+  def to_row(element):
+    uri, parts = element
+    if isinstance(parts, dict):  # several backbones: joined by uri, put back in order
+      parts = [parts[name][0] for name, _ in specs]
+    else:
+      parts = [parts]
+    import numpy as np
+    vector = np.concatenate([np.asarray(p.inference, np.float32) for p in parts])
+    return {"uri": uri, "embedding": vector.tolist()}
+
+  # The FnApiRunner directly, as embed-images does: DirectRunner would first try to download
+  # a Prism binary, which fails offline and only adds start-up time.
+  with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([])) as p:
+    paths = (p
+             | fileio.MatchFiles(os.path.join(args.images, "*.jpg"))
+             | beam.Map(lambda m: m.path)
+             | beam.Reshuffle())
+    branches = {}
+    for name, size in specs:
+      handler = KeyedModelHandler(TFModelHandlerNumpy(
+          model_uri=_weights_file(args.cache_dir, name, size, args.pooling),
+          model_type=ModelType.SAVED_WEIGHTS,
+          create_model_fn=functools.partial(build_backbone, name, size, args.pooling, None),
+          min_batch_size=args.batch_size, max_batch_size=args.batch_size))
+      branches[name] = (paths
+                        | f"Decode_{name}" >> beam.Map(decode, name, size)
+                        | f"RunInference_{name}" >> RunInference(handler))
+    joined = branches[specs[0][0]] if len(specs) == 1 else branches | beam.CoGroupByKey()
+    _ = (joined
+         | beam.Map(to_row)
+         | beam.io.WriteToParquet(os.path.join(args.out, "embeddings"), schema,
+                                  file_name_suffix=".parquet"))
+  _result(images=len(list_images(args.images)), dim=dim)
+
+
+def child_pipeline_sink(args):
+  """embed-images in this process, with the Parquet sink's methods and the Arrow tables timed."""
+  import transforms.embed
+  from apache_beam.io import filebasedsink
+  from pipeline.main import run
+  from transforms import write
+
+  spent = {}
+  lock = threading.Lock()
+
+  def timed(owner, attr, key):
+    original = getattr(owner, attr)
+
+    def wrapper(*a, **k):
+      started = time.perf_counter()
+      try:
+        return original(*a, **k)
+      finally:
+        with lock:
+          spent[key] = spent.get(key, 0.0) + time.perf_counter() - started
+    setattr(owner, attr, wrapper)
+
+  for attr in ("open", "write_record", "close"):
+    timed(write.ParquetTableSink, attr, f"sink.{attr}")
+  for attr in ("initialize_write", "pre_finalize", "finalize_write"):
+    timed(filebasedsink.FileBasedSink, attr, f"sink.{attr}")
+  timed(transforms.embed, "rows_to_table", "arrow tables (rows_to_table)")
+  started = time.perf_counter()
+  status = run(["--input", os.path.join(args.images, "*.jpg"), "--output", args.out,
+                "--backbones", args.backbones, "--weights", "random", "--batch-size", str(args.batch_size),
+                "--overwrite", *(["--image-size", str(args.image_size)] if args.image_size else [])],
+               save_main_session=False)
+  _result(status=status, seconds=time.perf_counter() - started, spent=spent)
+
+
+CHILDREN = {"bare": child_bare, "keras": child_keras, "prepare": child_prepare,
+            "runinference": child_runinference, "pipeline-sink": child_pipeline_sink}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: runs the children, measures time and memory, prints the table
+
+
+def _children_of(pid):
+  try:
+    tasks = os.listdir(f"/proc/{pid}/task")
+  except OSError:
+    return []
+  found = []
+  for task in tasks:
+    try:
+      with open(f"/proc/{pid}/task/{task}/children") as f:
+        found.extend(int(c) for c in f.read().split())
+    except OSError:
+      pass
+  return found
+
+
+def _tree_rss(root):
+  page = os.sysconf("SC_PAGE_SIZE")
+  total, stack, seen = 0, [root], set()
+  while stack:
+    pid = stack.pop()
+    if pid in seen:
+      continue
+    seen.add(pid)
+    try:
+      with open(f"/proc/{pid}/statm") as f:
+        total += int(f.read().split()[1]) * page
+    except (OSError, IndexError, ValueError):
+      continue
+    stack.extend(_children_of(pid))
+  return total
+
+
+def run_child(cmd, log_path, timeout):
+  """Runs cmd; returns wall seconds (start to exit), exit code, peak tree RSS, wait4 max RSS, stdout."""
+  peak = [0]
+  with open(log_path + ".out", "w") as out, open(log_path + ".err", "w") as err:
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
+    done = threading.Event()
+
+    def sample():
+      while not done.wait(0.05):
+        peak[0] = max(peak[0], _tree_rss(proc.pid))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    try:
+      _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+      timer.cancel()
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+  with open(log_path + ".out") as f:
+    stdout = f.read()
+  return {"seconds": seconds, "rc": proc.returncode, "tree_rss": peak[0],
+          "maxrss": usage.ru_maxrss * 1024, "stdout": stdout, "log": log_path}
+
+
+def _result_of(child):
+  for line in reversed(child["stdout"].splitlines()):
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  return None
+
+
+def _pipeline_cmd():
+  script = os.path.join(os.path.dirname(sys.executable), "embed-images")
+  return [script] if os.path.exists(script) else [sys.executable, "-m", "pipeline"]
+
+
+def command(mode, args, images, out):
+  common = ["--backbones", args.backbones, "--batch-size", str(args.batch_size), "--pooling", args.pooling,
+            *(["--image-size", str(args.image_size)] if args.image_size else [])]
+  if mode == "pipeline":
+    return [*_pipeline_cmd(), "--input", os.path.join(images, "*.jpg"), "--output", out,
+            "--backbones", args.backbones, "--weights", "random", "--batch-size", str(args.batch_size),
+            "--pooling", args.pooling, "--overwrite",
+            *(["--image-size", str(args.image_size)] if args.image_size else [])]
+  return [sys.executable, os.path.abspath(__file__), "--mode", mode, "--images", images, "--out", out,
+          "--cache-dir", args.cache_dir, "--passes", str(args.passes), *common]
+
+
+def read_embeddings(mode, out):
+  """{uri basename: vector} of a run's output."""
+  import numpy as np
+  import pyarrow.parquet as pq
+  if mode == "bare":
+    with open(os.path.join(out, "uris.json")) as f:
+      uris = json.load(f)
+    vectors = np.load(os.path.join(out, "embeddings.npy"))
+  else:
+    files = sorted(glob.glob(os.path.join(out, "embeddings*.parquet")))
+    table = pq.read_table(files)
+    uris = table.column("uri").to_pylist()
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+  return {os.path.basename(u): v for u, v in zip(uris, vectors)}
+
+
+def _stats(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None
+  return statistics.median(values), min(values), max(values)
+
+
+def _fmt(stat, digits=1):
+  if stat is None:
+    return "n/a"
+  med, lo, hi = stat
+  return f"{med:.{digits}f} [{lo:.{digits}f}-{hi:.{digits}f}]"
+
+
+def _machine():
+  cpu = "?"
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  with open("/proc/meminfo") as f:
+    mem_kb = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+  load = os.getloadavg()
+  return (f"{os.cpu_count()} CPUs ({cpu}), {mem_kb / 2**20:.1f} GiB RAM, "
+          f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+
+
+def orchestrate(args):
+  from transforms.backbones import get_backbone  # light: no TensorFlow in the parent
+  specs = [(n.strip(), args.image_size or get_backbone(n.strip()).native_size)
+           for n in args.backbones.split(",") if n.strip()]
+  modes = [m for m in MODES if m not in set(args.skip.split(",")) - {""}]
+  sizes = (args.n, 2 * args.n)
+  print(f"machine: {_machine()}", flush=True)
+  print(f"backbones: {', '.join(f'{n} ({s}px)' for n, s in specs)}; weights random (seeded); "
+        f"batch {args.batch_size}; N={args.n} and 2N={2 * args.n} JPEGs {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} "
+        f"q{JPEG_QUALITY}; repeats {args.repeats}", flush=True)
+
+  paths = make_images(2 * args.n, args.cache_dir)
+  image_dirs = {n: subset_dir(paths, n, args.cache_dir) for n in sizes}
+  work = tempfile.mkdtemp(prefix="throughput-", dir=args.cache_dir)
+  logs = os.path.join(work, "logs")
+  os.makedirs(logs)
+  print(f"images: {os.path.dirname(paths[0])}; outputs and logs: {work}", flush=True)
+
+  if "runinference" in modes:
+    child = run_child(command("prepare", args, image_dirs[args.n], work), os.path.join(logs, "prepare"),
+                      args.timeout)
+    if child["rc"] != 0:
+      raise SystemExit(f"preparing RunInference's weights failed; see {child['log']}.err")
+
+  runs = {m: {n: [] for n in sizes} for m in modes}
+  for r in range(args.repeats):
+    for mode in modes:
+      for n in sizes if mode != "bare" else sizes[:1]:
+        out = os.path.join(work, f"{mode}-{n}-{r}")
+        os.makedirs(out, exist_ok=True)
+        child = run_child(command(mode, args, image_dirs[n], out), os.path.join(logs, f"{mode}-{n}-{r}"),
+                          args.timeout)
+        if child["rc"] != 0:
+          raise SystemExit(f"{mode} at n={n} exited {child['rc']}; see {child['log']}.err")
+        child["result"] = _result_of(child)
+        child["out"] = out
+        runs[mode][n].append(child)
+        extra = ""
+        if mode == "bare":
+          extra = " forward " + ", ".join(f"{n / s:.1f}" for s in child["result"]["passes"]) + " img/s"
+        print(f"  repeat {r + 1}/{args.repeats} {mode:>12} n={n:<5} {child['seconds']:7.2f} s "
+              f"({n / child['seconds']:6.1f} img/s whole) peak tree RSS "
+              f"{child['tree_rss'] / 2**20:6.0f} MiB{extra}", flush=True)
+
+  sink = None
+  if "pipeline" in modes and not args.no_sink_profile:
+    n = sizes[-1]
+    out = os.path.join(work, f"pipeline-sink-{n}")
+    child = run_child(command("pipeline-sink", args, image_dirs[n], out), os.path.join(logs, "pipeline-sink"),
+                      args.timeout)
+    sink = _result_of(child) if child["rc"] == 0 else None
+
+  # -- agreement: every side computed the same embeddings
+  agreement = {}
+  if "keras" in modes:
+    import numpy as np
+    reference = read_embeddings("keras", runs["keras"][args.n][0]["out"])
+    for mode in modes:
+      if mode == "keras":
+        continue
+      got = read_embeddings(mode, runs[mode][args.n][0]["out"])
+      if set(got) != set(reference):
+        agreement[mode] = f"different rows ({len(got)} vs {len(reference)})"
+        continue
+      errors = [np.linalg.norm(got[k].astype(np.float64) - reference[k]) /
+                max(np.linalg.norm(reference[k].astype(np.float64)), 1e-30) for k in reference]
+      agreement[mode] = f"max relative L2 {max(errors):.1e} over {len(errors)} rows"
+
+  # -- the table
+  rates = {}
+  print()
+  print(f"{'':46} {'whole run, img/s':>22} {'whole run, img/s':>22} {'marginal N->2N':>22} {'peak RSS MiB':>18}")
+  print(f"{'':46} {f'at N={args.n}':>22} {f'at 2N={2 * args.n}':>22} {'img/s':>22} {'N / 2N (tree)':>18}")
+  for mode in modes:
+    if mode == "bare":
+      forward = [args.n / s for c in runs[mode][args.n] for s in c["result"]["passes"]]
+      rates[mode] = {"marginal": _stats(forward)}
+      print(f"{TITLES[mode]:46} {'(forward only)':>22} {'':>22} {_fmt(rates[mode]['marginal']):>22}")
+      continue
+    tn = [c["seconds"] for c in runs[mode][sizes[0]]]
+    t2n = [c["seconds"] for c in runs[mode][sizes[1]]]
+    marginal = [args.n / (b - a) if b > a else None for a, b in zip(tn, t2n)]
+    rates[mode] = {
+        "whole_n": _stats([args.n / t for t in tn]),
+        "whole_2n": _stats([2 * args.n / t for t in t2n]),
+        "marginal": _stats(marginal),
+        "rss": (statistics.median(c["tree_rss"] for c in runs[mode][sizes[0]]),
+                statistics.median(c["tree_rss"] for c in runs[mode][sizes[1]])),
+        "maxrss": (statistics.median(c["maxrss"] for c in runs[mode][sizes[0]]),
+                   statistics.median(c["maxrss"] for c in runs[mode][sizes[1]])),
+        "startup": statistics.median(a - (args.n / m if m else 0) for a, m in zip(tn, marginal)),
+    }
+    rss = rates[mode]["rss"]
+    print(f"{TITLES[mode]:46} {_fmt(rates[mode]['whole_n']):>22} {_fmt(rates[mode]['whole_2n']):>22} "
+          f"{_fmt(rates[mode]['marginal']):>22} {f'{rss[0] / 2**20:.0f} / {rss[1] / 2**20:.0f}':>18}")
+  print("(median [min-max] over repeats; whole run = N / (process start to exit); marginal = N / (t(2N) - t(N)))")
+  for mode in modes:
+    if mode != "bare":
+      print(f"  {mode}: start-up (t(N) - N / marginal) about {rates[mode]['startup']:.1f} s")
+
+  def ratio(a, b, key):
+    if a not in rates or b not in rates or not rates[a].get(key) or not rates[b].get(key):
+      return None
+    return rates[a][key][0] / rates[b][key][0]
+
+  print()
+  lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85)]
+  for other, number, target in (("keras", 2, 1.5), ("runinference", 3, 2.0)):
+    lines += [(f"4/{number} pipeline / {other}, whole run at N", ratio("pipeline", other, "whole_n"), target),
+              (f"4/{number} pipeline / {other}, whole run at 2N", ratio("pipeline", other, "whole_2n"), target),
+              (f"4/{number} pipeline / {other}, marginal", ratio("pipeline", other, "marginal"), None)]
+  for label, value, target in lines:
+    if value is not None:
+      verdict = "" if target is None else f"  (target >= {target:.2f}: {'met' if value >= target else 'NOT met'})"
+      print(f"{label:48} {value:5.2f}x{verdict}")
+  if "pipeline" in rates:
+    rss, maxrss = rates["pipeline"]["rss"], rates["pipeline"]["maxrss"]
+    growth = rss[1] / rss[0] - 1
+    print(f"{'pipeline peak RSS, whole tree, N -> 2N':48} {rss[0] / 2**20:.0f} -> {rss[1] / 2**20:.0f} MiB "
+          f"({growth:+.1%}; target < +10%: {'met' if growth < 0.10 else 'NOT met'}); largest process "
+          f"{maxrss[0] / 2**20:.0f} -> {maxrss[1] / 2**20:.0f} MiB")
+  if sink:
+    total = sum(sink["spent"].values())
+    share = total / sink["seconds"]
+    print(f"{'pipeline time in Parquet writing (n=' + str(sizes[-1]) + ')':48} {total:.2f} s of "
+          f"{sink['seconds']:.1f} s = {share:.1%} (target < 5%: {'met' if share < 0.05 else 'NOT met'}); "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(sink["spent"].items())))
+  for mode, text in agreement.items():
+    print(f"{'agreement with plain Keras: ' + mode:48} {text}")
+  if not args.keep:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--n", type=int, default=1024, help="images in the smaller run (the other is 2N)")
+  parser.add_argument("--backbones", default="mobilenet_v2")
+  parser.add_argument("--image-size", type=int, default=None)
+  parser.add_argument("--pooling", default="avg")
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--passes", type=int, default=2, help="timed passes of the bare forward per repeat")
+  parser.add_argument("--skip", default="", help="comma list of modes to leave out: " + ",".join(MODES))
+  parser.add_argument("--no-sink-profile", action="store_true", help="skip the in-process Parquet timing run")
+  parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "embed-images-bench"))
+  parser.add_argument("--timeout", type=float, default=3600)
+  parser.add_argument("--keep", action="store_true", help="keep outputs and logs")
+  # child side
+  parser.add_argument("--mode", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+  parser.add_argument("--images", help=argparse.SUPPRESS)
+  parser.add_argument("--out", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.mode:
+    CHILDREN[args.mode](args)
+  else:
+    os.makedirs(args.cache_dir, exist_ok=True)
+    orchestrate(args)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,49 @@
+"""--dedupe: one model run per distinct content, one row per uri."""
+
+import pathlib
+import shutil
+
+import numpy as np
+
+from pipeline import read_embeddings
+from pipeline.main import run
+from transforms.dedupe import representative
+from transforms.write import read_summary
+
+SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
+
+
+def test_representative_is_the_smallest_uri_with_the_others_as_duplicates():
+  uri, info = representative(("abc", [("b.jpg", {"columns": {"id": 2}}), ("a.jpg", {"columns": {"id": 1}})]))
+  assert uri == "a.jpg" and info["duplicates"] == [("b.jpg", {"id": 2})]
+  assert representative(("abc", [("a.jpg", {})])) == ("a.jpg", {})
+
+
+def test_dedupe_embeds_each_content_once_and_every_uri_gets_its_row(tmp_path):
+  d = tmp_path / "in"
+  d.mkdir()
+  photos = sorted(SAMPLES.glob("*.jpg"))[:3]
+  for p in photos:
+    shutil.copy(p, d / p.name)
+    shutil.copy(p, d / f"copy-{p.name}")
+  shutil.copy(photos[0], d / f"another-{photos[0].name}")
+  (d / "broken.jpg").write_bytes(b"")
+  (d / "broken-copy.jpg").write_bytes(b"")
+  out = tmp_path / "out"
+  status = run(["--input", f"{d}/*.jpg", "--output", str(out), "--backbones", "mobilenet_v2", "--weights",
+                "random", "--image-size", "64", "--dedupe", "--max-failure-fraction", "0.5"])
+  assert status == 0
+  emb = read_embeddings(str(out))
+  assert sorted(emb.uris) == sorted(str(p) for p in d.glob("*.jpg") if "broken" not in p.name)
+  by_sha = {}
+  for sha, vector in zip(emb.column("sha256"), emb.vectors):
+    by_sha.setdefault(sha, []).append(vector)
+  assert len(by_sha) == 3
+  for vectors in by_sha.values():
+    for v in vectors[1:]:
+      np.testing.assert_array_equal(v, vectors[0])
+  summary = read_summary(str(out))
+  assert summary["counts"]["matched"] == 9 and summary["counts"]["embedded"] == 7
+  assert summary["counts"]["failed_by_type"] == {"empty_file": 2}
+  # 4 copies of good files and 1 of the empty one reused another uri's outcome
+  assert summary["counts"]["deduplicated"] == 5
