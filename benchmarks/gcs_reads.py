@@ -1,14 +1,15 @@
 """Reads of many small gs:// objects: FileSystems.open vs transforms.read.read_bytes, one at a time and 16 in flight.
 
 Runs offline against the local GCS emulator (tests/gcs_emulator.py). Real GCS answers a
-small GET in tens of milliseconds and serves many at once; the emulator answers in about a
-millisecond, one request at a time. To show what keeping reads in flight buys, the same
-reads also go through a small HTTP proxy (a subprocess of this script, so it doesn't share
-the GIL) that holds every request for --latency-ms before forwarding it, in parallel across
-requests; optionally each new client connection pays --connect-ms more, standing in for the
-TCP + TLS handshake a fresh storage client pays on real GCS (the emulator speaks plain HTTP).
-The emulator behind the proxy still serves one request at a time, so with many in flight
-its own service time is the floor.
+small GET in tens of milliseconds and serves many at once; the emulator answers in a millisecond
+or two, one request at a time. Every read goes through a small HTTP proxy (a subprocess of this
+script, so it doesn't share the GIL) that counts requests and connections and holds each request
+for --latency-ms before forwarding it, in parallel across requests: 0 ms first, then the
+simulated latency, then that plus --connect-ms per new connection, standing in for the TCP + TLS
+handshake a fresh storage client pays on real GCS (the emulator speaks plain HTTP). Behind the
+proxy the emulator still serves one request at a time, so with many reads in flight its own
+service time is the floor. The thread pool lives across scenarios and is warmed first, as the
+embed DoFn's pool lives across bundles.
 
     python benchmarks/gcs_reads.py [--n 200] [--size 50000] [--threads 16] [--latency-ms 30]
 """

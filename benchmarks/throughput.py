@@ -163,15 +163,18 @@ def child_bare(args):
   batches = [{s: arrays[s][i:i + bs] for s in sizes} for i in range(0, len(paths), bs)]
   for shape in {len(next(iter(b.values()))): b for b in batches}.values():
     forward(shape).numpy()  # trace every batch shape (the last one may be short)
-  passes = []
+  import resource
+  cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+  passes, cpus = [], []
   for _ in range(args.passes):
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), cpu()
     out = [forward(b).numpy() for b in batches]
     passes.append(time.perf_counter() - started)
+    cpus.append(cpu() - cpu_started)
   np.save(os.path.join(args.out, "embeddings.npy"), np.concatenate(out))
   with open(os.path.join(args.out, "uris.json"), "w") as f:
     json.dump(paths, f)
-  _result(images=len(paths), passes=passes)
+  _result(images=len(paths), passes=passes, cpus=cpus)
 
 
 def child_keras(args):
@@ -347,12 +350,38 @@ def _tree_rss(root):
   return total
 
 
+def _machine_busy():
+  """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+  with open("/proc/stat") as f:
+    fields = [int(x) for x in f.readline().split()[1:]]
+  idle = fields[3] + fields[4]
+  tick = os.sysconf("SC_CLK_TCK")
+  return (sum(fields[:8]) - idle) / tick, sum(fields[:8]) / tick
+
+
+def wait_for_quiet(limit, threshold=0.25):
+  """Waits (up to `limit` s) until other processes use under `threshold` cores; returns the load seen."""
+  deadline = time.monotonic() + limit
+  while True:
+    b0, _ = _machine_busy()
+    time.sleep(1.0)
+    b1, _ = _machine_busy()
+    load = b1 - b0
+    if load < threshold or time.monotonic() >= deadline:
+      return load
+
+
 def run_child(cmd, log_path, timeout):
-  """Runs cmd; returns wall seconds (start to exit), exit code, peak tree RSS, wait4 max RSS, stdout."""
+  """Runs cmd; returns wall seconds (start to exit), exit code, peak tree RSS, wait4 max RSS, the
+  child tree's CPU seconds, the CPU seconds other processes used meanwhile, stdout."""
   peak = [0]
+  env = dict(os.environ)
+  # The code next to this script, whatever an editable install points at.
+  env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   with open(log_path + ".out", "w") as out, open(log_path + ".err", "w") as err:
+    busy_before, _ = _machine_busy()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=env)
     done = threading.Event()
 
     def sample():
@@ -367,13 +396,15 @@ def run_child(cmd, log_path, timeout):
     finally:
       timer.cancel()
     seconds = time.perf_counter() - started
+    busy_after, _ = _machine_busy()
     done.set()
     sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
   with open(log_path + ".out") as f:
     stdout = f.read()
-  return {"seconds": seconds, "rc": proc.returncode, "tree_rss": peak[0],
-          "maxrss": usage.ru_maxrss * 1024, "stdout": stdout, "log": log_path}
+  cpu = usage.ru_utime + usage.ru_stime
+  return {"seconds": seconds, "rc": proc.returncode, "tree_rss": peak[0], "maxrss": usage.ru_maxrss * 1024,
+          "cpu": cpu, "others": max(0.0, busy_after - busy_before - cpu), "stdout": stdout, "log": log_path}
 
 
 def _result_of(child):
@@ -474,6 +505,8 @@ def orchestrate(args):
       for n in sizes if mode != "bare" else sizes[:1]:
         out = os.path.join(work, f"{mode}-{n}-{r}")
         os.makedirs(out, exist_ok=True)
+        if args.wait_quiet:
+          wait_for_quiet(args.wait_quiet)
         child = run_child(command(mode, args, image_dirs[n], out), os.path.join(logs, f"{mode}-{n}-{r}"),
                           args.timeout)
         if child["rc"] != 0:
@@ -485,8 +518,9 @@ def orchestrate(args):
         if mode == "bare":
           extra = " forward " + ", ".join(f"{n / s:.1f}" for s in child["result"]["passes"]) + " img/s"
         print(f"  repeat {r + 1}/{args.repeats} {mode:>12} n={n:<5} {child['seconds']:7.2f} s "
-              f"({n / child['seconds']:6.1f} img/s whole) peak tree RSS "
-              f"{child['tree_rss'] / 2**20:6.0f} MiB{extra}", flush=True)
+              f"({n / child['seconds']:6.1f} img/s whole), cpu {child['cpu']:6.1f} s, peak tree RSS "
+              f"{child['tree_rss'] / 2**20:5.0f} MiB, other processes {child['others'] / child['seconds']:.2f} "
+              f"cores{extra}", flush=True)
 
   sink = None
   if "pipeline" in modes and not args.no_sink_profile:
@@ -515,34 +549,41 @@ def orchestrate(args):
   # -- the table
   rates = {}
   print()
-  print(f"{'':46} {'whole run, img/s':>22} {'whole run, img/s':>22} {'marginal N->2N':>22} {'peak RSS MiB':>18}")
-  print(f"{'':46} {f'at N={args.n}':>22} {f'at 2N={2 * args.n}':>22} {'img/s':>22} {'N / 2N (tree)':>18}")
+  head = ("whole run img/s", "whole run img/s", "marginal img/s", "marginal CPU", "peak RSS MiB")
+  sub = (f"at N={args.n}", f"at 2N={2 * args.n}", "N -> 2N", "ms/img", "N / 2N (tree)")
+  print(f"{'':44}" + "".join(f"{h:>22}" for h in head[:3]) + f"{head[3]:>14}{head[4]:>16}")
+  print(f"{'':44}" + "".join(f"{h:>22}" for h in sub[:3]) + f"{sub[3]:>14}{sub[4]:>16}")
   for mode in modes:
     if mode == "bare":
       forward = [args.n / s for c in runs[mode][args.n] for s in c["result"]["passes"]]
-      rates[mode] = {"marginal": _stats(forward)}
-      print(f"{TITLES[mode]:46} {'(forward only)':>22} {'':>22} {_fmt(rates[mode]['marginal']):>22}")
+      cpu = [1000 * x / args.n for c in runs[mode][args.n] for x in c["result"]["cpus"]]
+      rates[mode] = {"marginal": _stats(forward), "cpu_ms": statistics.median(cpu)}
+      print(f"{TITLES[mode]:44}{'(forward pass only)':>22}{'':>22}{_fmt(rates[mode]['marginal']):>22}"
+            f"{rates[mode]['cpu_ms']:>14.1f}")
       continue
-    tn = [c["seconds"] for c in runs[mode][sizes[0]]]
-    t2n = [c["seconds"] for c in runs[mode][sizes[1]]]
+    small, large = runs[mode][sizes[0]], runs[mode][sizes[1]]
+    tn, t2n = [c["seconds"] for c in small], [c["seconds"] for c in large]
     marginal = [args.n / (b - a) if b > a else None for a, b in zip(tn, t2n)]
     rates[mode] = {
         "whole_n": _stats([args.n / t for t in tn]),
         "whole_2n": _stats([2 * args.n / t for t in t2n]),
         "marginal": _stats(marginal),
-        "rss": (statistics.median(c["tree_rss"] for c in runs[mode][sizes[0]]),
-                statistics.median(c["tree_rss"] for c in runs[mode][sizes[1]])),
-        "maxrss": (statistics.median(c["maxrss"] for c in runs[mode][sizes[0]]),
-                   statistics.median(c["maxrss"] for c in runs[mode][sizes[1]])),
+        "cpu_ms": statistics.median(1000 * (b["cpu"] - a["cpu"]) / args.n for a, b in zip(small, large)),
+        "rss": (statistics.median(c["tree_rss"] for c in small), statistics.median(c["tree_rss"] for c in large)),
+        "maxrss": (statistics.median(c["maxrss"] for c in small), statistics.median(c["maxrss"] for c in large)),
         "startup": statistics.median(a - (args.n / m if m else 0) for a, m in zip(tn, marginal)),
     }
     rss = rates[mode]["rss"]
-    print(f"{TITLES[mode]:46} {_fmt(rates[mode]['whole_n']):>22} {_fmt(rates[mode]['whole_2n']):>22} "
-          f"{_fmt(rates[mode]['marginal']):>22} {f'{rss[0] / 2**20:.0f} / {rss[1] / 2**20:.0f}':>18}")
-  print("(median [min-max] over repeats; whole run = N / (process start to exit); marginal = N / (t(2N) - t(N)))")
-  for mode in modes:
-    if mode != "bare":
-      print(f"  {mode}: start-up (t(N) - N / marginal) about {rates[mode]['startup']:.1f} s")
+    print(f"{TITLES[mode]:44}{_fmt(rates[mode]['whole_n']):>22}{_fmt(rates[mode]['whole_2n']):>22}"
+          f"{_fmt(rates[mode]['marginal']):>22}{rates[mode]['cpu_ms']:>14.1f}"
+          f"{f'{rss[0] / 2**20:.0f} / {rss[1] / 2**20:.0f}':>16}")
+  others = [c["others"] / c["seconds"] for m in modes for n in sizes for c in runs[m][n]]
+  print("median [min-max] over repeats. whole run = images / (process start to exit); marginal = N / (t(2N) - t(N));")
+  print("marginal CPU = (CPU time of the process tree at 2N - at N) / N (bare: CPU of the forward loop / N).")
+  print(f"other processes on the machine during the runs: median {statistics.median(others):.2f} cores, "
+        f"max {max(others):.2f} (of {os.cpu_count()})")
+  print("start-up, t(N) - N / marginal: " + ", ".join(
+      f"{mode} {rates[mode]['startup']:.1f} s" for mode in modes if mode != "bare"))
 
   def ratio(a, b, key):
     if a not in rates or b not in rates or not rates[a].get(key) or not rates[b].get(key):
@@ -590,6 +631,9 @@ def main(argv=None):
   parser.add_argument("--no-sink-profile", action="store_true", help="skip the in-process Parquet timing run")
   parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "embed-images-bench"))
   parser.add_argument("--timeout", type=float, default=3600)
+  parser.add_argument("--wait-quiet", type=float, default=120,
+                      help="before each run, wait up to this many seconds for other processes to use "
+                           "under a quarter of a core (0: don't wait)")
   parser.add_argument("--keep", action="store_true", help="keep outputs and logs")
   # child side
   parser.add_argument("--mode", choices=sorted(CHILDREN), help=argparse.SUPPRESS)

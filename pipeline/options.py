@@ -1,5 +1,6 @@
 """Command-line options, their launch-time validation, and the run configuration handed to workers."""
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -11,6 +12,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms import resources
 
 from transforms import decode, manifest, refresh
 from transforms.backbones import BACKBONES, get_backbone
@@ -24,6 +26,15 @@ class LaunchError(ValueError):
   """A bad option or launch condition: printed as one line, exit status 2."""
 
 
+def _bool_value(text):
+  value = str(text).strip().lower()
+  if value in ("true", "1", "yes"):
+    return True
+  if value in ("false", "0", "no"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected true or false; received: {text!r}")
+
+
 def _flag(parser, name, **kwargs):
   # Beam's PipelineOptions.from_dictionary (Dataflow, templates) rebuilds flags
   # from dests, i.e. with underscores; registering both spellings keeps a
@@ -31,6 +42,10 @@ def _flag(parser, name, **kwargs):
   spellings = ["--" + name]
   if "-" in name:
     spellings.append("--" + name.replace("-", "_"))
+  if kwargs.get("action") == "store_true":
+    # Also --flag=true / --flag=false: the form a Flex Template launcher passes.
+    del kwargs["action"]
+    kwargs.update(nargs="?", const=True, type=_bool_value)
   parser.add_argument(*spellings, dest=name.replace("-", "_"), **kwargs)
 
 
@@ -210,7 +225,10 @@ def check_inputs_match(patterns):
     except Exception as e:  # a missing bucket, a malformed path: say which --input
       raise LaunchError(f"--input {pattern!r} could not be matched: {e}".splitlines()[0])
     if not result.metadata_list:
-      raise LaunchError(f"--input {pattern!r} matched no file")
+      hint = ""
+      if any(c in pattern for c in "[*?") and FileSystems.exists(pattern):
+        hint = "; a file of that exact name exists, but [ ] * ? are glob characters in --input: write [[] for ["
+      raise LaunchError(f"--input {pattern!r} matched no file{hint}")
 
 
 def existing_outputs(output):
@@ -265,6 +283,12 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   _check_positive("decode-threads", opts.decode_threads, minimum=0)
   _check_positive("num-shards", opts.num_shards, minimum=0)
   _check_positive("row-group-size", opts.row_group_size)
+  if opts.embed_min_ram is not None:
+    try:
+      resources.parse_resource_hints({"min_ram": opts.embed_min_ram})
+    except ValueError:  # else a traceback from with_resource_hints while the graph is built
+      raise LaunchError(f"--embed-min-ram must be a size with a unit, e.g. 16GB or 16GiB; "
+                        f"received: {opts.embed_min_ram!r}") from None
   if opts.max_pixels is not None and opts.max_pixels <= 0:
     opts.max_pixels = None  # --max-pixels 0 disables the check
   if not opts.decode_timeout or opts.decode_timeout <= 0:

@@ -8,7 +8,7 @@ import zlib
 from typing import Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms, features
 
 SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
 
@@ -69,6 +69,15 @@ def build_corpus(root: pathlib.Path) -> dict[str, Expected]:
   save("jpeg_q90.jpg", full, plain, "JPEG", quality=90)
   save("jpeg_cmyk.jpg", full.convert("CMYK"), Expected(True, twin="jpeg_q90.jpg", recipe=True), "JPEG",
        quality=90)
+  # What cameras, editors and downloads add around the pixels; Keras ignores all of it, and so do we.
+  broken_exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 99_999) + b"\xff" * 20  # IFD offset past the end
+  write("jpeg_broken_exif.jpg", _with_app_segment(baseline, 0xE1, broken_exif), plain)
+  write("jpeg_trailing_bytes.jpg", baseline + np.random.default_rng(2).bytes(1000), plain)  # data after EOI
+  srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+  save("jpeg_icc_profile.jpg", full, plain, "JPEG", quality=90, icc_profile=srgb)
+  # A camera's MPO (stereo / multi-picture JPEG): the first picture is jpeg_q90's encode.
+  save("camera.mpo", full, Expected(True, twin="jpeg_q90.jpg", recipe=True), "MPO", quality=90, save_all=True,
+       append_images=[other.resize(full.size)])
 
   # Lossless formats holding exactly `photo`'s pixels.
   lossless = Expected(True, twin="png_rgb.png", recipe=True)
@@ -76,8 +85,14 @@ def build_corpus(root: pathlib.Path) -> dict[str, Expected]:
   save("png_grey.png", grey, plain, "PNG", compress_level=1)
   save("webp_lossless.webp", photo, lossless, "WEBP", lossless=True, quality=0, method=0)
   save("webp_lossy.webp", photo, Expected(True, twin="png_rgb.png", recipe=True), "WEBP", quality=85)
+  if features.check("avif"):  # in Pillow's wheels since 11.3
+    save("avif.avif", photo, Expected(True, twin="png_rgb.png", recipe=True), "AVIF", quality=85)
+  else:  # an AVIF file all the same, from the ISO-BMFF header on; Pillow cannot tell what it is
+    write("avif.avif", b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(1000),
+          Expected(False, "unidentified_image"))
   save("bmp.bmp", photo, lossless, "BMP")
   save("tiff.tif", photo, lossless, "TIFF", compression="tiff_adobe_deflate")
+  save("tiff_lzw.tif", photo, lossless, "TIFF", compression="tiff_lzw")
   save("tiff_multipage.tiff", photo, lossless, "TIFF", compression="tiff_adobe_deflate",
        save_all=True, append_images=[other])
 
@@ -182,6 +197,11 @@ def build_corpus(root: pathlib.Path) -> dict[str, Expected]:
   write("bomb_100mp.png", _blank_1bit_png(10_000, 10_000), Expected(False, "decompression_bomb"))
   write("bomb_400mp.png", _blank_1bit_png(20_000, 20_000), Expected(False, "decompression_bomb"))
   return corpus
+
+
+def _with_app_segment(jpeg: bytes, marker: int, body: bytes) -> bytes:
+  """`jpeg` with an APPn segment inserted right after SOI."""
+  return jpeg[:2] + struct.pack(">BBH", 0xFF, marker, len(body) + 2) + body + jpeg[2:]
 
 
 def _on_white(color: np.ndarray, alpha: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ EXPECTED_NAMES = [
     "convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge",
 ]
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # One backbone per keras.applications module: each module has its own preprocess_input.
 ONE_PER_MODULE = list({getattr(keras.applications, b.constructor).__module__: b
                        for b in BACKBONES.values()}.values())
@@ -42,7 +44,7 @@ def _derivation_child(tmp_path_factory):
   # does them while this one runs the build tests, so the two share the 2 cores instead of queueing.
   stderr = open(tmp_path_factory.mktemp("derive") / "stderr", "w+")
   child = subprocess.Popen([sys.executable, "-c", _DERIVE_ALL], stdout=subprocess.PIPE, stderr=stderr,
-                           text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                           text=True, cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
   yield child, stderr
   if child.poll() is None:
     child.kill()
@@ -112,7 +114,8 @@ def test_native_size_is_the_one_keras_states(backbone):
 
 @pytest.mark.parametrize("backbone", ONE_PER_MODULE, ids=lambda b: b.name)
 def test_preprocess_matches_the_family_preprocess_input(backbone):
-  keras_preprocess = sys.modules[getattr(keras.applications, backbone.constructor).__module__].preprocess_input
+  module = sys.modules[getattr(keras.applications, backbone.constructor).__module__]
+  keras_preprocess = module.preprocess_input
   # Every 8-bit value in every channel, in both images of the batch (the second one reversed).
   ramp = np.stack([np.arange(256), np.arange(256)[::-1], np.roll(np.arange(256), 85)], axis=-1)
   pixels = np.stack([ramp, ramp[::-1]]).reshape(2, 16, 16, 3).astype(np.float32)
@@ -139,8 +142,15 @@ def test_keras_weights_filename_is_what_keras_fetches(backbone, derived_file_nam
   assert isinstance(file_name, str) and file_name.endswith(".h5") and "/" not in file_name
 
 
-def test_keras_weights_filenames_are_distinct(derived_file_names):
+def test_keras_weights_filenames_are_distinct_and_keras_own(derived_file_names):
+  from keras.src.applications import densenet, inception_v3, nasnet, vgg16
   assert len(set(derived_file_names.values())) == len(BACKBONES)
+  assert derived_file_names["vgg16"] == vgg16.WEIGHTS_PATH_NO_TOP.rsplit("/", 1)[1]
+  assert derived_file_names["inception_v3"] == inception_v3.WEIGHTS_PATH_NO_TOP.rsplit("/", 1)[1]
+  assert derived_file_names["densenet121"] == densenet.DENSENET121_WEIGHT_PATH_NO_TOP.rsplit("/", 1)[1]
+  # NASNet is cached under another name than its download's: the cache name is the one to use.
+  assert nasnet.NASNET_MOBILE_WEIGHT_PATH_NO_TOP.endswith("/NASNet-mobile-no-top.h5")
+  assert derived_file_names["nasnet_mobile"] == "nasnet_mobile_no_top.h5"
 
 
 def test_mobilenet_v1_and_v2_weights_files_depend_on_size():

@@ -127,8 +127,8 @@ def keras_weights_filename(name: str, size: int) -> str:
   """The file name Keras's get_file fetches for this backbone's no-top ImageNet weights at `size`.
 
   Taken from Keras itself rather than restated: the constructor is run with weights="imagenet"
-  and stopped at its get_file call. That costs one model build (about a second, up to ~9 s for
-  the largest), so the answer is cached. MobileNet V1/V2 name a file per input size (and fall
+  and stopped at its get_file call. That costs one model build (about a second; several for the
+  largest), so the answer is cached. MobileNet V1/V2 name a file per input size (and fall
   back to the 224 file for sizes without one); the other families use one file for all sizes.
   """
   from keras.src.utils import file_utils

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError, features
 
 # Read once at import: the default of --max-pixels, whatever a caller later does
 # to Pillow's global.
@@ -215,6 +215,11 @@ def _unidentified_message(data: bytes) -> str:
   if data[4:8] == b"ftyp" and data[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
     return (f"HEIC/HEIF image (starts with {head!r}): Pillow cannot decode it; convert it to JPEG, "
             "or install and register the pillow-heif plugin on the workers")
+  if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis"):
+    if features.check("avif"):
+      return f"AVIF image (starts with {head!r}) that Pillow's AVIF decoder cannot read: damaged or truncated"
+    return (f"AVIF image (starts with {head!r}): this Pillow has no AVIF support; use Pillow 11.3 or "
+            "later on the workers (its wheels include it), or convert it to JPEG")
   if data.startswith((b"%!PS", b"\xc5\xd0\xd3\xc6")):
     return f"EPS/PostScript (starts with {head!r}) is refused: rendering it would run Ghostscript"
   stripped = data[:512].lstrip().lower()

@@ -27,7 +27,11 @@ class WeightsSource:
 
 
 def resolve_weights(spec: str, name: str, size: int) -> WeightsSource:
-  """Launch-time: turns a --weights value into the source one backbone's weights will come from."""
+  """Launch-time: turns a --weights value into the source one backbone's weights will come from.
+
+  Costs a model build per backbone for Keras's file name (cached) and, for a file, one read of it
+  to fingerprint it: workers then refuse a file that changed since.
+  """
   get_backbone(name)
   if spec == "imagenet":
     return WeightsSource("imagenet", None, f"imagenet:{keras_weights_filename(name, size)}")
@@ -66,7 +70,8 @@ def load_backbone(name: str, size: int, pooling: str, source: WeightsSource):
       model = build_backbone(name, size, pooling, None)
       model.load_weights(local)
       return model
-  raise ValueError(f"Unknown weights kind {source.kind!r}; expected imagenet, random, keras_file or weights_h5")
+  raise ValueError(
+      f"Unknown weights kind {source.kind!r}; expected imagenet, random, keras_file or weights_h5")
 
 
 def weights_fingerprint(model) -> str:

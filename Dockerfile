@@ -1,0 +1,41 @@
+# One image for embed-images on Dataflow: the SDK worker container of the GPU (and CPU) workers,
+# and the Flex Template launcher (dataflow/metadata.json). Beam and Python must be those that
+# launch the job: apache-beam 2.77.0 on Python 3.11.
+#
+#   docker build -t us-central1-docker.pkg.dev/PROJECT/REPO/embed-images:0.1.0 .
+#   (or: gcloud builds submit --tag us-central1-docker.pkg.dev/PROJECT/REPO/embed-images:0.1.0 .)
+#
+# then launch with --sdk_container_image=<that tag> (and no --setup_file: the package is here).
+ARG BEAM_VERSION=2.77.0
+ARG LAUNCHER_BASE=gcr.io/dataflow-templates-base/python311-template-launcher-base:latest
+
+FROM ${LAUNCHER_BASE} AS launcher
+
+FROM apache/beam_python3.11_sdk:${BEAM_VERSION}
+
+# The Flex Template launcher binary: lets this same image launch the job it runs.
+COPY --from=launcher /opt/google/dataflow/python_template_launcher /opt/google/dataflow/python_template_launcher
+
+# GPU TensorFlow: CUDA and cuDNN come as pip wheels (nvidia-*-cu12), so no CUDA base image;
+# the driver is installed on the VM by Dataflow (install-nvidia-driver in the accelerator hint).
+# Pinned to the versions the tests run with, so workers compute what the tests checked.
+ARG TENSORFLOW_VERSION=2.21.0
+ARG KERAS_VERSION=3.15.1
+RUN pip install --no-cache-dir "tensorflow[and-cuda]==${TENSORFLOW_VERSION}" "keras==${KERAS_VERSION}"
+
+WORKDIR /template
+COPY setup.py ./
+COPY pipeline ./pipeline
+COPY transforms ./transforms
+COPY dataflow/flex_main.py ./
+# Not editable: workers import the package from site-packages, whatever their working directory.
+# TensorFlow and Beam are already satisfied, so pip leaves them as they are.
+RUN pip install --no-cache-dir . \
+    && python -c "import pipeline.main, transforms.embed, tensorflow, apache_beam; print(apache_beam.__version__, tensorflow.__version__)"
+
+ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/flex_main.py
+# Everything is installed: the launcher must not pip-install anything at launch.
+ENV PIP_NO_DEPS=True
+
+# The Beam SDK harness: what Dataflow runs in every worker container.
+ENTRYPOINT ["/opt/apache/beam/boot"]
