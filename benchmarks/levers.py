@@ -31,6 +31,7 @@ FORWARD_VARIANTS = {
     "intra 1 / inter 1": dict(signature="none", intra=1, inter=1),
     "intra 2 / inter 1": dict(signature="none", intra=2, inter=1),
     "intra 4 / inter 1": dict(signature="none", intra=4, inter=1),
+    "oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)": dict(signature="none", env={"TF_ENABLE_ONEDNN_OPTS": "0"}),
     "batch 16": dict(signature="none", batch=16),
     "batch 64": dict(signature="none", batch=64),
 }
@@ -174,7 +175,7 @@ def _run(kind, variant, images):
   if WAIT_QUIET:
     from throughput import wait_for_quiet
     wait_for_quiet(WAIT_QUIET)
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO, **variant.get("env", {}))
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
   for line in reversed(out.stdout.splitlines()):
     if line.startswith("RESULT "):

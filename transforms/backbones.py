@@ -3,7 +3,6 @@
 import dataclasses
 import functools
 import threading
-from unittest import mock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,11 +135,14 @@ def keras_weights_filename(name: str, size: int) -> str:
   def stop_at_get_file(fname, *args, **kwargs):
     raise _WeightsFileRequested(fname)
 
-  with _DERIVE_LOCK, mock.patch.object(file_utils, "get_file", stop_at_get_file):
+  with _DERIVE_LOCK:
+    keras_get_file, file_utils.get_file = file_utils.get_file, stop_at_get_file
     try:
       build_backbone(name, size, "avg", "imagenet")
     except _WeightsFileRequested as requested:
       return requested.args[0]
+    finally:
+      file_utils.get_file = keras_get_file
   raise RuntimeError(f"keras.applications.{get_backbone(name).constructor} loaded ImageNet weights "
                      "without calling keras.utils.get_file; Keras has changed how it fetches them")
 

@@ -8,7 +8,6 @@ import tempfile
 import threading
 import zlib
 from typing import Optional
-from unittest import mock
 
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -166,5 +165,10 @@ def _build_seeded(name: str, size: int, pooling: str):
   from keras.src.random import seed_generator
   # crc32, not hash(): str hashes are salted per process.
   seed = RANDOM_SEED + zlib.crc32(name.encode("utf-8"))
-  with _SEEDED_BUILD_LOCK, mock.patch.object(seed_generator, "python_random", _ThreadLocalStream(seed)):
-    return build_backbone(name, size, pooling, None)
+  with _SEEDED_BUILD_LOCK:
+    global_stream = seed_generator.python_random
+    seed_generator.python_random = _ThreadLocalStream(seed)
+    try:
+      return build_backbone(name, size, pooling, None)
+    finally:
+      seed_generator.python_random = global_stream
