@@ -9,6 +9,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
 from pipeline.graph import build_graph
 from pipeline.options import EmbedOptions, LaunchError, build_config, prepare_output
+from transforms import progress
 from transforms.backbones import format_table
 from transforms.write import read_summary
 
@@ -64,8 +65,11 @@ def run(argv=None, save_main_session=True) -> int:
     return 2
   options.view_as(SetupOptions).save_main_session = save_main_session
 
-  with beam.Pipeline(runner=local_runner(options), options=options) as p:
-    build_graph(p, config)
+  try:
+    with beam.Pipeline(runner=local_runner(options), options=options) as p:
+      build_graph(p, config)
+  finally:
+    progress.close_all()
 
   try:
     summary = read_summary(config.output)

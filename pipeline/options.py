@@ -327,7 +327,7 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
 
   progress = {"on": True, "off": False}.get(opts.progress)
   if progress is None:
-    runner = (options.get_all_options().get("runner") or "DirectRunner")
+    runner = options.get_all_options().get("runner") or "DirectRunner"
     progress = "Direct" in str(runner) and sys.stderr.isatty()
 
   config = RunConfig(

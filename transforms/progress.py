@@ -12,7 +12,7 @@ def progress_bar(desc: str):
     if bar is None:
       from tqdm import tqdm
       position = len(_BARS)
-      bar = _BARS[desc] = tqdm(desc=f"{desc:>9}", unit=" img", position=position, dynamic_ncols=True)
+      bar = _BARS[desc] = tqdm(desc=f"{desc:>9}", unit=" img", position=position)
     return bar
 
 
@@ -28,3 +28,11 @@ class CountProgress:
       self._bar = progress_bar(self._desc)
     self._bar.update(1)
     return element
+
+
+def close_all():
+  """Draws each bar's final count and releases the terminal lines (in-process runs)."""
+  with _LOCK:
+    for bar in _BARS.values():
+      bar.close()
+    _BARS.clear()
