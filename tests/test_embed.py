@@ -83,3 +83,33 @@ def test_load_file_turns_a_missing_file_into_a_read_error(tmp_path):
   (tmp_path / "text.jpg").write_text("<html>not an image</html>")
   item = load_file(str(tmp_path / "text.jpg"), config)
   assert item.error["stage"] == "decode" and item.sha256 is not None
+
+
+def test_decode_slots_bound_concurrent_decodes(tmp_path, monkeypatch):
+  import concurrent.futures
+  import threading
+  import time as clock
+  from PIL import Image
+  from transforms import decode
+  real, lock, state = decode.decode_and_resize, threading.Lock(), {"now": 0, "peak": 0}
+
+  def counted(*args, **kwargs):
+    with lock:
+      state["now"] += 1
+      state["peak"] = max(state["peak"], state["now"])
+    clock.sleep(0.02)  # hold the slot long enough for the others to pile up
+    try:
+      return real(*args, **kwargs)
+    finally:
+      with lock:
+        state["now"] -= 1
+
+  monkeypatch.setattr(decode, "decode_and_resize", counted)
+  for i in range(12):
+    Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(tmp_path / f"{i}.png")
+  config = type("C", (), {"sizes": (32,), "resize": "squash", "max_pixels": None, "fast_decode": False})
+  slots = threading.Semaphore(2)
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    items = list(pool.map(lambda p: load_file(str(p), config, None, None, slots), sorted(tmp_path.glob("*.png"))))
+  assert all(item.image is not None for item in items)
+  assert state["peak"] == 2

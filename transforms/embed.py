@@ -2,8 +2,10 @@
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
+import threading
 import time
 from typing import Optional
 
@@ -143,7 +145,7 @@ class _Clock:
     self.decode_started = None
 
 
-def load_file(uri, config, clock=None, previous_sha256=None) -> Loaded:
+def load_file(uri, config, clock=None, previous_sha256=None, decode_slots=None) -> Loaded:
   """Read + hash + decode one file; every failure becomes an error row, never an exception.
 
   A file whose digest equals `previous_sha256` is not decoded: the previous run's row stands.
@@ -155,15 +157,18 @@ def load_file(uri, config, clock=None, previous_sha256=None) -> Loaded:
   digest = sha256_hex(data)
   if previous_sha256 is not None and digest == previous_sha256:
     return Loaded(uri, digest, carried=True)
-  if clock is not None:
-    clock.decode_started = time.monotonic()
-  try:
-    image = decode.decode_and_resize(
-        data, config.sizes, resize=config.resize, max_pixels=config.max_pixels, fast=config.fast_decode)
-  except decode.DecodeError as e:
-    return Loaded(uri, digest, error=error_row(uri, "decode", e.error_type, str(e)))
-  except Exception as e:  # decode_and_resize maps bad data itself; this is a last guard
-    return Loaded(uri, digest, error=error_row(uri, "decode", type(e).__name__, str(e)))
+  # --decode-threads bounds decodes in flight (and so decoded images in memory), however many
+  # reads are; the timeout clock starts once a slot is held.
+  with decode_slots or contextlib.nullcontext():
+    if clock is not None:
+      clock.decode_started = time.monotonic()
+    try:
+      image = decode.decode_and_resize(
+          data, config.sizes, resize=config.resize, max_pixels=config.max_pixels, fast=config.fast_decode)
+    except decode.DecodeError as e:
+      return Loaded(uri, digest, error=error_row(uri, "decode", e.error_type, str(e)))
+    except Exception as e:  # decode_and_resize maps bad data itself; this is a last guard
+      return Loaded(uri, digest, error=error_row(uri, "decode", type(e).__name__, str(e)))
   return Loaded(uri, digest, image=image)
 
 
@@ -220,6 +225,11 @@ class EmbedFilesDoFn(beam.DoFn):
                            config.normalize),
         tag=key)
     self._executor = self._new_executor()
+    self._decode_slots = threading.Semaphore(config.decode_threads)
+    # Our header check (--max-pixels, before decoding) is the one limit: Pillow's own refusal
+    # at twice its default would otherwise cap --max-pixels and warn below it.
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = None
     self._max_batch = config.batch_size
     self._progress = None
     if config.progress:
@@ -232,7 +242,8 @@ class EmbedFilesDoFn(beam.DoFn):
         max_workers=max(config.read_threads, config.decode_threads), thread_name_prefix="read-decode")
 
   def _submit(self, uri, info, clock):
-    return self._executor.submit(load_file, uri, self._config, clock, info.get("previous_sha256"))
+    return self._executor.submit(
+        load_file, uri, self._config, clock, info.get("previous_sha256"), self._decode_slots)
 
   def start_bundle(self):
     self._pending = collections.deque()
@@ -270,6 +281,8 @@ class EmbedFilesDoFn(beam.DoFn):
           # and give the rest of the run a fresh one.
           self._executor.shutdown(wait=False)
           self._executor = self._new_executor()
+          # The stuck decode keeps its slot in the old semaphore; new work gets a full set.
+          self._decode_slots = threading.Semaphore(self._config.decode_threads)
           self._resubmit_pending()
           return Loaded(uri, error=error_row(
               uri, "decode", "decode_timeout",
