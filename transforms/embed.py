@@ -218,12 +218,7 @@ class EmbedFilesDoFn(beam.DoFn):
 
   def setup(self):
     config = self._config
-    key = repr((config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
-                config.normalize))
-    self._model = self._shared.acquire(
-        lambda: FusedModel(config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
-                           config.normalize),
-        tag=key)
+    self._model = None  # built at the first batch to embed: a refresh may need none
     self._executor = self._new_executor()
     self._decode_slots = threading.Semaphore(config.decode_threads)
     # Our header check (--max-pixels, before decoding) is the one limit: Pillow's own refusal
@@ -235,6 +230,17 @@ class EmbedFilesDoFn(beam.DoFn):
     if config.progress:
       from transforms.progress import progress_bar
       self._progress = progress_bar("embedded")
+
+  def _fused_model(self):
+    if self._model is None:
+      config = self._config
+      key = repr((config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
+                  config.normalize))
+      self._model = self._shared.acquire(
+          lambda: FusedModel(config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
+                             config.normalize),
+          tag=key)
+    return self._model
 
   def _new_executor(self):
     config = self._config
@@ -321,7 +327,7 @@ class EmbedFilesDoFn(beam.DoFn):
       return
     images = {s: np.stack([item.image.arrays[s] for item in loaded]) for s in config.sizes}
     started = time.perf_counter()
-    embeddings, ok, failures, self._max_batch = embed_robust(self._model, images, self._max_batch)
+    embeddings, ok, failures, self._max_batch = embed_robust(self._fused_model(), images, self._max_batch)
     self._latency.update(int((time.perf_counter() - started) * 1e6))
     self._inferences.inc(len(ok))
     for index, error in failures:
