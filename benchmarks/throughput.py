@@ -17,7 +17,7 @@ directory), the same backbones and the same seeded random weights, it times:
 and pipeline start-up included), at N and at 2N: "whole" is N / t(N), "marginal" is
 N / (t(2N) - t(N)), the rate once start-up is paid. 1 runs in a child too, but times only the
 forward loop after a warm-up. Peak RSS is the sum over the child's whole process tree, sampled
-every 50 ms (plus the largest single process, from wait4). Parquet's share of a pipeline run is
+every 200 ms (plus the largest single process, from wait4). Parquet's share of a pipeline run is
 measured in-process by timing the sink's methods and the Arrow table building (mode
 pipeline-sink). Every output is read back and compared with plain Keras's, row by row, so the
 four sides are known to compute the same thing.
@@ -333,42 +333,69 @@ def _children_of(pid):
   return found
 
 
-def _tree_rss(root):
-  page = os.sysconf("SC_PAGE_SIZE")
-  total, stack, seen = 0, [root], set()
+def _tree(root):
+  """The pids of root and all its descendants."""
+  found, stack = [], [root]
   while stack:
     pid = stack.pop()
-    if pid in seen:
-      continue
-    seen.add(pid)
+    if pid not in found:
+      found.append(pid)
+      stack.extend(_children_of(pid))
+  return found
+
+
+def _rss(pids):
+  page = os.sysconf("SC_PAGE_SIZE")
+  total = 0
+  for pid in pids:
     try:
       with open(f"/proc/{pid}/statm") as f:
         total += int(f.read().split()[1]) * page
     except (OSError, IndexError, ValueError):
-      continue
-    stack.extend(_children_of(pid))
+      pass
   return total
 
 
 def _machine_busy():
-  """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+  """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat; stolen is the
+  time the hypervisor gave this VM's virtual CPUs to someone else."""
   with open("/proc/stat") as f:
     fields = [int(x) for x in f.readline().split()[1:]]
-  idle = fields[3] + fields[4]
   tick = os.sysconf("SC_CLK_TCK")
-  return (sum(fields[:8]) - idle) / tick, sum(fields[:8]) / tick
+  user, nice, system, _, _, irq, softirq, steal = fields[:8]
+  return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
-def wait_for_quiet(limit, threshold=0.25):
-  """Waits (up to `limit` s) until other processes use under `threshold` cores; returns the load seen."""
+def host_probe():
+  """Milliseconds for a fixed pure-Python loop, best of 3. On a shared VM the same work takes
+  up to twice as long at times (other guests on the host, not visible as load or steal here);
+  this tells a run made in a slow spell from one made in a fast one."""
+  best = float("inf")
+  for _ in range(3):
+    started = time.perf_counter()
+    x = 0
+    for j in range(1_000_000):
+      x += j
+    best = min(best, time.perf_counter() - started)
+  return 1000 * best
+
+
+_FASTEST_PROBE = [float("inf")]
+
+
+def wait_for_quiet(limit, threshold=0.25, slack=1.15):
+  """Waits (up to `limit` s) until other processes use under `threshold` cores and the host
+  probe is within `slack` of the fastest seen; returns (other load in cores, probe ms)."""
   deadline = time.monotonic() + limit
   while True:
-    b0, _ = _machine_busy()
-    time.sleep(1.0)
-    b1, _ = _machine_busy()
-    load = b1 - b0
-    if load < threshold or time.monotonic() >= deadline:
-      return load
+    b0, s0 = _machine_busy()
+    time.sleep(0.5)
+    b1, s1 = _machine_busy()
+    load = (b1 - b0 + s1 - s0) / 0.5
+    probe = host_probe()
+    _FASTEST_PROBE[0] = min(_FASTEST_PROBE[0], probe)
+    if (load < threshold and probe <= slack * _FASTEST_PROBE[0]) or time.monotonic() >= deadline:
+      return load, probe
 
 
 def run_child(cmd, log_path, timeout):
@@ -379,14 +406,19 @@ def run_child(cmd, log_path, timeout):
   # The code next to this script, whatever an editable install points at.
   env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   with open(log_path + ".out", "w") as out, open(log_path + ".err", "w") as err:
-    busy_before, _ = _machine_busy()
+    busy_before, steal_before = _machine_busy()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=env)
     done = threading.Event()
 
     def sample():
-      while not done.wait(0.05):
-        peak[0] = max(peak[0], _tree_rss(proc.pid))
+      # Cheap enough not to show: the tree (a walk over every thread's children) is refreshed
+      # once a second, the RSS of its processes read five times a second.
+      pids, walked = [proc.pid], 0.0
+      while not done.wait(0.2):
+        if time.monotonic() - walked >= 1.0:
+          pids, walked = _tree(proc.pid), time.monotonic()
+        peak[0] = max(peak[0], _rss(pids))
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     timer = threading.Timer(timeout, proc.kill)
@@ -396,7 +428,7 @@ def run_child(cmd, log_path, timeout):
     finally:
       timer.cancel()
     seconds = time.perf_counter() - started
-    busy_after, _ = _machine_busy()
+    busy_after, steal_after = _machine_busy()
     done.set()
     sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -404,7 +436,8 @@ def run_child(cmd, log_path, timeout):
     stdout = f.read()
   cpu = usage.ru_utime + usage.ru_stime
   return {"seconds": seconds, "rc": proc.returncode, "tree_rss": peak[0], "maxrss": usage.ru_maxrss * 1024,
-          "cpu": cpu, "others": max(0.0, busy_after - busy_before - cpu), "stdout": stdout, "log": log_path}
+          "cpu": cpu, "others": max(0.0, busy_after - busy_before - cpu), "steal": steal_after - steal_before,
+          "stdout": stdout, "log": log_path}
 
 
 def _result_of(child):
@@ -499,16 +532,17 @@ def orchestrate(args):
     if child["rc"] != 0:
       raise SystemExit(f"preparing RunInference's weights failed; see {child['log']}.err")
 
+  _FASTEST_PROBE[0] = min(host_probe() for _ in range(5))
   runs = {m: {n: [] for n in sizes} for m in modes}
   for r in range(args.repeats):
     for mode in modes:
       for n in sizes if mode != "bare" else sizes[:1]:
         out = os.path.join(work, f"{mode}-{n}-{r}")
         os.makedirs(out, exist_ok=True)
-        if args.wait_quiet:
-          wait_for_quiet(args.wait_quiet)
+        probe = wait_for_quiet(args.wait_quiet)[1] if args.wait_quiet else host_probe()
         child = run_child(command(mode, args, image_dirs[n], out), os.path.join(logs, f"{mode}-{n}-{r}"),
                           args.timeout)
+        child["probe"] = (probe, host_probe())
         if child["rc"] != 0:
           raise SystemExit(f"{mode} at n={n} exited {child['rc']}; see {child['log']}.err")
         child["result"] = _result_of(child)
@@ -519,8 +553,8 @@ def orchestrate(args):
           extra = " forward " + ", ".join(f"{n / s:.1f}" for s in child["result"]["passes"]) + " img/s"
         print(f"  repeat {r + 1}/{args.repeats} {mode:>12} n={n:<5} {child['seconds']:7.2f} s "
               f"({n / child['seconds']:6.1f} img/s whole), cpu {child['cpu']:6.1f} s, peak tree RSS "
-              f"{child['tree_rss'] / 2**20:5.0f} MiB, other processes {child['others'] / child['seconds']:.2f} "
-              f"cores{extra}", flush=True)
+              f"{child['tree_rss'] / 2**20:5.0f} MiB, others {child['others'] / child['seconds']:.2f} cores, "
+              f"probe {child['probe'][0]:.0f}/{child['probe'][1]:.0f} ms{extra}", flush=True)
 
   sink = None
   if "pipeline" in modes and not args.no_sink_profile:
@@ -582,15 +616,33 @@ def orchestrate(args):
   print("marginal CPU = (CPU time of the process tree at 2N - at N) / N (bare: CPU of the forward loop / N).")
   print(f"other processes on the machine during the runs: median {statistics.median(others):.2f} cores, "
         f"max {max(others):.2f} (of {os.cpu_count()})")
+  probes = [p for m in modes for n in sizes for c in runs[m][n] for p in c["probe"]]
+  print(f"host probe (fixed 1e6-step Python loop) around the runs: median {statistics.median(probes):.0f} ms, "
+        f"range {min(probes):.0f}-{max(probes):.0f} ms (fastest seen {_FASTEST_PROBE[0]:.0f} ms)")
   print("start-up, t(N) - N / marginal: " + ", ".join(
       f"{mode} {rates[mode]['startup']:.1f} s" for mode in modes if mode != "bare"))
 
+  def per_repeat(mode, key):
+    """This mode's rate in each repeat: paired ratios cancel slow spells of the host."""
+    if mode == "bare":
+      return [statistics.median(args.n / x for x in c["result"]["passes"]) for c in runs[mode][args.n]]
+    small, large = runs[mode][sizes[0]], runs[mode][sizes[1]]
+    if key == "whole_n":
+      return [args.n / c["seconds"] for c in small]
+    if key == "whole_2n":
+      return [2 * args.n / c["seconds"] for c in large]
+    return [args.n / (b["seconds"] - a["seconds"]) if b["seconds"] > a["seconds"] else None
+            for a, b in zip(small, large)]
+
   def ratio(a, b, key):
-    if a not in rates or b not in rates or not rates[a].get(key) or not rates[b].get(key):
+    if a not in rates or b not in rates:
       return None
-    return rates[a][key][0] / rates[b][key][0]
+    pairs = [x / y for x, y in zip(per_repeat(a, key), per_repeat(b, "marginal" if b == "bare" else key))
+             if x and y]
+    return _stats(pairs)
 
   print()
+  print("ratios: median [min-max] over repeats, each repeat's pipeline run against the same repeat's other run")
   lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85)]
   for other, number, target in (("keras", 2, 1.5), ("runinference", 3, 2.0)):
     lines += [(f"4/{number} pipeline / {other}, whole run at N", ratio("pipeline", other, "whole_n"), target),
@@ -598,8 +650,8 @@ def orchestrate(args):
               (f"4/{number} pipeline / {other}, marginal", ratio("pipeline", other, "marginal"), None)]
   for label, value, target in lines:
     if value is not None:
-      verdict = "" if target is None else f"  (target >= {target:.2f}: {'met' if value >= target else 'NOT met'})"
-      print(f"{label:48} {value:5.2f}x{verdict}")
+      verdict = "" if target is None else f"  target >= {target:.2f}: {'met' if value[0] >= target else 'NOT met'}"
+      print(f"{label:48} {_fmt(value, 2):>20}{verdict}")
   if "pipeline" in rates:
     rss, maxrss = rates["pipeline"]["rss"], rates["pipeline"]["maxrss"]
     growth = rss[1] / rss[0] - 1
