@@ -46,6 +46,7 @@ IMAGE_SEED = 20240605
 MODES = ("bare", "keras", "runinference", "pipeline")
 TITLES = {
     "bare": "1 bare forward (tf.function, uint8 batches)",
+    "bare-frozen": "1f bare forward, weights frozen",
     "keras": "2 plain Keras (load_img..predict)",
     "runinference": "3 Beam RunInference + WriteToParquet",
     "pipeline": "4 embed-images (this pipeline)",
@@ -143,10 +144,14 @@ def _write_parquet(path, uris, embeddings):
 
 
 def child_bare(args):
-  """The limit: only the forward pass, on arrays decoded beforehand, after a warm-up."""
+  """The limit: only the forward pass, on arrays decoded beforehand, after a warm-up; once with
+  the weights as variables (a plain tf.function) and once frozen to constants (what
+  embed-images runs for small backbones), passes alternating."""
+  import resource
   import keras
   import numpy as np
   import tensorflow as tf
+  from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
   specs = _specs(args)
   paths = list_images(args.images)
   sizes = sorted({size for _, size in specs})
@@ -155,23 +160,34 @@ def child_bare(args):
   models = [(_seeded_model(name, size, args.pooling), _preprocess_input(name), size) for name, size in specs]
 
   @tf.function
-  def forward(batch):
-    parts = [model(pre(tf.cast(batch[size], tf.float32)), training=False) for model, pre, size in models]
+  def forward(*batch):
+    by_size = dict(zip(sizes, batch))
+    parts = [model(pre(tf.cast(by_size[size], tf.float32)), training=False) for model, pre, size in models]
     return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
+  frozen = convert_variables_to_constants_v2(
+      forward.get_concrete_function(*[tf.TensorSpec([None, s, s, 3], tf.uint8) for s in sizes]))
+  variants = {
+      "variables": lambda b: forward(*[b[s] for s in sizes]).numpy(),
+      "frozen": lambda b: frozen(*[tf.convert_to_tensor(b[s]) for s in sizes])[0].numpy(),
+  }
   bs = args.batch_size
   batches = [{s: arrays[s][i:i + bs] for s in sizes} for i in range(0, len(paths), bs)]
-  for shape in {len(next(iter(b.values()))): b for b in batches}.values():
-    forward(shape).numpy()  # trace every batch shape (the last one may be short)
-  import resource
+  for run in variants.values():
+    for shape in {len(next(iter(b.values()))): b for b in batches}.values():
+      run(shape)  # trace every batch shape (the last one may be short)
   cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-  passes, cpus = [], []
+  passes = {name: [] for name in variants}
+  cpus = {name: [] for name in variants}
+  outputs = {}
   for _ in range(args.passes):
-    started, cpu_started = time.perf_counter(), cpu()
-    out = [forward(b).numpy() for b in batches]
-    passes.append(time.perf_counter() - started)
-    cpus.append(cpu() - cpu_started)
-  np.save(os.path.join(args.out, "embeddings.npy"), np.concatenate(out))
+    for name, run in variants.items():
+      started, cpu_started = time.perf_counter(), cpu()
+      outputs[name] = [run(b) for b in batches]
+      passes[name].append(time.perf_counter() - started)
+      cpus[name].append(cpu() - cpu_started)
+  np.save(os.path.join(args.out, "embeddings.npy"), np.concatenate(outputs["variables"]))
+  np.save(os.path.join(args.out, "embeddings-frozen.npy"), np.concatenate(outputs["frozen"]))
   with open(os.path.join(args.out, "uris.json"), "w") as f:
     json.dump(paths, f)
   _result(images=len(paths), passes=passes, cpus=cpus)
@@ -468,10 +484,10 @@ def read_embeddings(mode, out):
   """{uri basename: vector} of a run's output."""
   import numpy as np
   import pyarrow.parquet as pq
-  if mode == "bare":
+  if mode in ("bare", "bare-frozen"):
     with open(os.path.join(out, "uris.json")) as f:
       uris = json.load(f)
-    vectors = np.load(os.path.join(out, "embeddings.npy"))
+    vectors = np.load(os.path.join(out, "embeddings.npy" if mode == "bare" else "embeddings-frozen.npy"))
   else:
     files = sorted(glob.glob(os.path.join(out, "embeddings*.parquet")))
     table = pq.read_table(files)
@@ -550,7 +566,9 @@ def orchestrate(args):
         runs[mode][n].append(child)
         extra = ""
         if mode == "bare":
-          extra = " forward " + ", ".join(f"{n / s:.1f}" for s in child["result"]["passes"]) + " img/s"
+          extra = "; forward img/s " + "; ".join(
+              f"{name} " + ", ".join(f"{n / x:.1f}" for x in passes)
+              for name, passes in child["result"]["passes"].items())
         print(f"  repeat {r + 1}/{args.repeats} {mode:>12} n={n:<5} {child['seconds']:7.2f} s "
               f"({n / child['seconds']:6.1f} img/s whole), cpu {child['cpu']:6.1f} s, peak tree RSS "
               f"{child['tree_rss'] / 2**20:5.0f} MiB, others {child['others'] / child['seconds']:.2f} cores, "
@@ -569,10 +587,10 @@ def orchestrate(args):
   if "keras" in modes:
     import numpy as np
     reference = read_embeddings("keras", runs["keras"][args.n][0]["out"])
-    for mode in modes:
+    for mode in modes + (["bare-frozen"] if "bare" in modes else []):
       if mode == "keras":
         continue
-      got = read_embeddings(mode, runs[mode][args.n][0]["out"])
+      got = read_embeddings(mode, runs["bare" if mode == "bare-frozen" else mode][args.n][0]["out"])
       if set(got) != set(reference):
         agreement[mode] = f"different rows ({len(got)} vs {len(reference)})"
         continue
@@ -589,11 +607,12 @@ def orchestrate(args):
   print(f"{'':44}" + "".join(f"{h:>22}" for h in sub[:3]) + f"{sub[3]:>14}{sub[4]:>16}")
   for mode in modes:
     if mode == "bare":
-      forward = [args.n / s for c in runs[mode][args.n] for s in c["result"]["passes"]]
-      cpu = [1000 * x / args.n for c in runs[mode][args.n] for x in c["result"]["cpus"]]
-      rates[mode] = {"marginal": _stats(forward), "cpu_ms": statistics.median(cpu)}
-      print(f"{TITLES[mode]:44}{'(forward pass only)':>22}{'':>22}{_fmt(rates[mode]['marginal']):>22}"
-            f"{rates[mode]['cpu_ms']:>14.1f}")
+      for row, variant in (("bare", "variables"), ("bare-frozen", "frozen")):
+        forward = [args.n / x for c in runs[mode][args.n] for x in c["result"]["passes"][variant]]
+        cpu = [1000 * x / args.n for c in runs[mode][args.n] for x in c["result"]["cpus"][variant]]
+        rates[row] = {"marginal": _stats(forward), "cpu_ms": statistics.median(cpu)}
+        print(f"{TITLES[row]:44}{'(forward pass only)':>22}{'':>22}{_fmt(rates[row]['marginal']):>22}"
+              f"{rates[row]['cpu_ms']:>14.1f}")
       continue
     small, large = runs[mode][sizes[0]], runs[mode][sizes[1]]
     tn, t2n = [c["seconds"] for c in small], [c["seconds"] for c in large]
@@ -624,8 +643,9 @@ def orchestrate(args):
 
   def per_repeat(mode, key):
     """This mode's rate in each repeat: paired ratios cancel slow spells of the host."""
-    if mode == "bare":
-      return [statistics.median(args.n / x for x in c["result"]["passes"]) for c in runs[mode][args.n]]
+    if mode in ("bare", "bare-frozen"):
+      variant = "variables" if mode == "bare" else "frozen"
+      return [statistics.median(args.n / x for x in c["result"]["passes"][variant]) for c in runs["bare"][args.n]]
     small, large = runs[mode][sizes[0]], runs[mode][sizes[1]]
     if key == "whole_n":
       return [args.n / c["seconds"] for c in small]
@@ -637,13 +657,14 @@ def orchestrate(args):
   def ratio(a, b, key):
     if a not in rates or b not in rates:
       return None
-    pairs = [x / y for x, y in zip(per_repeat(a, key), per_repeat(b, "marginal" if b == "bare" else key))
+    pairs = [x / y for x, y in zip(per_repeat(a, key), per_repeat(b, key))
              if x and y]
     return _stats(pairs)
 
   print()
   print("ratios: median [min-max] over repeats, each repeat's pipeline run against the same repeat's other run")
-  lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85)]
+  lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85),
+           ("4/1f pipeline / frozen bare forward, marginal", ratio("pipeline", "bare-frozen", "marginal"), 0.85)]
   for other, number, target in (("keras", 2, 1.5), ("runinference", 3, 2.0)):
     lines += [(f"4/{number} pipeline / {other}, whole run at N", ratio("pipeline", other, "whole_n"), target),
               (f"4/{number} pipeline / {other}, whole run at 2N", ratio("pipeline", other, "whole_2n"), target),

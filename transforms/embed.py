@@ -87,18 +87,21 @@ class FusedModel:
     return self._forward(*[images[s] for s in self.sizes]).numpy()
 
 
-# A frozen graph is one protobuf (2 GiB at most) holding a second copy of the weights.
-_FREEZE_MAX_WEIGHT_BYTES = 1 << 30
+# Freezing holds the weights in graph protos many times over (RSS grows by ~20x the weights'
+# bytes: +190 MB for MobileNetV2's 8.6 MiB, +1.8 GB for ResNet50's 90 MiB): worth it for the
+# small backbones, where folding gains most, not for ResNet50's ~10%.
+_FREEZE_MAX_WEIGHT_BYTES = 16 << 20
 
 
 def _freeze(forward, models):
-  """`forward` with the weights as constants, or None where that gains nothing or fails.
+  """`forward` with the weights as constants, or None where that gains nothing, costs too much
+  memory, or fails.
 
   With constant weights Grappler folds each inference-mode BatchNormalization into the
   convolution before it, which it cannot do through variables: on CPU, MobileNetV2 needs ~25%
-  less time per image, EfficientNetB0 ~20%, ResNet50 and InceptionV3 ~10%, DenseNet121 ~8%
-  (relative L2 change ~3e-7; benchmarks/README.md). Backbones without BatchNormalization
-  (VGG, ConvNeXt) gain nothing and would only pay the freeze at start-up.
+  less time per image, EfficientNetB0 ~20% (relative L2 change ~3e-7; benchmarks/README.md).
+  Backbones without BatchNormalization (VGG, ConvNeXt) gain nothing and would only pay the
+  freeze at start-up.
   """
   import keras
   if not any(isinstance(layer, keras.layers.BatchNormalization) for m in models for layer in m.layers):
