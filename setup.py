@@ -21,5 +21,5 @@ setuptools.setup(
         "gcp": ["apache-beam[gcp]>=2.60"],
         "test": ["pytest>=7", "gcp-storage-emulator"],
     },
-    entry_points={"console_scripts": ["embed-images=pipeline.main:main"]},
+    entry_points={"console_scripts": ["embed-images=pipeline.cli:main"]},
 )

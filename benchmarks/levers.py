@@ -1,8 +1,9 @@
 """Micro-measurements behind the choices in transforms/embed.py (see benchmarks/README.md).
 
-    python benchmarks/levers.py forward  [--rounds 3]   # tf.function variants, TF thread counts, XLA, batch size
+    python benchmarks/levers.py forward  [--rounds 3]   # frozen weights, tf.function variants, TF threads, XLA, batch
     python benchmarks/levers.py overlap  [--rounds 3]   # forward + decoding the next batch in k threads
     python benchmarks/levers.py decode                  # CPU cost of one image's read + hash + decode
+    python benchmarks/levers.py startup [--rounds 5]    # imports with the GC paused, exit with a frozen heap
 
 Each variant runs in a fresh process (TensorFlow's thread pools are fixed at its first op), and
 variants are interleaved over rounds so that other load on the machine spreads over all of them.
@@ -24,7 +25,8 @@ sys.path[:0] = [p for p in (REPO, os.path.dirname(os.path.abspath(__file__))) if
 WAIT_QUIET = 0
 
 FORWARD_VARIANTS = {
-    "signature None batch (FusedModel)": dict(signature="none"),
+    "signature None batch": dict(signature="none"),
+    "weights frozen to constants (FusedModel)": dict(signature="none", frozen=True),
     "signature fixed batch 32": dict(signature="fixed"),
     "no signature (retrace per shape)": dict(signature="auto"),
     "XLA jit_compile, None batch": dict(signature="none", xla=True),
@@ -85,6 +87,12 @@ def _model_fn(tf, v, name="mobilenet_v2", size=224):
   @tf.function(**kwargs)
   def forward(x):
     return model(preprocess(tf.cast(x, tf.float32), "tf"), training=False)
+  if v.get("frozen"):
+    # What FusedModel runs for small backbones: weights as constants, BatchNorm folded.
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+    frozen = convert_variables_to_constants_v2(
+        forward.get_concrete_function(tf.TensorSpec([None, size, size, 3], tf.uint8)))
+    return lambda x: frozen(tf.convert_to_tensor(x))[0]
   return forward
 
 
@@ -198,6 +206,59 @@ def child_decode(images):
   return out
 
 
+STARTUP_VARIANTS = {
+    "GC running (plain imports, plain exit)": dict(pause=False, freeze_at_exit=False),
+    "GC paused + frozen over imports, frozen at exit (pipeline.cli)": dict(pause=True, freeze_at_exit=True),
+}
+
+
+def child_startup(v, images):
+  """Seconds to import what a local run needs, then a real 64-image run, then (measured by the
+  parent) the time from the end of the run to the process's exit."""
+  import gc
+  import tempfile
+  started = time.perf_counter()
+  if v["pause"]:
+    from pipeline.cli import startup_without_gc
+    context = startup_without_gc()
+  else:
+    import contextlib
+    context = contextlib.nullcontext()
+  with context:
+    from pipeline.main import run
+    import keras  # noqa: F401
+  imports = time.perf_counter() - started
+  from throughput import subset_dir
+  folder = subset_dir(_bench_files(images), images, os.path.join(tempfile.gettempdir(), "embed-images-bench"))
+  with tempfile.TemporaryDirectory() as out:
+    status = run(["--input", os.path.join(folder, "*.jpg"), "--output", out,
+                  "--backbones", "mobilenet_v2", "--weights", "random", "--overwrite"])
+    ran = time.perf_counter() - started - imports
+  if v["freeze_at_exit"]:
+    gc.freeze()
+  print("RESULT " + json.dumps({"imports_s": imports, "run_s": ran, "status": status, "end": time.time()}),
+        flush=True)
+
+
+def _startup_table(variants, rounds, images):
+  results = {name: [] for name in variants}
+  for r in range(rounds):
+    for name, v in variants.items():
+      res = _run("startup", v, images)
+      res["exit_s"] = res.pop("exited") - res["end"]
+      results[name].append(res)
+      print(f"  round {r + 1} {name:64} imports {res['imports_s']:5.2f} s  run {res['run_s']:5.2f} s"
+            f"  exit {res['exit_s']:5.2f} s", flush=True)
+  print()
+  print(f"{'variant':64} {'imports s':>16} {'run s':>16} {'exit s':>16}   (median [min-max])")
+  for name, rs in results.items():
+    cells = []
+    for key in ("imports_s", "run_s", "exit_s"):
+      xs = [x[key] for x in rs]
+      cells.append(f"{statistics.median(xs):5.2f} [{min(xs):.2f}-{max(xs):.2f}]")
+    print(f"{name:64} " + " ".join(f"{c:>16}" for c in cells))
+
+
 def _run(kind, variant, images):
   cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--variant", json.dumps(variant),
          "--images", str(images if not variant.get("xla") else min(images, 64))]
@@ -206,9 +267,10 @@ def _run(kind, variant, images):
     wait_for_quiet(WAIT_QUIET)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO, **variant.get("env", {}))
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+  exited = time.time()
   for line in reversed(out.stdout.splitlines()):
     if line.startswith("RESULT "):
-      return json.loads(line[7:])
+      return dict(json.loads(line[7:]), exited=exited)
   raise RuntimeError(out.stderr[-3000:])
 
 
@@ -217,6 +279,7 @@ def _table(variants, kind, rounds, images):
   for r in range(rounds):
     for name, v in variants.items():
       res = _run(kind, v, images)
+      res.pop("exited")
       results[name].append(res)
       print(f"  round {r + 1} {name:38} {res['img_s']:7.1f} img/s  {res['cpu_ms']:6.2f} cpu ms/img", flush=True)
   print()
@@ -229,7 +292,7 @@ def _table(variants, kind, rounds, images):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("what", nargs="?", choices=("forward", "overlap", "decode"))
+  parser.add_argument("what", nargs="?", choices=("forward", "overlap", "decode", "startup"))
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--images", type=int, default=512)
   parser.add_argument("--only", default="", help="comma list of variant names (substring match)")
@@ -241,15 +304,22 @@ def main():
   if args.child:
     v = json.loads(args.variant)
     res = {"forward": lambda: child_forward(v, args.images), "overlap": lambda: child_overlap(v, args.images),
-           "decode": lambda: child_decode(args.images)}[args.child]()
-    print("RESULT " + json.dumps(res))
+           "decode": lambda: child_decode(args.images),
+           "startup": lambda: child_startup(v, args.images)}[args.child]()
+    if res is not None:
+      print("RESULT " + json.dumps(res))
     return
   global WAIT_QUIET
   WAIT_QUIET = args.wait_quiet
   print(f"{os.cpu_count()} CPUs; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   if args.what == "decode":
-    for label, res in _run("decode", {}, args.images).items():
+    res = _run("decode", {}, args.images)
+    res.pop("exited")
+    for label, res in res.items():
       print(f"{label:40} {res['img_s']:7.1f} img/s  {res['cpu_ms']:6.2f} cpu ms/img")
+    return
+  if args.what == "startup":
+    _startup_table(STARTUP_VARIANTS, args.rounds, 64)
     return
   variants = FORWARD_VARIANTS if args.what == "forward" else OVERLAP_VARIANTS
   if args.only:

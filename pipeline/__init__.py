@@ -6,6 +6,13 @@ import os
 # every worker process; real errors still come through Python.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline.reader import Embeddings, read_embeddings  # noqa: E402  (after the env var)
-
 __all__ = ["Embeddings", "read_embeddings"]
+
+
+def __getattr__(name):
+  # Lazily: the reader imports Beam and pyarrow, and the console script (pipeline.cli) must be
+  # able to start before any heavy import (it pauses the GC over them).
+  if name in __all__:
+    from pipeline import reader
+    return getattr(reader, name)
+  raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

@@ -1,5 +1,5 @@
 """`python -m pipeline`: the same as the `embed-images` console script."""
 
-from pipeline.main import main
+from pipeline.cli import main
 
 main()

@@ -1,7 +1,6 @@
 """Entry point of `embed-images`: parse, check at launch, run the pipeline, report, exit status."""
 
 import argparse
-import logging
 import sys
 
 import apache_beam as beam
@@ -93,8 +92,9 @@ def run(argv=None, save_main_session=True) -> int:
 
 
 def main():
-  logging.getLogger().setLevel(logging.WARNING)
-  sys.exit(run())
+  """Kept for `pipeline.main:main` callers; the console script is `pipeline.cli:main`."""
+  from pipeline import cli
+  cli.main()
 
 
 if __name__ == "__main__":

@@ -134,6 +134,25 @@ def test_cli_lists_backbones():
     assert name in result.stdout
 
 
+def test_cli_run_embeds_every_photo_and_exits_0(photos, tmp_path):
+  # The console script's own path: imports with the GC paused and frozen, a frozen heap at exit.
+  result = _cli("--input", f"{photos}/*.jpg", "--output", str(tmp_path / "o"), "--backbones", "mobilenet_v2",
+                "--weights", "random", "--image-size", "64")
+  assert result.returncode == 0, result.stderr
+  n = len(list(photos.glob("*.jpg")))
+  assert f"embed-images: ok: {n} matched, {n} embedded, 0 failed" in result.stderr
+  table, _ = read_output(tmp_path / "o")
+  assert table.num_rows == n
+
+
+def test_cli_lists_backbones_without_importing_tensorflow():
+  code = ("import sys\nfrom pipeline import cli\ntry:\n  cli.main(['--list-backbones'])\n"
+          "except SystemExit as e:\n  print('exit', e.code, 'tensorflow' in sys.modules)")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.stdout.strip().splitlines()[-1] == "exit 0 False"
+  assert "mobilenet_v2" in result.stdout
+
+
 def test_rerun_into_the_same_output_is_refused_and_leaves_it_intact(photos, tmp_path):
   out = tmp_path / "out"
   assert _run_small(photos, out) == 0

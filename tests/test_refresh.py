@@ -50,6 +50,22 @@ def test_unchanged_refresh_embeds_nothing_and_gives_the_same_rows(bucket, tmp_pa
   assert summary["refresh"] == {"previous": str(tmp_path / "day1"), "reused": True, "reason": "same model"}
 
 
+def test_unchanged_refresh_builds_no_model(bucket, tmp_path, monkeypatch):
+  from transforms import embed
+  built, real = [], embed.FusedModel
+
+  def counted(*args, **kwargs):
+    built.append(args)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(embed, "FusedModel", counted)
+  assert _run(bucket, tmp_path / "day1") == 0
+  assert len(built) == 1
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  assert len(built) == 1  # every file carried over: nothing to embed, no model built
+  assert read_summary(str(tmp_path / "day2"))["counts"]["carried_over"] == len(list(bucket.glob("*.jpg")))
+
+
 def test_changed_new_and_removed_files(bucket, tmp_path):
   assert _run(bucket, tmp_path / "day1") == 0
   files = sorted(bucket.glob("*.jpg"))
