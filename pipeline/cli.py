@@ -3,7 +3,7 @@
 Start-up is one thread of Python on the critical path: importing Beam, TensorFlow and Keras
 makes a few hundred thousand long-lived objects, and the cyclic GC walks all of them in each
 full collection it triggers on the way (six, ~0.9 s in all, in a 1024-image local run), and once
-more at interpreter exit (~1.2 s). So the imports run with the GC paused, what they made is
+more at interpreter exit (~1.3 s). So the imports run with the GC paused, what they made is
 moved to the permanent generation (`gc.freeze`), and the heap is frozen again before exit.
 `pipeline.main.run` itself, which tests and other programs call in-process, leaves the GC alone.
 """
@@ -12,9 +12,6 @@ import contextlib
 import gc
 import logging
 import sys
-
-_INFO_ONLY = ("--list-backbones", "-h", "--help")
-
 
 @contextlib.contextmanager
 def startup_without_gc():
@@ -32,8 +29,9 @@ def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   logging.getLogger().setLevel(logging.WARNING)
   with startup_without_gc():
-    from pipeline.main import run
-    if not any(arg in _INFO_ONLY for arg in argv):
+    from pipeline.main import info_request, run
+    known, _ = info_request(argv)
+    if not (known.list_backbones or known.help):
       import keras  # noqa: F401  (and TensorFlow: every job's launch checks and local worker need them)
   status = run(argv)
   gc.freeze()  # nothing left to collect that matters: skip the final full collection at exit

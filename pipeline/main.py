@@ -1,4 +1,4 @@
-"""Entry point of `embed-images`: parse, check at launch, run the pipeline, report, exit status."""
+"""The job behind `embed-images` (pipeline/cli.py): parse, check at launch, run the pipeline, report, exit status."""
 
 import argparse
 import sys
@@ -37,13 +37,17 @@ def local_runner(options):
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
-def run(argv=None, save_main_session=True) -> int:
-  """Runs the job; returns the exit status (0 ok, 1 over the failure budget, 2 bad options)."""
-  argv = list(sys.argv[1:] if argv is None else argv)
+def info_request(argv):
+  """(--list-backbones / --help as parsed, the other arguments): those two need no job."""
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--list-backbones", action="store_true")
   pre.add_argument("-h", "--help", action="store_true")
-  known, argv = pre.parse_known_args(argv)
+  return pre.parse_known_args(argv)
+
+
+def run(argv=None, save_main_session=True) -> int:
+  """Runs the job; returns the exit status (0 ok, 1 over the failure budget, 2 bad options)."""
+  known, argv = info_request(list(sys.argv[1:] if argv is None else argv))
   if known.list_backbones:
     print(format_table())
     return 0
@@ -89,13 +93,3 @@ def run(argv=None, save_main_session=True) -> int:
           f"{counts['embedded']} embedded + {counts['failed']} failed", file=sys.stderr)
     return 1
   return 0
-
-
-def main():
-  """Kept for `pipeline.main:main` callers; the console script is `pipeline.cli:main`."""
-  from pipeline import cli
-  cli.main()
-
-
-if __name__ == "__main__":
-  main()
