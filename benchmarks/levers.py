@@ -213,8 +213,8 @@ STARTUP_VARIANTS = {
 
 
 def child_startup(v, images):
-  """Seconds to import what a local run needs, then a real 64-image run, then (measured by the
-  parent) the time from the end of the run to the process's exit."""
+  """Seconds to import what a local run needs, then a real 64-image run; the parent measures the
+  time from `end` (just before the result is printed) to the process's exit."""
   import gc
   import tempfile
   started = time.perf_counter()
@@ -236,8 +236,7 @@ def child_startup(v, images):
     ran = time.perf_counter() - started - imports
   if v["freeze_at_exit"]:
     gc.freeze()
-  print("RESULT " + json.dumps({"imports_s": imports, "run_s": ran, "status": status, "end": time.time()}),
-        flush=True)
+  return {"imports_s": imports, "run_s": ran, "status": status, "end": time.time()}
 
 
 def _startup_table(variants, rounds, images):
@@ -245,7 +244,7 @@ def _startup_table(variants, rounds, images):
   for r in range(rounds):
     for name, v in variants.items():
       res = _run("startup", v, images)
-      res["exit_s"] = res.pop("exited") - res["end"]
+      res["exit_s"] = time.time() - res.pop("end")  # the child printed its result, then exited
       results[name].append(res)
       print(f"  round {r + 1} {name:64} imports {res['imports_s']:5.2f} s  run {res['run_s']:5.2f} s"
             f"  exit {res['exit_s']:5.2f} s", flush=True)
@@ -267,10 +266,9 @@ def _run(kind, variant, images):
     wait_for_quiet(WAIT_QUIET)
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO, **variant.get("env", {}))
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-  exited = time.time()
   for line in reversed(out.stdout.splitlines()):
     if line.startswith("RESULT "):
-      return dict(json.loads(line[7:]), exited=exited)
+      return json.loads(line[7:])
   raise RuntimeError(out.stderr[-3000:])
 
 
@@ -279,7 +277,6 @@ def _table(variants, kind, rounds, images):
   for r in range(rounds):
     for name, v in variants.items():
       res = _run(kind, v, images)
-      res.pop("exited")
       results[name].append(res)
       print(f"  round {r + 1} {name:38} {res['img_s']:7.1f} img/s  {res['cpu_ms']:6.2f} cpu ms/img", flush=True)
   print()
@@ -306,16 +303,13 @@ def main():
     res = {"forward": lambda: child_forward(v, args.images), "overlap": lambda: child_overlap(v, args.images),
            "decode": lambda: child_decode(args.images),
            "startup": lambda: child_startup(v, args.images)}[args.child]()
-    if res is not None:
-      print("RESULT " + json.dumps(res))
+    print("RESULT " + json.dumps(res), flush=True)
     return
   global WAIT_QUIET
   WAIT_QUIET = args.wait_quiet
   print(f"{os.cpu_count()} CPUs; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
   if args.what == "decode":
-    res = _run("decode", {}, args.images)
-    res.pop("exited")
-    for label, res in res.items():
+    for label, res in _run("decode", {}, args.images).items():
       print(f"{label:40} {res['img_s']:7.1f} img/s  {res['cpu_ms']:6.2f} cpu ms/img")
     return
   if args.what == "startup":

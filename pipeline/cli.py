@@ -13,6 +13,7 @@ import gc
 import logging
 import sys
 
+
 @contextlib.contextmanager
 def startup_without_gc():
   enabled = gc.isenabled()
