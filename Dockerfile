@@ -16,22 +16,25 @@ FROM apache/beam_python3.11_sdk:${BEAM_VERSION}
 # The Flex Template launcher binary: lets this same image launch the job it runs.
 COPY --from=launcher /opt/google/dataflow/python_template_launcher /opt/google/dataflow/python_template_launcher
 
+WORKDIR /template
+# The versions the tests run with (TensorFlow, Keras, NumPy, pyarrow, ...), so workers compute what
+# the tests checked. Its apache-beam pin must equal BEAM_VERSION.
+COPY constraints.txt ./
 # GPU TensorFlow: CUDA and cuDNN come as pip wheels (nvidia-*-cu12), so no CUDA base image;
 # the driver is installed on the VM by Dataflow (install-nvidia-driver in the accelerator hint).
-# Pinned to the versions the tests run with, so workers compute what the tests checked.
-ARG TENSORFLOW_VERSION=2.21.0
-ARG KERAS_VERSION=3.15.1
-RUN pip install --no-cache-dir "tensorflow[and-cuda]==${TENSORFLOW_VERSION}" "keras==${KERAS_VERSION}"
+RUN pip install --no-cache-dir -c constraints.txt "tensorflow[and-cuda]" keras
 
-WORKDIR /template
 COPY setup.py ./
 COPY pipeline ./pipeline
 COPY transforms ./transforms
 COPY dataflow/flex_main.py ./
 # Not editable: workers import the package from site-packages, whatever their working directory.
 # TensorFlow and Beam are already satisfied, so pip leaves them as they are.
-RUN pip install --no-cache-dir . \
-    && python -c "import pipeline.main, transforms.embed, tensorflow, apache_beam; print(apache_beam.__version__, tensorflow.__version__)"
+# The last test fails the build if constraints.txt's apache-beam pin made pip replace the SDK's Beam.
+ARG BEAM_VERSION
+RUN pip install --no-cache-dir -c constraints.txt . \
+    && python -c "import pipeline.main, transforms.embed, tensorflow, apache_beam; print(apache_beam.__version__, tensorflow.__version__)" \
+    && test "$(python -c 'import apache_beam; print(apache_beam.__version__)')" = "${BEAM_VERSION}"
 
 ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/flex_main.py
 # Everything is installed: the launcher must not pip-install anything at launch.

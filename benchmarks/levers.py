@@ -126,11 +126,9 @@ def _bench_files(count):
   return make_images(count, os.path.join(tempfile.gettempdir(), "embed-images-bench"))
 
 
-class _Config:
-  sizes = (224,)
-  resize = "squash"
-  max_pixels = None
-  fast_decode = False
+def _spec():
+  from transforms.decode import DecodeSpec
+  return DecodeSpec(sizes=(224,), max_pixels=None)  # decoded in-process: the levers measured the thread schedule
 
 
 def child_overlap(v, images):
@@ -144,7 +142,7 @@ def child_overlap(v, images):
   bs = 32
   threads = v["threads"]
   if threads == 0:
-    arrays = [load_file(p, _Config).image.arrays[224] for p in paths]
+    arrays = [load_file(p, _spec()).image.arrays[224] for p in paths]
   def lower_priority():
     if v.get("idle"):
       os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: the calling thread
@@ -159,7 +157,7 @@ def child_overlap(v, images):
       forward(np.stack(arrays[i:i + bs])).numpy()
   else:
     batches = [paths[i:i + bs] for i in range(0, len(paths), bs)]
-    submit = lambda batch: [pool.submit(load_file, p, _Config) for p in batch]
+    submit = lambda batch: [pool.submit(load_file, p, _spec()) for p in batch]
     if v.get("serial"):
       for batch in batches:
         forward(np.stack([f.result().image.arrays[224] for f in submit(batch)])).numpy()
@@ -194,7 +192,7 @@ def child_decode(images):
   import keras
   paths = _bench_files(images)
   out = {}
-  for label, fn in (("load_file (read+sha256+decode+resize)", lambda p: load_file(p, _Config)),
+  for label, fn in (("load_file (read+sha256+decode+resize)", lambda p: load_file(p, _spec())),
                     ("keras load_img + img_to_array", lambda p: keras.utils.img_to_array(
                         keras.utils.load_img(p, target_size=(224, 224), interpolation="bilinear")))):
     fn(paths[0])

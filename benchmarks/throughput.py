@@ -483,7 +483,9 @@ def command(mode, args, images, out):
 def read_embeddings(mode, out):
   """{uri basename: vector} of a run's output."""
   import numpy as np
+  import pyarrow as pa
   import pyarrow.parquet as pq
+  from transforms.write import embedding_matrix
   if mode in ("bare", "bare-frozen"):
     with open(os.path.join(out, "uris.json")) as f:
       uris = json.load(f)
@@ -492,7 +494,10 @@ def read_embeddings(mode, out):
     files = sorted(glob.glob(os.path.join(out, "embeddings*.parquet")))
     table = pq.read_table(files)
     uris = table.column("uri").to_pylist()
-    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    column = table.column("embedding")
+    if not pa.types.is_fixed_size_list(column.type):  # runinference's WriteToParquet: pa.list_, one length
+      column = column.cast(pa.list_(pa.float32(), len(column[0])))
+    vectors = embedding_matrix(column)
   return {os.path.basename(u): v for u, v in zip(uris, vectors)}
 
 

@@ -3,7 +3,9 @@
 import os
 
 # TensorFlow's C++ start-up banner (oneDNN, CPU features) is noise on every run and in
-# every worker process; real errors still come through Python.
+# every worker process; real errors still come through Python. A level the user set is kept;
+# remembered so that pipeline.cli's --verbose unsets only this default.
+USER_TF_LOG_LEVEL = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 __all__ = ["Embeddings", "read_embeddings"]

@@ -1,4 +1,4 @@
-"""The `embed-images` console script (and `python -m pipeline`): start-up without the cyclic GC.
+"""The `embed-images` console script (and `python -m pipeline`): start-up without the cyclic GC, and quiet.
 
 Start-up is one thread of Python on the critical path: importing Beam, TensorFlow and Keras
 makes a few hundred thousand long-lived objects, and the cyclic GC walks all of them in each
@@ -6,12 +6,39 @@ full collection it triggers on the way (six, ~0.9 s in all, in a 1024-image loca
 more at interpreter exit (~1.3 s). So the imports run with the GC paused, what they made is
 moved to the permanent generation (`gc.freeze`), and the heap is frozen again before exit.
 `pipeline.main.run` itself, which tests and other programs call in-process, leaves the GC alone.
+
+Quiet: what a person sees is this program's own output. Without --verbose, Beam's "apitools not
+found" warning (BigQuery's client, which this job never uses) is dropped, and TensorFlow's start-up
+lines are held back: TF_CPP_MIN_LOG_LEVEL=2 (set by the package unless the user set a level) hides
+TensorFlow's INFO and WARNING lines, but not those its libraries print before reading it, nor the
+ERROR-level failed cuInit of a machine with no GPU; level 3 would hide those with every real
+error. So, at level 2 or 3, stderr is captured while TensorFlow loads and looks for GPUs, and
+replayed less those lines alone.
 """
 
 import contextlib
 import gc
 import logging
+import os
+import re
 import sys
+import tempfile
+
+import pipeline  # this module's own package, already imported: its USER_TF_LOG_LEVEL
+
+VERBOSE_FLAG = "--verbose"  # taken out here: Beam and the job's own parser never see it
+# Logged on the root logger by apache_beam/io/gcp/internal/clients/bigquery when the [gcp] extra
+# (apitools) is not installed; only BigQuery needs it.
+APITOOLS_WARNING = "apitools not found, and bigquery client libraries are not available"
+
+# absl prints this once per library that logs before absl::InitializeLog, whatever the level.
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# absl's line format: severity, date, time, thread, file:line]. Only I(NFO) and W(ARNING).
+_INFO_OR_WARNING = re.compile(r"[IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ [\w.-]+:\d+\] ")
+_FAILED_CUINIT = re.compile(r"E\d{4} .*\] failed call to cuInit: ")
+# What says there is no GPU here at all, so a failed cuInit tells nothing more.
+_NO_DRIVER = "Could not find cuda drivers on your machine"
+_NO_DEVICE = "CUDA_ERROR_NO_DEVICE"
 
 
 @contextlib.contextmanager
@@ -26,15 +53,87 @@ def startup_without_gc():
       gc.enable()
 
 
+def _not_apitools_warning(record) -> bool:
+  return not str(record.msg).startswith(APITOOLS_WARNING)
+
+
+@contextlib.contextmanager
+def without_apitools_warning():
+  """Drops Beam's apitools warning, logged once when Beam is first imported; every other record passes."""
+  # A filter on the root logger sees only records logged on the root logger itself, as this one is.
+  root = logging.getLogger()
+  root.addFilter(_not_apitools_warning)
+  try:
+    yield
+  finally:
+    root.removeFilter(_not_apitools_warning)
+
+
+def without_tensorflow_noise(text: str) -> str:
+  """`text` (TensorFlow's start-up stderr) less absl's preamble, INFO and WARNING lines, and a
+  failed cuInit where TensorFlow found no CUDA driver or no device; everything else as it was."""
+  no_gpu = _NO_DRIVER in text
+  kept = []
+  for line in text.splitlines(keepends=True):
+    if line.rstrip("\n") == _ABSL_PREAMBLE or _INFO_OR_WARNING.match(line):
+      continue
+    # A GPU that is there but fails to start stays visible: it is why the run is on the CPU.
+    if _FAILED_CUINIT.match(line) and (no_gpu or _NO_DEVICE in line):
+      continue
+    kept.append(line)
+  return "".join(kept)
+
+
+@contextlib.contextmanager
+def tensorflow_noise_held_back():
+  """Captures file descriptor 2 (TensorFlow's C++ logs go there, not through sys.stderr) to a file
+  for the block, then writes what it caught to stderr less `without_tensorflow_noise`'s lines."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  # A file, not a pipe: nothing needs to read it while the block runs, however much is written.
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      kept = without_tensorflow_noise(captured.read().decode("utf-8", errors="replace"))
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
+
+
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = VERBOSE_FLAG in argv
+  argv = [a for a in argv if a != VERBOSE_FLAG]
   logging.getLogger().setLevel(logging.WARNING)
+  # The package set TF_CPP_MIN_LOG_LEVEL=2 on import unless the user had chosen a level. At 2 or 3
+  # TensorFlow promises no INFO or WARNING lines, and the capture keeps that promise for the lines
+  # printed before TensorFlow reads it; a user's 0 or 1 asks for them all. --verbose unsets our 2.
+  quiet_tensorflow = not verbose and os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("2", "3")
+  if verbose and pipeline.USER_TF_LOG_LEVEL is None:
+    os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
   with startup_without_gc():
-    from pipeline.main import info_request, run
+    with contextlib.nullcontext() if verbose else without_apitools_warning():
+      from pipeline.main import EXIT_INTERRUPTED, info_request, run
     known, _ = info_request(argv)
     if not (known.list_backbones or known.help):
-      import keras  # noqa: F401  (and TensorFlow: every job's launch checks and local worker need them)
+      with tensorflow_noise_held_back() if quiet_tensorflow else contextlib.nullcontext():
+        import keras  # noqa: F401  (and TensorFlow: every job's launch checks and local worker need them)
+        import tensorflow as tf
+        # Looks for GPUs now, inside the capture: otherwise the first model build does, after it.
+        tf.config.list_physical_devices("GPU")
   status = run(argv)
+  if status in EXIT_INTERRUPTED.values():
+    # Stopped by a signal: decode and worker processes are dead already, and a thread still in a
+    # read must not hold the exit until it returns.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
   gc.freeze()  # nothing left to collect that matters: skip the final full collection at exit
   sys.exit(status)
 

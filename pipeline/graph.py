@@ -6,7 +6,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 
 from transforms.dedupe import Dedupe
-from transforms.embed import CARRIED_TAG, ERRORS_TAG, ReadDecodeEmbed, item_parts
+from transforms.embed import CARRIED_TAG, ERRORS_TAG, WORKER_STATS_TAG, ReadDecodeEmbed, item_parts
 from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
 from transforms.refresh import CarryOver, PreviousIndex, attach_previous, removed_uri
@@ -41,11 +41,39 @@ class MatchInputs(beam.PTransform):
     return paths
 
 
-def _write_summary_step(files, config, matched, embedded, carried, removed, deduplicated, failures):
-  summary = summarize(config, matched, embedded, sorted(failures), files, carried=carried, removed=removed)
+def _write_summary_step(files, config, matched, embedded, carried, removed, deduplicated, failures, workers):
+  summary = summarize(
+      matched, embedded, sorted(failures), files, layout=config.layout, inputs=config.inputs,
+      output=config.output, started_at=config.started_at, max_failure_fraction=config.max_failure_fraction,
+      refresh=config.refresh, carried=carried, removed=removed, decode_processes=_decode_processes(workers),
+      worker_versions=_distinct(stats["versions"] for _, stats in workers))
   if config.dedupe:
     summary["counts"]["deduplicated"] = deduplicated
   return write_summary(config.output, summary)
+
+
+def _decode_processes(workers):
+  """Per worker process, its last report (counts only grow); summed over processes. The sum of
+  every decode process's peak RSS bounds what they ever held at once."""
+  last = {}
+  for pid, stats in workers:
+    if pid not in last or stats["started"] >= last[pid]["started"]:
+      last[pid] = stats
+  return {
+      "worker_processes": len(last),
+      "started": sum(s["started"] for s in last.values()),
+      "replaced": sum(s["replaced"] for s in last.values()),
+      "peak_rss_max_bytes": max((s["peak_rss"]["max"] for s in last.values()), default=0),
+      "peak_rss_sum_bytes": sum(s["peak_rss"]["sum"] for s in last.values()),
+  }
+
+
+def _distinct(items):
+  found = []
+  for item in items:
+    if item not in found:
+      found.append(item)
+  return found
 
 
 def input_items(p, config):
@@ -90,6 +118,7 @@ def build_graph(p: beam.Pipeline, config):
     embed = embed.with_resource_hints(**hints)
   results = items | "Reshuffle" >> beam.Reshuffle() | "ReadDecodeEmbed" >> embed
   embeddings, errors, carried = results.embeddings, results[ERRORS_TAG], results[CARRIED_TAG]
+  workers = results[WORKER_STATS_TAG] | "WorkerStats" >> beam.combiners.ToList()
 
   tables = embeddings
   if config.previous:
@@ -98,7 +127,7 @@ def build_graph(p: beam.Pipeline, config):
 
   embedding_files = tables | "WriteEmbeddings" >> beam.io.Write(ParquetTableSink(
       FileSystems.join(config.output, "embeddings"),
-      embeddings_schema(config.dim, config.layout(), config.extra_fields),
+      embeddings_schema(config.dim, config.layout, config.extra_fields),
       num_shards=config.num_shards,
       row_group_size=config.row_group_size))
   error_files = (errors
@@ -126,4 +155,4 @@ def build_graph(p: beam.Pipeline, config):
           | "WriteSummary" >> beam.Map(
               _write_summary_step, config, AsSingleton(matched), AsSingleton(embedded),
               AsSingleton(carried_count), AsSingleton(removed), AsSingleton(deduplicated),
-              AsSingleton(failures)))
+              AsSingleton(failures), AsSingleton(workers)))

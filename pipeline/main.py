@@ -1,33 +1,38 @@
 """The job behind `embed-images` (pipeline/cli.py): parse, check at launch, run the pipeline, report, exit status."""
 
 import argparse
+import contextlib
+import logging
+import os
+import signal
 import sys
+import threading
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 
+from pipeline import launch
 from pipeline.graph import build_graph
-from pipeline.options import EmbedOptions, LaunchError, build_config, prepare_output
-from transforms import progress
+from pipeline.options import EmbedOptions, LaunchError
+from transforms import decode_pool, progress
 from transforms.backbones import format_table
-from transforms.write import read_summary
+from transforms.write import SUCCESS_FILE, read_summary
 
 PROG = "embed-images"
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _summary_line(summary, output) -> str:
-  counts = summary["counts"]
-  line = (f"{PROG}: {summary['status']}: {counts['matched']} matched, {counts['embedded']} embedded, "
-          f"{counts['failed']} failed in {summary['timings']['seconds']:.1f}s "
-          f"({summary['timings']['images_per_second']:.1f} img/s) -> {output}")
-  return line
+  counts, timings = summary["counts"], summary["timings"]
+  return (f"{PROG}: {summary['status']}: {counts['matched']} matched, {counts['embedded']} embedded, "
+          f"{counts['failed']} failed in {timings['seconds']:.1f}s, start-up included "
+          f"({timings['images_per_second']:.1f} img/s over the whole run) -> {output}")
 
 
 def local_runner(options):
   """For the DirectRunner, Beam's FnApiRunner directly: what DirectRunner picks for batch
   jobs after first trying to download a Prism binary, which fails offline and costs time."""
-  runner = options.get_all_options().get("runner")
-  if runner not in (None, "DirectRunner", "direct", "SwitchingDirectRunner"):
+  if launch.runner_name(options) not in launch.LOCAL_RUNNERS:
     return None  # Beam resolves --runner itself
   from apache_beam.portability.api import beam_provision_api_pb2
   from apache_beam.runners.portability.fn_api_runner import fn_runner
@@ -45,42 +50,165 @@ def info_request(argv):
   return pre.parse_known_args(argv)
 
 
+class Interrupted(BaseException):
+  """SIGINT or SIGTERM during a run; a BaseException so that no `except Exception` in Beam keeps it."""
+
+  def __init__(self, signum):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _kill_descendants():
+  """SIGKILLs every process below this one (Beam's worker processes, decode processes): Linux."""
+  children = {}
+  try:
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+  except OSError:
+    return
+  for pid in pids:
+    try:
+      with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+      continue
+    children.setdefault(ppid, []).append(pid)
+  stack, doomed = list(children.get(os.getpid(), ())), []
+  while stack:
+    pid = stack.pop()
+    doomed.append(pid)
+    stack.extend(children.get(pid, ()))
+  for pid in doomed:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except OSError:
+      pass
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+  """SIGINT and SIGTERM stop the run: decode processes and worker processes are killed at once and
+  `Interrupted` is raised in the main thread. Yields a list that then holds the signal's number:
+  Beam wraps what a DoFn's thread raises (even a BaseException) in its own RuntimeError, so the
+  list, not the exception's type, is what tells an interruption apart. A second signal gets the
+  default behaviour."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received  # signal handlers can only be set from the main thread: a library caller's choice
+    return
+
+  def handler(signum, frame):
+    for s in EXIT_INTERRUPTED:
+      signal.signal(s, signal.SIG_DFL)
+    received.append(signum)
+    # Beam logs what unwinds through a bundle as an error with its traceback: noise for a stop
+    # the user asked for. Restored once the run has returned.
+    logging.disable(logging.CRITICAL)
+    decode_pool.close_all_pools()
+    _kill_descendants()
+    raise Interrupted(signum)
+
+  previous = {s: signal.signal(s, handler) for s in EXIT_INTERRUPTED}
+  try:
+    yield received
+  finally:
+    for s, old in previous.items():
+      signal.signal(s, old)
+    if received:
+      logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def restored_process_state():
+  """What a run sets process-wide (TensorFlow's TF32 switch) is put back after it, so a second
+  run in the same process (a library user, a test session) is configured only by its options.
+  Keras's dtype policy is restored by FusedModel itself, right after the build."""
+  tf = sys.modules.get("tensorflow")
+  tf32 = tf.config.experimental.tensor_float_32_execution_enabled() if tf else None
+  try:
+    yield
+  finally:
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and tf32 is not None:
+      tf.config.experimental.enable_tensor_float_32_execution(tf32)
+
+
+def print_help():
+  EmbedOptions._add_argparse_args(parser := argparse.ArgumentParser(prog=PROG))
+  parser.add_argument("--list-backbones", action="store_true", help="Print the backbone registry.")
+  parser.add_argument("--verbose", action="store_true",
+                      help="Show TensorFlow's and Beam's own start-up lines (hidden by default).")
+  parser.print_help()
+  print("\nEvery Apache Beam pipeline option (--runner, --direct_num_workers, --project, ...) "
+        "is accepted as well. --dry_run=true runs the launch checks only: nothing is written or deleted.")
+
+
 def run(argv=None, save_main_session=True) -> int:
-  """Runs the job; returns the exit status (0 ok, 1 over the failure budget, 2 bad options)."""
+  """Runs the job; returns the exit status (0 ok, 1 over the failure budget or inconsistent,
+  2 bad options, 130/143 interrupted by SIGINT/SIGTERM)."""
   known, argv = info_request(list(sys.argv[1:] if argv is None else argv))
   if known.list_backbones:
     print(format_table())
     return 0
   if known.help:
-    EmbedOptions._add_argparse_args(parser := argparse.ArgumentParser(prog=PROG))
-    parser.add_argument("--list-backbones", action="store_true", help="Print the backbone registry.")
-    parser.print_help()
-    print("\nEvery Apache Beam pipeline option (--runner, --direct_num_workers, --project, ...) "
-          "is accepted as well.")
+    print_help()
     return 0
 
-  options = PipelineOptions(argv)
   try:
-    config = build_config(options)
-    prepare_output(config.output, options.view_as(EmbedOptions).overwrite)
+    launch.check_arguments(argv)
+    options = PipelineOptions(argv)
+    dry_run = launch.dry_run(options)
+    config = launch.build_config(options)
+    doomed = launch.existing_outputs(config.output)
+    launch.refuse_previous_run(config.output, doomed, options.view_as(EmbedOptions).overwrite)
   except LaunchError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   options.view_as(SetupOptions).save_main_session = save_main_session
 
-  try:
-    with beam.Pipeline(runner=local_runner(options), options=options) as p:
-      build_graph(p, config)
-  finally:
-    progress.close_all()
+  if dry_run:
+    return _dry_run(options, config, doomed)
 
+  with stop_on_signals() as received, restored_process_state():
+    try:
+      p = beam.Pipeline(runner=local_runner(options), options=options)
+      build_graph(p, config)
+      # Only now, with the job built and about to run, is a previous run deleted.
+      launch.clear_outputs(doomed)
+      p.run().wait_until_finish()
+    except BaseException:
+      if not received:
+        raise
+      name = signal.Signals(received[0]).name
+      print(f"{PROG}: interrupted by {name}: the output in {config.output} is partial (no {SUCCESS_FILE}); "
+            "run again with --overwrite to start over", file=sys.stderr)
+      return EXIT_INTERRUPTED[received[0]]
+    finally:
+      progress.close_all()
+  return _report(config)
+
+
+def _dry_run(options, config, doomed) -> int:
+  for path in doomed:
+    print(f"{PROG}: dry run: --overwrite would delete {path}", file=sys.stderr)
+  if launch.runner_name(options) not in launch.LOCAL_RUNNERS:
+    # Dataflow's dry run builds the whole job and submits nothing (dry_run is a real boolean now).
+    p = beam.Pipeline(options=options)
+    build_graph(p, config)
+    p.run()
+  print(f"{PROG}: dry run: launch checks passed; nothing was run, written or deleted", file=sys.stderr)
+  return 0
+
+
+def _report(config) -> int:
   try:
     summary = read_summary(config.output)
   except Exception as e:  # a job not waited on (e.g. a Dataflow template) writes it later
-    print(f"{PROG}: launched; {config.output}/_SUCCESS.json not readable yet ({type(e).__name__})",
+    print(f"{PROG}: launched; {config.output}/{SUCCESS_FILE} not readable yet ({type(e).__name__})",
           file=sys.stderr)
     return 0
   print(_summary_line(summary, config.output), file=sys.stderr)
+  for warning in summary.get("warnings", ()):
+    print(f"{PROG}: warning: {warning}", file=sys.stderr)
   counts = summary["counts"]
   if summary["status"] == "over_failure_budget":
     print(f"{PROG}: error: {counts['failed']} of {counts['matched']} inputs failed "
@@ -90,6 +218,7 @@ def run(argv=None, save_main_session=True) -> int:
     return 1
   if summary["status"] != "ok":
     print(f"{PROG}: error: inputs not accounted for: {counts['matched']} matched != "
-          f"{counts['embedded']} embedded + {counts['failed']} failed", file=sys.stderr)
+          f"{counts['embedded']} embedded + {counts.get('carried_over', 0)} carried over + "
+          f"{counts['failed']} failed", file=sys.stderr)
     return 1
   return 0

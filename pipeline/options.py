@@ -1,29 +1,22 @@
-"""Command-line options, their launch-time validation, and the run configuration handed to workers."""
+"""Command-line options, their validation (pure: no I/O), and the run configuration handed to workers."""
 
 import argparse
 import dataclasses
-import datetime
-import json
-import logging
-import os
-import sys
-import time
+import re
 from typing import Optional
 
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
 
-from transforms import decode, manifest, refresh
+from transforms import decode
 from transforms.backbones import BACKBONES, get_backbone
-from transforms.weights import WeightsSource, resolve_weights
+from transforms.decode_pool import default_memory_ceiling
+from transforms.write import package_versions
 
 DEFAULT_BACKBONES = "vgg16,inception_v3,resnet50"
-OUTPUT_FILE_PATTERNS = ("embeddings-*.parquet", "errors-*.parquet", "_SUCCESS.json")
-
-
-class LaunchError(ValueError):
-  """A bad option or launch condition: printed as one line, exit status 2."""
+# How the stages' argument names read on the command line, for the messages of error rows.
+OPTION_NAMES = (("max_pixels", "--max-pixels"), ("timeout", "--decode-timeout"), ("memory", "--decode-memory"),
+                ("resize", "--resize"), ("fast", "--fast-decode"))
 
 
 def _bool_value(text):
@@ -73,7 +66,11 @@ class EmbedOptions(PipelineOptions):
     _flag(parser, "max-pixels", type=int, default=decode.PIL_MAX_PIXELS,
           help="Reject images with more pixels than this before decoding.")
     _flag(parser, "decode-timeout", type=float, default=60.0,
-          help="Seconds after which one file's decode is given up as a failure.")
+          help="Seconds after which one file's decode is stopped (its process killed) and failed.")
+    _flag(parser, "decode-memory", default=None,
+          help="Memory ceiling of each decode process, with a unit (e.g. 2GiB); a file needing more "
+               "fails as too_large. Default: 24 bytes per --max-pixels pixel, at least 1GiB "
+               "(2GiB at the default --max-pixels, and with --max-pixels 0).")
     _flag(parser, "max-failure-fraction", type=float, default=0.05,
           help="Failure budget; above it the run exits non-zero.")
     _flag(parser, "overwrite", action="store_true", default=False,
@@ -81,7 +78,7 @@ class EmbedOptions(PipelineOptions):
     _flag(parser, "read-threads", type=int, default=16,
           help="Reads in flight per worker (GCS reads are latency-bound).")
     _flag(parser, "decode-threads", type=int, default=0,
-          help="Decode threads per worker (0: one per CPU core).")
+          help="Decode processes per worker process (0: one per CPU core of that worker).")
     _flag(parser, "accelerator", default=None,
           help="Beam accelerator resource hint for the read-decode-embed stage, "
                "e.g. 'type:nvidia-l4;count:1;install-nvidia-driver'.")
@@ -112,13 +109,6 @@ class EmbedOptions(PipelineOptions):
 
 
 @dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-  name: str
-  size: int
-  weights: WeightsSource
-
-
-@dataclasses.dataclass(frozen=True)
 class RunConfig:
   """Everything a worker needs, validated; pickled into the DoFns explicitly."""
   inputs: tuple
@@ -130,9 +120,10 @@ class RunConfig:
   fast_decode: bool = False
   max_pixels: Optional[int] = decode.PIL_MAX_PIXELS
   decode_timeout: float = 60.0
+  decode_memory: Optional[int] = None  # bytes; None: no ceiling (never chosen by the command line)
   max_failure_fraction: float = 0.05
   read_threads: int = 16
-  decode_threads: int = 0
+  decode_threads: int = 0  # 0: the worker's own cores, counted on the worker
   accelerator: Optional[str] = None
   embed_min_ram: Optional[str] = None
   allow_tf32: bool = False
@@ -149,6 +140,7 @@ class RunConfig:
   dedupe: bool = False
   previous: Optional[str] = None  # set only when the previous run's rows are valid for this one
   refresh: Optional[dict] = None  # what happened to --previous, and why; goes into _SUCCESS.json
+  layout: Optional[dict] = None  # computed once at launch (model_layout); carried by value to workers
 
   @property
   def sizes(self):
@@ -158,52 +150,56 @@ class RunConfig:
   def dim(self):
     return sum(get_backbone(b.name).dim for b in self.backbones)
 
-  def layout(self):
-    """What a reader needs to interpret the vector, in Parquet metadata and _SUCCESS.json."""
-    entries, offset = [], 0
-    for spec in self.backbones:
-      backbone = get_backbone(spec.name)
-      entries.append({
-          "name": spec.name,
-          "offset": offset,
-          "dim": backbone.dim,
-          "input_size": spec.size,
-          "preprocessing": backbone.preprocessing,
-          "weights": spec.weights.kind,
-          "weights_fingerprint": spec.weights.fingerprint,
-      })
-      offset += backbone.dim
-    return {
-        "dim": offset,
-        "backbones": entries,
-        "pooling": self.pooling,
-        "normalize": self.normalize,
-        "resize": self.resize,
-        "fast_decode": self.fast_decode,
-        "mixed_precision": self.mixed_precision,
-        "allow_tf32": self.allow_tf32,
-        "versions": package_versions(),
-    }
+  @property
+  def decode_spec(self) -> decode.DecodeSpec:
+    return decode.DecodeSpec(sizes=self.sizes, resize=self.resize, max_pixels=self.max_pixels,
+                             fast=self.fast_decode, timeout=self.decode_timeout, memory=self.decode_memory,
+                             option_names=OPTION_NAMES)
 
 
-def package_versions():
-  import apache_beam
-  import keras
-  import PIL
-  import pyarrow
-  versions = {
-      "python": sys.version.split()[0],
-      "apache_beam": apache_beam.__version__,
-      "keras": keras.__version__,
-      "pillow": PIL.__version__,
-      "pyarrow": pyarrow.__version__,
+def model_layout(config: RunConfig) -> dict:
+  """What a reader needs to interpret the vector, in Parquet metadata and _SUCCESS.json."""
+  entries, offset = [], 0
+  for spec in config.backbones:
+    backbone = get_backbone(spec.name)
+    entries.append({
+        "name": spec.name,
+        "offset": offset,
+        "dim": backbone.dim,
+        "input_size": spec.size,
+        "preprocessing": backbone.preprocessing,
+        "weights": spec.weights.kind,
+        "weights_fingerprint": spec.weights.fingerprint,
+    })
+    offset += backbone.dim
+  return {
+      "dim": offset,
+      "backbones": entries,
+      "pooling": config.pooling,
+      "normalize": config.normalize,
+      "resize": config.resize,
+      "fast_decode": config.fast_decode,
+      "mixed_precision": config.mixed_precision,
+      "allow_tf32": config.allow_tf32,
+      "versions": package_versions(),
   }
-  try:
-    import tensorflow as tf
-    versions["tensorflow"] = tf.__version__
-  except ImportError:
-    pass
-  return versions
+
+
+class LaunchError(ValueError):
+  """A bad option or launch condition: printed as one line, exit status 2."""
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(option: str, text: str) -> int:
+  """'2GiB', '1.5GB', '512MiB' -> bytes; a LaunchError naming `option` otherwise."""
+  match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+  unit = match and _SIZE_UNITS.get(match.group(2).lower())
+  if not match or not unit or not match.group(2):
+    raise LaunchError(f"--{option} must be a size with a unit, e.g. 2GiB or 1500MB; received: {text!r}")
+  return int(float(match.group(1)) * unit)
 
 
 def _check_choice(option, value, choices):
@@ -217,54 +213,7 @@ def _check_positive(option, value, minimum=1):
     raise LaunchError(f"--{option} must be at least {minimum}; received: {value!r}")
 
 
-def check_inputs_match(patterns):
-  """Each --input must match at least one file; asks for one match only, never a listing."""
-  for pattern in patterns:
-    try:
-      result = FileSystems.match([pattern], limits=[1])[0]
-    except Exception as e:  # a missing bucket, a malformed path: say which --input
-      raise LaunchError(f"--input {pattern!r} could not be matched: {e}".splitlines()[0])
-    if not result.metadata_list:
-      hint = ""
-      if any(c in pattern for c in "[*?") and FileSystems.exists(pattern):
-        hint = "; a file of that exact name exists, but [ ] * ? are glob characters in --input: write [[] for ["
-      raise LaunchError(f"--input {pattern!r} matched no file{hint}")
-
-
-def existing_outputs(output):
-  found = []
-  for pattern in OUTPUT_FILE_PATTERNS:
-    try:
-      result = FileSystems.match([FileSystems.join(output, pattern)])[0]
-    except Exception:
-      continue
-    found.extend(m.path for m in result.metadata_list)
-  return found
-
-
-def prepare_output(output, overwrite):
-  """Refuse to mix two runs in one directory; with --overwrite, clear the old run first."""
-  found = existing_outputs(output)
-  if found and not overwrite:
-    raise LaunchError(
-        f"--output {output!r} already holds a previous run ({len(found)} files, e.g. "
-        f"{os.path.basename(found[0])}); choose another directory or pass --overwrite")
-  if found:
-    # _SUCCESS.json first: if the deletion is interrupted, the remains read as partial.
-    found.sort(key=lambda p: not p.endswith("_SUCCESS.json"))
-    FileSystems.delete(found)
-
-
-def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
-  """Validates the options; raises LaunchError with one line naming the option and value."""
-  opts = options.view_as(EmbedOptions)
-  if not opts.input and not opts.input_manifest:
-    raise LaunchError("--input (a glob of image files) or --input-manifest is required; received: none")
-  if opts.input and opts.input_manifest:
-    raise LaunchError(f"give either --input or --input-manifest, not both; received: --input {opts.input[0]!r} "
-                      f"and --input-manifest {opts.input_manifest!r}")
-  if not opts.output:
-    raise LaunchError("--output is required (a directory); received: none")
+def backbone_names(opts) -> list:
   names = [n.strip() for n in (opts.backbones or "").split(",") if n.strip()]
   if not names:
     raise LaunchError(f"--backbones must name at least one backbone; received: {opts.backbones!r}")
@@ -274,6 +223,25 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
           f"--backbones: unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
   if len(set(names)) != len(names):
     raise LaunchError(f"--backbones names a backbone twice; received: {opts.backbones!r}")
+  for name in names:
+    backbone = get_backbone(name)
+    size = opts.image_size or backbone.native_size
+    if size < backbone.min_size:
+      raise LaunchError(
+          f"--image-size {size} is too small for {name}: its minimum is {backbone.min_size}")
+  return names
+
+
+def validate(opts) -> dict:
+  """Checks every option that needs no I/O; returns the normalised values RunConfig takes."""
+  if not opts.input and not opts.input_manifest:
+    raise LaunchError("--input (a glob of image files) or --input-manifest is required; received: none")
+  if opts.input and opts.input_manifest:
+    raise LaunchError(f"give either --input or --input-manifest, not both; received: --input {opts.input[0]!r} "
+                      f"and --input-manifest {opts.input_manifest!r}")
+  if not opts.output:
+    raise LaunchError("--output is required (a directory); received: none")
+  backbone_names(opts)
   _check_choice("pooling", opts.pooling, ("avg", "max"))
   _check_choice("resize", opts.resize, decode.RESIZE_POLICIES)
   _check_choice("progress", opts.progress, ("auto", "on", "off"))
@@ -289,100 +257,20 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
     except ValueError:  # else a traceback from with_resource_hints while the graph is built
       raise LaunchError(f"--embed-min-ram must be a size with a unit, e.g. 16GB or 16GiB; "
                         f"received: {opts.embed_min_ram!r}") from None
-  if opts.max_pixels is not None and opts.max_pixels <= 0:
-    opts.max_pixels = None  # --max-pixels 0 disables the check
+  max_pixels = opts.max_pixels
+  if max_pixels is not None and max_pixels < 0:
+    raise LaunchError(f"--max-pixels must be a number of pixels, or 0 for no pixel limit; received: {max_pixels!r}")
+  max_pixels = max_pixels or None  # 0 lifts the pixel checks (never the memory ceiling)
+  if opts.decode_memory is None:
+    memory = default_memory_ceiling(max_pixels)
+  else:
+    memory = parse_size("decode-memory", opts.decode_memory)
+    if memory < 64 << 20:
+      raise LaunchError(f"--decode-memory must be at least 64MiB (a decode process needs that to start); "
+                        f"received: {opts.decode_memory!r}")
   if not opts.decode_timeout or opts.decode_timeout <= 0:
     raise LaunchError(f"--decode-timeout must be a positive number of seconds; received: {opts.decode_timeout!r}")
   if not 0.0 <= opts.max_failure_fraction <= 1.0:
     raise LaunchError(
         f"--max-failure-fraction must be between 0 and 1; received: {opts.max_failure_fraction!r}")
-
-  specs = []
-  for name in names:
-    backbone = get_backbone(name)
-    size = opts.image_size or backbone.native_size
-    if size < backbone.min_size:
-      raise LaunchError(
-          f"--image-size {size} is too small for {name}: its minimum is {backbone.min_size}")
-    try:
-      weights = resolve_weights(opts.weights, name, size)
-    except ValueError as e:
-      raise LaunchError(str(e).splitlines()[0]) from None
-    specs.append(BackboneSpec(name, size, weights))
-
-  manifest_schema, extra = None, ()
-  if opts.input_manifest:
-    try:
-      manifest_schema = manifest.manifest_schema(opts.input_manifest)
-    except ValueError as e:
-      raise LaunchError(str(e).splitlines()[0]) from None
-    extra = manifest.extra_fields(manifest_schema)
-  if opts.label_from_dir:
-    if any(f.name == "label" for f in extra):
-      raise LaunchError(f"--label-from-dir: --input-manifest {opts.input_manifest!r} has a 'label' column already")
-    extra = extra + (manifest.LABEL_FIELD,)
-
-  if check_files and opts.input:
-    check_inputs_match(opts.input)
-
-  progress = {"on": True, "off": False}.get(opts.progress)
-  if progress is None:
-    runner = options.get_all_options().get("runner") or "DirectRunner"
-    progress = "Direct" in str(runner) and sys.stderr.isatty()
-
-  config = RunConfig(
-      inputs=tuple(opts.input or ()),
-      output=opts.output.rstrip("/"),
-      backbones=tuple(specs),
-      pooling=opts.pooling,
-      batch_size=opts.batch_size,
-      resize=opts.resize,
-      fast_decode=bool(opts.fast_decode),
-      max_pixels=opts.max_pixels,
-      decode_timeout=float(opts.decode_timeout),
-      max_failure_fraction=float(opts.max_failure_fraction),
-      read_threads=opts.read_threads,
-      decode_threads=opts.decode_threads or (os.cpu_count() or 1),
-      accelerator=opts.accelerator,
-      embed_min_ram=opts.embed_min_ram,
-      allow_tf32=bool(opts.allow_tf32),
-      mixed_precision=bool(opts.mixed_precision),
-      num_shards=opts.num_shards,
-      row_group_size=opts.row_group_size,
-      progress=progress,
-      started_at=time.time(),
-      normalize=opts.normalize,
-      extra_fields=extra,
-      manifest=opts.input_manifest,
-      manifest_schema=manifest_schema,
-      label_from_dir=bool(opts.label_from_dir),
-      dedupe=bool(opts.dedupe),
-  )
-  if opts.previous:
-    config = _with_previous(config, opts.previous.rstrip("/"), opts.ignore_bad_previous)
-  return config
-
-
-def _with_previous(config, previous, ignore_bad):
-  """Checks --previous at launch: reuse its rows, re-embed everything (model changed), or refuse."""
-  if previous == config.output:
-    raise LaunchError(f"--previous {previous!r} is the --output directory; write the refresh elsewhere")
-  try:
-    summary = refresh.read_previous_summary(previous)
-  except refresh.PreviousRunError as e:
-    if not ignore_bad:
-      raise LaunchError(f"{e}; pass --ignore-bad-previous to embed everything instead") from None
-    reason = f"ignored: {e}"
-    logging.warning("--previous: %s; embedding everything", reason)
-    return dataclasses.replace(config, refresh={"previous": previous, "reused": False, "reason": reason})
-  reason = refresh.model_difference(summary["layout"], config.layout())
-  if reason:
-    logging.warning("--previous %s: %s; re-embedding everything", previous, reason)
-    return dataclasses.replace(config, refresh={"previous": previous, "reused": False, "reason": reason})
-  return dataclasses.replace(config, previous=previous,
-                             refresh={"previous": previous, "reused": True, "reason": "same model"})
-
-
-def describe(config: RunConfig) -> str:
-  started = datetime.datetime.fromtimestamp(config.started_at, datetime.timezone.utc)
-  return json.dumps({"started": started.isoformat(), "layout": config.layout()}, indent=2)
+  return {"max_pixels": max_pixels, "decode_memory": memory}

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.write import LAYOUT_KEY
+from transforms.write import LAYOUT_KEY, embedding_matrix
 
 
 @dataclasses.dataclass
@@ -45,6 +45,5 @@ def read_embeddings(path: str) -> Embeddings:
       tables.append(pq.read_table(pa.BufferReader(f.read())))
   table = pa.concat_tables(tables)
   layout = json.loads(table.schema.metadata[LAYOUT_KEY])
-  column = table.column("embedding").combine_chunks()
-  vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(table), layout["dim"])
-  return Embeddings(table.column("uri").to_pylist(), vectors, layout, table)
+  return Embeddings(table.column("uri").to_pylist(), embedding_matrix(table.column("embedding")), layout,
+                    table)

@@ -30,7 +30,8 @@ from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
 
 from pipeline.graph import build_graph
 from pipeline.main import run
-from pipeline.options import EmbedOptions, build_config
+from pipeline.launch import build_config
+from pipeline.options import EmbedOptions
 from tests.dataflow_dry_run import resource_hints_by_transform
 from tests.gcs_emulator import gcs_bucket  # noqa: F401  (pytest fixture)
 from transforms.write import embeddings_schema, rows_to_table, summarize, write_summary
@@ -113,8 +114,9 @@ def local_proto(args):
 def test_dataflow_graph_has_the_gpu_hint_on_read_decode_embed_alone(photos, launched, capsys):
   bucket = photos
   assert run([*dataflow_args(bucket), *embed_args(bucket)]) == 0
-  # A dry run submits nothing: main says the job was launched, with no summary yet.
-  assert "launched" in capsys.readouterr().err
+  # A dry run builds the job and submits nothing, and says so.
+  assert capsys.readouterr().err.splitlines()[-1] == (
+      "embed-images: dry run: launch checks passed; nothing was run, written or deleted")
   [runner] = launched
   proto = runner.proto_pipeline
   by_name = {t.unique_name: t for t in proto.components.transforms.values()}
@@ -198,11 +200,15 @@ def test_gcs_output_holding_a_previous_run_is_refused_at_launch(photos, launched
   assert not launched  # refused before any job was built
   assert all(FileSystems.exists(p) for p in previous)
 
-  # --overwrite clears the previous run's files only, then launches.
+  # In a dry run, --overwrite only says what it would delete (the previous run's files, not
+  # others); the job is built, and nothing is deleted.
   _write(f"{bucket}/out/notes.txt")
   assert run([*dataflow_args(bucket), *embed_args(bucket), "--overwrite"]) == 0
   assert len(launched) == 1
-  assert not any(FileSystems.exists(p) for p in previous)
+  err = capsys.readouterr().err
+  assert [l for l in err.splitlines() if "would delete" in l] == [
+      f"embed-images: dry run: --overwrite would delete {p}" for p in previous]
+  assert all(FileSystems.exists(p) for p in previous)
   assert FileSystems.exists(f"{bucket}/out/notes.txt")
 
 
@@ -222,11 +228,13 @@ def write_finished_run(directory, args):
   """A run's files as the pipeline leaves them, written directly: one row, its layout, _SUCCESS.json."""
   config = build_config(PipelineOptions(args), check_files=False)
   table = rows_to_table([directory + "/x.jpg"], ["0" * 64], [1], [1], np.zeros((1, config.dim), np.float32))
-  table = table.replace_schema_metadata(embeddings_schema(config.dim, config.layout()).metadata)
+  table = table.replace_schema_metadata(embeddings_schema(config.dim, config.layout).metadata)
   path = f"{directory}/embeddings-00000-of-00001.parquet"
   with FileSystems.create(path) as f:
     pq.write_table(table, f)
-  write_summary(directory, summarize(config, 1, 1, [], [path]))
+  write_summary(directory, summarize(1, 1, [], [path], layout=config.layout, inputs=config.inputs,
+                                     output=config.output, started_at=config.started_at,
+                                     max_failure_fraction=config.max_failure_fraction))
 
 
 def test_dataflow_graph_with_previous_keeps_the_hint_on_read_decode_embed_alone(photos, launched):
@@ -282,8 +290,10 @@ def test_nightly_launches_into_todays_directory_with_the_latest_finished_run(pho
                "--experiments=no_use_multiple_sdk_containers", "--job_name embed-images-2026-11-22"):
     assert part in command + " ", part
   assert "re-embedding everything" not in log  # same model: the previous rows are reused
-  assert "launched" in log  # the dry run got as far as the job
-  assert not FileSystems.exists(stale)  # the dead attempt's files were cleared at launch
+  assert "embed-images: dry run: launch checks passed; nothing was run, written or deleted" in log
+  # DRY_RUN=1 deletes nothing: the dead attempt's files stay, and the log says they would go.
+  assert f"embed-images: dry run: --overwrite would delete {stale}" in log
+  assert FileSystems.exists(stale)
 
   # A day that finished already is left alone (latest_run.py's answer, tested above, stubbed
   # here: importing Beam again would cost seconds).
@@ -305,7 +315,7 @@ SAMPLE_VALUES = {
     "input": "gs://b/photos/**", "input_manifest": "gs://b/manifest.csv", "output": "gs://b/emb/2026-11-22",
     "previous": "gs://b/emb/2026-11-21", "backbones": "vgg16,inception_v3,resnet50", "weights": "gs://b/w",
     "pooling": "max", "image_size": "299", "batch_size": "64", "resize": "center-crop", "normalize": "l2",
-    "max_pixels": "0", "decode_timeout": "12.5", "max_failure_fraction": "0.01", "read_threads": "32",
+    "max_pixels": "0", "decode_timeout": "12.5", "decode_memory": "3GiB", "max_failure_fraction": "0.01", "read_threads": "32",
     "decode_threads": "0", "accelerator": "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver",
     "embed_min_ram": "24GiB", "num_shards": "0", "row_group_size": "4096",
     "overwrite": "true", "allow_tf32": "true", "mixed_precision": "true", "fast_decode": "true",

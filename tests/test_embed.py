@@ -1,13 +1,14 @@
 """Embed stage: the fused model against the Keras recipe, and batch fault isolation."""
 
+import hashlib
+
 import numpy as np
-import pytest
 import tensorflow as tf
 
-from pipeline.options import BackboneSpec
 from tests.recipe import keras_preprocess_input, relative_l2
-from transforms.embed import FusedModel, embed_robust, load_file
-from transforms.weights import load_backbone, resolve_weights
+from transforms.decode import DecodeSpec
+from transforms.embed import FusedModel, ReadAhead, embed_robust, load_file
+from transforms.weights import BackboneSpec, load_backbone, resolve_weights
 
 
 class _Model:
@@ -77,39 +78,65 @@ def test_fused_model_matches_keras_recipe_per_backbone_and_concatenates():
 
 
 def test_load_file_turns_a_missing_file_into_a_read_error(tmp_path):
-  config = type("C", (), {"sizes": (32,), "resize": "squash", "max_pixels": None, "fast_decode": False})
-  item = load_file(str(tmp_path / "gone.jpg"), config)
-  assert item.image is None and item.error["stage"] == "read"
+  spec = DecodeSpec(sizes=(32,), max_pixels=None)
+  item = load_file(str(tmp_path / "gone.jpg"), spec)
+  assert item.image is None and item.error["stage"] == "read" and item.error["error_type"] == "FileNotFoundError"
   (tmp_path / "text.jpg").write_text("<html>not an image</html>")
-  item = load_file(str(tmp_path / "text.jpg"), config)
-  assert item.error["stage"] == "decode" and item.sha256 is not None
+  item = load_file(str(tmp_path / "text.jpg"), spec)
+  assert (item.error["stage"], item.error["error_type"]) == ("decode", "unidentified_image")
+  assert item.sha256 == hashlib.sha256(b"<html>not an image</html>").hexdigest()
 
 
-def test_decode_slots_bound_concurrent_decodes(tmp_path, monkeypatch):
-  import concurrent.futures
-  import threading
-  import time as clock
+def test_load_file_skips_the_decode_of_unchanged_bytes(tmp_path):
   from PIL import Image
-  from transforms import decode
-  real, lock, state = decode.decode_and_resize, threading.Lock(), {"now": 0, "peak": 0}
+  from transforms.read import sha256_hex
+  Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+  data = (tmp_path / "a.png").read_bytes()
+  calls = []
+  decoder = lambda data, spec: calls.append(data)
+  item = load_file(str(tmp_path / "a.png"), DecodeSpec(sizes=(32,)), decoder, previous_sha256=sha256_hex(data))
+  assert item.carried and item.sha256 == sha256_hex(data) and calls == []
 
-  def counted(*args, **kwargs):
-    with lock:
-      state["now"] += 1
-      state["peak"] = max(state["peak"], state["now"])
-    clock.sleep(0.02)  # hold the slot long enough for the others to pile up
-    try:
-      return real(*args, **kwargs)
-    finally:
-      with lock:
-        state["now"] -= 1
 
-  monkeypatch.setattr(decode, "decode_and_resize", counted)
-  for i in range(12):
-    Image.new("RGB", (40, 30), (i * 20, 0, 0)).save(tmp_path / f"{i}.png")
-  config = type("C", (), {"sizes": (32,), "resize": "squash", "max_pixels": None, "fast_decode": False})
-  slots = threading.Semaphore(2)
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    items = list(pool.map(lambda p: load_file(str(p), config, None, None, slots), sorted(tmp_path.glob("*.png"))))
-  assert all(item.image is not None for item in items)
-  assert state["peak"] == 2
+def test_decoder_failures_keep_their_error_type(tmp_path):
+  from transforms.decode_pool import DecodeProcessError
+  (tmp_path / "x.jpg").write_bytes(b"anything")
+
+  def crashing(data, spec):
+    raise DecodeProcessError("decoder_crashed", "its decode process was killed by signal 11 (SIGSEGV)")
+
+  item = load_file(str(tmp_path / "x.jpg"), DecodeSpec(sizes=(32,)), crashing)
+  assert (item.error["stage"], item.error["error_type"]) == ("decode", "decoder_crashed")
+  assert "SIGSEGV" in item.error["message"]
+
+
+class _ManualExecutor:
+  """Runs submitted work only when the test says so, in the order the test chooses."""
+
+  def __init__(self):
+    import concurrent.futures
+    self._futures = concurrent.futures
+    self.queued = []
+
+  def submit(self, fn, *args):
+    future = self._futures.Future()
+    self.queued.append((future, fn, args))
+    return future
+
+  def run(self, index):
+    future, fn, args = self.queued[index]
+    future.set_result(fn(*args))
+
+
+def test_read_ahead_hands_items_back_in_submission_order_whatever_finishes_first():
+  executor = _ManualExecutor()
+  ahead = ReadAhead(lambda x: x * 10, executor)
+  for i in range(3):
+    ahead.submit(f"item{i}", i)
+  assert len(ahead) == 3
+  executor.run(2)
+  executor.run(0)  # the third finished first; the first is still handed back first
+  assert ahead.next() == ("item0", 0)
+  executor.run(1)
+  assert [ahead.next(), ahead.next()] == [("item1", 10), ("item2", 20)]
+  assert len(ahead) == 0

@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.main import run
 from tests.gcs_emulator import gcs_emulator
 from transforms.backbones import build_backbone
-from transforms.write import LAYOUT_KEY, read_summary
+from transforms.write import LAYOUT_KEY, embedding_matrix, read_summary
 
 SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
 BROKEN = b"<html>an error page saved as .jpg</html>"
@@ -37,11 +37,6 @@ def _tables(output, prefix):
   files = sorted(m.path for m in FileSystems.match([f"{output}/{prefix}-*.parquet"])[0].metadata_list)
   assert files, f"no {prefix}-*.parquet in {output}"
   return files, pa.concat_tables(pq.read_table(pa.BufferReader(_read(f))) for f in files)
-
-
-def _vectors(table):
-  column = table.column("embedding").combine_chunks()
-  return column.values.to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +91,7 @@ def test_gcs_run_writes_every_row_errors_and_summary(gcs_run, photos, weights_fi
     data = images[row["uri"]]
     assert row["sha256"] == hashlib.sha256(data).hexdigest()
     assert (row["width"], row["height"]) == Image.open(io.BytesIO(data)).size
-  vectors = _vectors(table)
+  vectors = embedding_matrix(table.column("embedding"))
   assert np.isfinite(vectors).all() and np.abs(vectors).sum(axis=1).min() > 0
 
   assert errors.to_pylist() == [{
@@ -127,7 +122,7 @@ def _local_copy(photos, root):
 def _by_name(table):
   names = [uri.split("/photos/", 1)[1] for uri in table.column("uri").to_pylist()]
   order = np.argsort(names)
-  return [names[i] for i in order], _vectors(table)[order]
+  return [names[i] for i in order], embedding_matrix(table.column("embedding"))[order]
 
 
 def test_gcs_run_equals_a_local_run_with_the_same_weights(gcs_run, photos, weights_file, tmp_path):

@@ -9,8 +9,8 @@ import json
 import os
 import pathlib
 import shutil
-import time
-import zlib
+import subprocess
+import sys
 
 import apache_beam as beam
 import numpy as np
@@ -22,10 +22,11 @@ from PIL import Image, features
 
 import pipeline.graph
 from pipeline.main import run
-from pipeline.options import BackboneSpec
-from tests.corpus import SAMPLES, _png_chunks, build_corpus
+from transforms.weights import BackboneSpec
+from tests import hostile
+from tests.corpus import SAMPLES, build_corpus
 from tests.recipe import recipe_embeddings, relative_l2
-from transforms.decode import decode_and_resize
+from transforms import decode_pool
 from transforms.weights import resolve_weights
 from transforms.write import LAYOUT_KEY
 
@@ -367,50 +368,69 @@ def test_a_file_vanishing_between_listing_and_reading_is_a_read_error(tmp_path, 
   assert set(result.vectors) == {str(folder / "astronaut.jpg"), str(folder / "rocket.jpg")}
 
 
-SLOW_SIDE = 9400  # 88.4 megapixels: just under Pillow's limit, so only the timeout can stop it
+# --- hostile files: each costs its own row, never the run or the machine ----------
+
+HOSTILE_TIMEOUT = 20  # seconds: the blocking file's cost; 5x the slowest legitimate work below
+PEAK_LIMIT = 6 << 30  # what the whole run (every process) may hold at its peak on this 24 GB machine
 
 
 @pytest.fixture(scope="module")
-def slow_png(tmp_path_factory):
-  """A valid 48-bit RGB PNG of 9400x9400 (a scanner's kind of file): 2 MB, one colour, ~1 s to decode.
-
-  Returns it with a --decode-timeout of a quarter of its decode time as measured
-  here, so the test holds on a faster machine too; small photos decode in ~5 ms.
-  """
-  # 16 bits a sample doubles what zlib and Pillow's unpacker chew through, for
-  # a file that is still quick to write.
-  row = b"\x00" + bytes((200, 0, 120, 0, 40, 0)) * SLOW_SIDE
-  compressor = zlib.compressobj(1)
-  idat = b"".join(compressor.compress(row * 100) for _ in range(SLOW_SIDE // 100)) + compressor.flush()
-  data = _png_chunks(SLOW_SIDE, SLOW_SIDE, 16, 2, idat)
-  started = time.monotonic()
-  decoded = decode_and_resize(data, [SMALL])  # a good image: only time can fail it
-  seconds = time.monotonic() - started
-  assert (decoded.arrays[SMALL] == (200, 120, 40)).all()
-  timeout = round(seconds / 4, 2)
-  print(f"slow PNG: {len(data):,} bytes, {SLOW_SIDE}x{SLOW_SIDE} 48-bit, decodes in {seconds:.2f}s; "
-        f"--decode-timeout {timeout}")
-  if timeout < 0.1:
-    pytest.skip(f"the slow PNG decodes in {seconds:.2f}s here: too fast to tell from a small photo")
-  path = tmp_path_factory.mktemp("slow") / "slow.png"
-  path.write_bytes(data)
-  return path, timeout
+def hostile_folder(tmp_path_factory):
+  """Four photos among five hostile files, each made here (tests/hostile.py)."""
+  folder = tmp_path_factory.mktemp("hostile")
+  for name in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"):
+    shutil.copy(SAMPLES / name, folder / name)
+  # The crafted-ICNS kind that took the machine down: 256x256 declared, 2.5 gigapixels inside.
+  (folder / "icon.icns").write_bytes(hostile.icns_with_inner_png(hostile.blank_png(50_000, 50_000, complete=False)))
+  # A complete 400-megapixel RGBA PNG of 1.5 MB: 1.6 GB as Pillow's pixels, more once converted.
+  (folder / "bomb_400mp.png").write_bytes(hostile.blank_png(20_000, 20_000, color_type=6))
+  (folder / "crash.jpg").write_bytes(hostile.plugin_file(hostile.ABORT_MAGIC))  # the codec aborts
+  (folder / "endless.jpg").write_bytes(hostile.plugin_file(hostile.BLOCK_MAGIC))  # the decode never ends
+  return folder
 
 
-def test_decode_timeout_fails_the_slow_file_and_the_run_goes_on(tmp_path, slow_png):
-  slow, timeout = slow_png
-  folder = sample_folder(tmp_path, names=("astronaut.jpg", "chelsea.jpg", "coins.jpg", "grace_hopper.jpg"))
-  shutil.copy(slow, folder / "slow.png")
-  good = sorted(p for p in folder.iterdir() if p.name != "slow.png")
-  result = embed([f"{folder}/*"], tmp_path / "out", *SMALL_MODEL, "--decode-timeout", str(timeout),
-                 "--max-failure-fraction", "0.5")
-  assert result.status == 0 and result.summary["status"] == "ok"
-  row = result.failures[str(folder / "slow.png")]
-  assert (row["stage"], row["error_type"]) == ("decode", "decode_timeout")
-  assert f"--decode-timeout={timeout:g}s" in row["message"]
-  assert len(result.failures) == 1
+def run_measured(folder, out, *options):
+  """`embed-images` as its own process (with the hostile plugin in its decode processes); returns
+  the Result and an upper bound of the run's peak memory over all its processes: the main
+  process's peak RSS plus the sum of every decode process's peak."""
+  env = dict(os.environ, **{decode_pool.PLUGINS_ENV: hostile.PLUGIN_MODULE})
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "pipeline", "--input", f"{folder}/*", "--output", str(out), *SMALL_MODEL,
+       "--decode-timeout", str(HOSTILE_TIMEOUT), "--max-failure-fraction", "1", *options],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=pathlib.Path(__file__).parent.parent)
+  stderr = proc.stderr.read().decode()
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  result = Result(proc.returncode, stderr, pathlib.Path(out))
+  decoders = result.summary["decode_processes"]
+  return result, usage.ru_maxrss * 1024 + decoders["peak_rss_sum_bytes"]
+
+
+@pytest.mark.parametrize("options,expected", [
+    ((), {"icon.icns": "decompression_bomb", "bomb_400mp.png": "decompression_bomb",
+          "crash.jpg": "decoder_crashed", "endless.jpg": "decode_timeout"}),
+    # No pixel limit: only the decode processes' memory ceiling stands between these and the machine.
+    (("--max-pixels", "0"), {"icon.icns": "too_large", "bomb_400mp.png": "too_large",
+                             "crash.jpg": "decoder_crashed", "endless.jpg": "decode_timeout"}),
+], ids=["default", "max-pixels-0"])
+def test_hostile_files_cost_one_row_each_and_the_run_stays_bounded(tmp_path, hostile_folder, options, expected):
+  result, peak = run_measured(hostile_folder, tmp_path / "out", *options)
+  decoders = result.summary["decode_processes"]
+  print(f"hostile run {options or 'default'}: peak over all processes <= {peak / 2**30:.2f} GiB; "
+        f"decode processes {decoders}")
+  assert result.status == 0 and result.summary["status"] == "ok", result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert sorted(result.errors.column("uri").to_pylist()) == sorted(str(hostile_folder / n) for n in expected)
+  assert {pathlib.Path(k).name: (r["stage"], r["error_type"]) for k, r in result.failures.items()} == {
+      name: ("decode", error_type) for name, error_type in expected.items()}
+  good = sorted(p for p in hostile_folder.iterdir() if p.suffix == ".jpg" and p.name not in expected)
   assert set(result.vectors) == {str(p) for p in good}
   assert relative_l2(stack(result, good), recipe(good)).max() < 1e-4
+  assert result.failures[str(hostile_folder / "endless.jpg")]["message"].startswith(
+      f"decoding took longer than --decode-timeout={HOSTILE_TIMEOUT}s")
+  # The crash and the timeout each cost their process, replaced at once.
+  assert decoders["replaced"] == 2 and decoders["started"] == decoders["replaced"] + len(os.sched_getaffinity(0))
+  assert peak < PEAK_LIMIT
 
 
 def test_max_pixels_turns_a_photo_into_a_decompression_bomb_row(tmp_path):
@@ -421,7 +441,8 @@ def test_max_pixels_turns_a_photo_into_a_decompression_bomb_row(tmp_path):
   assert result.status == 0
   row = result.failures[str(folder / "astronaut.jpg")]
   assert (row["stage"], row["error_type"]) == ("decode", "decompression_bomb")
-  assert "500x375" in row["message"] and "150,000" in row["message"] and "--max-pixels" in row["message"]
+  assert row["message"] == ("the image declares 500x375 = 187,500 pixels, over the limit of 150,000 "
+                            "(--max-pixels); it was not decoded. If the file is trusted, raise --max-pixels.")
   assert set(result.vectors) == {str(folder / "coins.jpg"), str(folder / "chelsea.jpg")}
 
 
@@ -484,3 +505,27 @@ def test_fast_decode_deviates_a_little_on_large_photos_only(tmp_path):
     assert error["small_500x375.jpg"] < 1e-4
     for name in ("mosaic_4000x3000.jpg", "smooth_4000x3000.jpg"):
       assert 1e-4 < error[name] < 0.05, (part["name"], name)  # the reduced decode happened, and is close
+
+
+def test_a_run_leaves_no_process_wide_state_behind(tmp_path):
+  import keras
+  import tensorflow as tf
+  folder = sample_folder(tmp_path, names=("astronaut.jpg", "coffee.jpg", "rocket.jpg"))
+  files = sorted(folder.iterdir())
+
+  def process_state():
+    return (Image.MAX_IMAGE_PIXELS, keras.mixed_precision.global_policy().name,
+            tf.config.experimental.tensor_float_32_execution_enabled())
+
+  before = process_state()
+  first = embed([f"{folder}/*.jpg"], tmp_path / "first", *SMALL_MODEL, "--mixed-precision", "--allow-tf32",
+                "--max-pixels", "0")
+  assert first.status == 0 and first.layout["mixed_precision"] is True and first.layout["allow_tf32"] is True
+  mixed_error = float(relative_l2(stack(first, files), recipe(files)).max())
+  assert process_state() == before
+  second = embed([f"{folder}/*.jpg"], tmp_path / "second", *SMALL_MODEL)
+  assert second.status == 0 and second.layout["mixed_precision"] is False
+  exact_error = float(relative_l2(stack(second, files), recipe(files)).max())
+  print(f"mixed_float16 run: {mixed_error:.2e} from the recipe; the float32 run after it: {exact_error:.2e}")
+  # A leaked mixed_float16 policy would put the second run where the first is.
+  assert exact_error < 1e-4 < mixed_error

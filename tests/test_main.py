@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from pipeline.main import run
-from pipeline.options import BackboneSpec
+from transforms.weights import BackboneSpec
 from tests.recipe import recipe_embeddings, relative_l2
 from transforms.weights import resolve_weights
-from transforms.write import LAYOUT_KEY, read_summary
+from transforms.write import LAYOUT_KEY, embedding_matrix, read_summary
 
 SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
 REPO = SAMPLES.parent
@@ -42,10 +42,6 @@ def read_output(out):
   return table, errors
 
 
-def _matrix(table):
-  return np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-
-
 def test_two_backbones_of_different_sizes_match_the_keras_recipe(photos, tmp_path):
   out = tmp_path / "out"
   status = run(["--input", f"{photos}/*.jpg", "--input", f"{photos}/*.png", "--output", str(out),
@@ -61,7 +57,8 @@ def test_two_backbones_of_different_sizes_match_the_keras_recipe(photos, tmp_pat
   layout = json.loads(pq.read_schema(sorted(out.glob("embeddings-*.parquet"))[0]).metadata[LAYOUT_KEY])
   assert [(b["name"], b["offset"], b["dim"], b["input_size"], b["preprocessing"]) for b in layout["backbones"]] == [
       ("mobilenet_v2", 0, 1280, 224, "tf"), ("inception_v3", 1280, 2048, 299, "tf")]
-  assert all(b["weights_fingerprint"].startswith("random:") for b in layout["backbones"])
+  random_weights = resolve_weights("random", "mobilenet_v2", 224).fingerprint
+  assert [b["weights_fingerprint"] for b in layout["backbones"]] == [random_weights, random_weights]
   assert layout["pooling"] == "avg" and layout["resize"] == "squash"
 
   summary = read_summary(str(out))
@@ -82,7 +79,7 @@ def test_two_backbones_of_different_sizes_match_the_keras_recipe(photos, tmp_pat
   specs = [BackboneSpec("mobilenet_v2", 224, resolve_weights("random", "mobilenet_v2", 224)),
            BackboneSpec("inception_v3", 299, resolve_weights("random", "inception_v3", 299))]
   want = recipe_embeddings(files, specs)
-  got = _matrix(table)[[rows[str(p)] for p in files]]
+  got = embedding_matrix(table.column("embedding"))[[rows[str(p)] for p in files]]
   error = relative_l2(got, want)
   print(f"fidelity: max relative L2 error {error.max():.2e} over {len(files)} files (incl. 4000x3000)")
   assert error.max() < 1e-4
@@ -106,13 +103,14 @@ def test_multi_process_run_gives_the_same_rows(photos, tmp_path):
   one, two = one.sort_by("uri"), two.sort_by("uri")
   assert one.column("uri").to_pylist() == two.column("uri").to_pylist()
   assert one.num_rows == len(list(photos.glob("*.jpg")))
-  np.testing.assert_allclose(_matrix(two), _matrix(one), rtol=1e-5, atol=1e-6)
+  vectors = embedding_matrix(two.column("embedding"))
+  np.testing.assert_allclose(vectors, embedding_matrix(one.column("embedding")), rtol=1e-5, atol=1e-6)
   # the non-default size reached the worker processes
   layout = json.loads(pq.read_schema(sorted((tmp_path / "two").glob("embeddings-*"))[0]).metadata[LAYOUT_KEY])
   assert layout["backbones"][0]["input_size"] == 64
   specs = [BackboneSpec("mobilenet_v2", 64, resolve_weights("random", "mobilenet_v2", 64))]
   paths = [pathlib.Path(u) for u in two.column("uri").to_pylist()]
-  assert relative_l2(_matrix(two), recipe_embeddings(paths, specs)).max() < 1e-4
+  assert relative_l2(vectors, recipe_embeddings(paths, specs)).max() < 1e-4
 
 
 def _cli(*args, cwd=REPO):

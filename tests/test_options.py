@@ -3,7 +3,8 @@
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.options import EmbedOptions, LaunchError, build_config, prepare_output
+from pipeline.launch import build_config
+from pipeline.options import EmbedOptions, LaunchError, parse_size
 
 
 @pytest.fixture
@@ -24,7 +25,7 @@ def test_defaults_and_native_sizes(images, tmp_path):
   assert [b.name for b in config.backbones] == ["vgg16", "inception_v3", "resnet50"]
   assert [b.size for b in config.backbones] == [224, 299, 224]
   assert config.sizes == (224, 299)
-  layout = config.layout()
+  layout = config.layout
   assert [(b["offset"], b["dim"]) for b in layout["backbones"]] == [(0, 512), (512, 2048), (2560, 2048)]
   assert layout["dim"] == config.dim == 4608
 
@@ -69,14 +70,34 @@ def test_hyphenated_options_survive_the_from_dictionary_round_trip(images, tmp_p
   assert again.input == [f"{images}/*.jpg"]
 
 
-def test_output_with_a_previous_run_is_refused_unless_overwrite(tmp_path):
-  out = tmp_path / "out"
-  out.mkdir()
-  (out / "embeddings-00000-of-00001.parquet").write_bytes(b"old")
-  (out / "_SUCCESS.json").write_text("{}")
-  (out / "notes.txt").write_text("mine")
-  with pytest.raises(LaunchError, match="already holds a previous run.*--overwrite"):
-    prepare_output(str(out), overwrite=False)
-  assert (out / "embeddings-00000-of-00001.parquet").read_bytes() == b"old"
-  prepare_output(str(out), overwrite=True)
-  assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+@pytest.mark.parametrize("text,want", [("2GiB", 2 << 30), ("1500MB", 1_500_000_000), ("512 MiB", 512 << 20),
+                                       ("1.5gib", 3 << 29), ("64MiB", 64 << 20)])
+def test_sizes_take_decimal_and_binary_units(text, want):
+  assert parse_size("decode-memory", text) == want
+
+
+@pytest.mark.parametrize("text", ["2", "2GiBs", "lots", "-1GB", ""])
+def test_a_size_without_a_valid_unit_is_refused(text):
+  with pytest.raises(LaunchError) as info:
+    parse_size("decode-memory", text)
+  assert str(info.value) == f"--decode-memory must be a size with a unit, e.g. 2GiB or 1500MB; received: {text!r}"
+
+
+def test_decode_memory_default_follows_max_pixels_and_holds_without_it(images, tmp_path):
+  base = ("--input", f"{images}/*.jpg", "--output", str(tmp_path / "o"), "--weights", "random",
+          "--backbones", "mobilenet_v2")
+  config = _config(*base)
+  assert config.decode_memory == 24 * 89_478_485 and config.max_pixels == 89_478_485
+  config = _config(*base, "--max-pixels", "0")
+  assert config.max_pixels is None and config.decode_memory == 2 << 30  # the ceiling stays
+  config = _config(*base, "--max-pixels", "1000", "--decode-memory", "3GiB")
+  assert config.decode_memory == 3 << 30 and config.decode_spec.memory == 3 << 30
+  assert config.decode_spec.max_pixels == 1000 and config.decode_spec.name("memory") == "--decode-memory"
+  with pytest.raises(LaunchError, match=r"^--decode-memory must be at least 64MiB .*received: '1MB'$"):
+    _config(*base, "--decode-memory", "1MB")
+
+
+def test_decode_threads_zero_is_left_for_the_worker_to_count(images, tmp_path):
+  config = _config("--input", f"{images}/*.jpg", "--output", str(tmp_path / "o"), "--weights", "random",
+                   "--backbones", "mobilenet_v2")
+  assert config.decode_threads == 0  # resolved by EmbedFilesDoFn.setup on the worker, not here

@@ -7,16 +7,11 @@ import numpy as np
 import pytest
 
 from transforms import read
+from transforms.decode import DecodeSpec
 from transforms.embed import load_file
 from transforms.read import read_bytes, sha256_hex
 
-
-class Config:
-  """The fields of RunConfig that load_file uses."""
-  sizes = (32,)
-  resize = "squash"
-  max_pixels = None
-  fast_decode = False
+SPEC = DecodeSpec(sizes=(32,), max_pixels=None)
 
 
 def test_read_bytes_returns_the_whole_file_across_chunks(tmp_path):
@@ -62,11 +57,11 @@ def test_load_file_a_file_gone_since_listing_is_a_read_error(tmp_path):
   path = tmp_path / "vanished.jpg"
   path.write_bytes(b"listed, then deleted")
   path.unlink()
-  _assert_read_error(load_file(str(path), Config), str(path), "FileNotFoundError")
+  _assert_read_error(load_file(str(path), SPEC), str(path), "FileNotFoundError")
 
 
 def test_load_file_a_directory_is_a_read_error(tmp_path):
-  _assert_read_error(load_file(str(tmp_path), Config), str(tmp_path), "IsADirectoryError")
+  _assert_read_error(load_file(str(tmp_path), SPEC), str(tmp_path), "IsADirectoryError")
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads a chmod 000 file anyway")
@@ -75,7 +70,7 @@ def test_load_file_an_unreadable_file_is_a_read_error(tmp_path):
   path.write_bytes(b"\xff\xd8 not for you")
   path.chmod(0)
   try:
-    _assert_read_error(load_file(str(path), Config), str(path), "PermissionError")
+    _assert_read_error(load_file(str(path), SPEC), str(path), "PermissionError")
   finally:
     path.chmod(0o644)
 
@@ -83,6 +78,6 @@ def test_load_file_an_unreadable_file_is_a_read_error(tmp_path):
 def test_load_file_bad_bytes_are_a_decode_error_with_the_digest(tmp_path):
   path = tmp_path / "page.jpg"
   path.write_bytes(b"<html>not an image</html>")
-  item = load_file(str(path), Config)
+  item = load_file(str(path), SPEC)
   assert item.error["stage"] == "decode" and item.error["error_type"] == "unidentified_image"
   assert item.sha256 == hashlib.sha256(b"<html>not an image</html>").hexdigest()

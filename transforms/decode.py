@@ -3,7 +3,7 @@
 import dataclasses
 import io
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Optional
 
 import numpy as np
@@ -41,6 +41,23 @@ class DecodeError(Exception):
     return (DecodeError, (self.error_type, self.message))
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """How a run decodes: the arguments of `decode_and_resize`, plus the limits a decode process
+  enforces (seconds of wall time, bytes of address space) and the names the caller's users know
+  these arguments by (e.g. {"max_pixels": "--max-pixels"}), used only to word error messages."""
+  sizes: tuple
+  resize: str = "squash"
+  max_pixels: Optional[int] = PIL_MAX_PIXELS
+  fast: bool = False
+  timeout: float = 60.0
+  memory: Optional[int] = None
+  option_names: tuple = ()  # ((argument, name), ...): hashable, so the spec is too
+
+  def name(self, argument: str) -> str:
+    return dict(self.option_names).get(argument, argument)
+
+
 @dataclasses.dataclass
 class DecodedImage:
   """Size of the decoded image (after EXIF orientation, before resizing) and one array per target size."""
@@ -55,6 +72,7 @@ def decode_and_resize(
     resize: str = "squash",
     max_pixels: Optional[int] = PIL_MAX_PIXELS,
     fast: bool = False,
+    option_names: Optional[Mapping[str, str]] = None,
 ) -> DecodedImage:
   """Decodes `data` once and resizes it (bilinear) to each distinct square size.
 
@@ -64,7 +82,8 @@ def decode_and_resize(
   Beyond that recipe: EXIF orientation is applied, alpha is composited on white,
   16-bit greys are scaled (not clipped) to 8 bits, animations give their first frame.
 
-  Raises DecodeError for any bad data, ValueError for bad arguments.
+  Raises DecodeError for any bad data, ValueError for bad arguments. Messages name the
+  arguments as `option_names` says (a command line passes {"max_pixels": "--max-pixels"}).
   """
   if resize not in RESIZE_POLICIES:
     raise ValueError(f"`resize` must be one of {RESIZE_POLICIES}; Received: resize={resize!r}")
@@ -78,21 +97,26 @@ def decode_and_resize(
     raise ValueError(f"`max_pixels` must be positive or None (no limit); Received: max_pixels={max_pixels!r}")
   if not data:
     raise DecodeError("empty_file", "the file is empty (0 bytes)")
+  name = (option_names or {}).get("max_pixels", "max_pixels")
   try:
-    return _decode(data, targets, resize, max_pixels, fast)
+    return _decode(data, targets, resize, max_pixels, fast, name)
   except DecodeError:
     raise
-  except Image.DecompressionBombError as e:
+  except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    # Pillow's own guard, which its loaders apply to what they are about to allocate: an
+    # inner image of a container (ICNS, ICO, ...) larger than the size its header declares.
+    # A decode process turns the warning (over Image.MAX_IMAGE_PIXELS) into this error too.
     raise DecodeError(
         "decompression_bomb",
-        f"{e} This is Pillow's own hard limit (twice Image.MAX_IMAGE_PIXELS), which applies "
-        "before --max-pixels is consulted; the image was not decoded.") from e
+        f"{e} (Pillow's own check, at Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS or 0:,}; "
+        f"a decode process sets it to {name}); the image was not decoded.") from e
   except UnidentifiedImageError as e:
     raise DecodeError("unidentified_image", _unidentified_message(data)) from e
   except MemoryError as e:
     raise DecodeError(
         "too_large",
-        "ran out of memory decoding the image; lower --max-pixels or give workers more memory") from e
+        "ran out of memory decoding the image (in a decode process: over its memory ceiling); "
+        "the file is hostile or larger than the ceiling allows") from e
   except (OSError, SyntaxError) as e:
     # Pillow says "image file is truncated" when the bytes stop early, and
     # "broken/unrecognized data stream" (its codec status) or SyntaxError
@@ -112,9 +136,26 @@ def decode_and_resize(
     raise DecodeError("decode_error", f"Pillow could not decode the image: {type(e).__name__}: {e}") from e
 
 
-def _decode(data, targets, resize, max_pixels, fast):
+def open_image(data: bytes, formats):
+  """Image.open over the bytes; a decode process swaps in `open_image_for_header_check`."""
+  return Image.open(io.BytesIO(data), formats=formats)
+
+
+def open_image_for_header_check(data: bytes, formats):
+  """Image.open without Pillow's size check on the declared size, which `_decode` makes itself
+  with a message that names the dimensions and the limit; the loaders' own checks (inner images,
+  tiles) still run at load. Only where nothing else uses Pillow meanwhile: a decode process."""
+  limit = Image.MAX_IMAGE_PIXELS
+  Image.MAX_IMAGE_PIXELS = None
+  try:
+    return Image.open(io.BytesIO(data), formats=formats)
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
+
+
+def _decode(data, targets, resize, max_pixels, fast, max_pixels_name):
   formats = [f for f in Image.ID if f not in _REFUSED_FORMATS]
-  with Image.open(io.BytesIO(data), formats=formats) as img:
+  with open_image(data, formats) as img:
     # Image.open has read the header only: the check costs nothing and runs
     # before a single pixel is decompressed.
     width, height = img.size
@@ -122,8 +163,8 @@ def _decode(data, targets, resize, max_pixels, fast):
       raise DecodeError(
           "decompression_bomb",
           f"the image declares {width}x{height} = {width * height:,} pixels, over the limit of "
-          f"{max_pixels:,} (--max-pixels); it was not decoded. If the file is trusted, raise "
-          "--max-pixels (0 disables the check).")
+          f"{max_pixels:,} ({max_pixels_name}); it was not decoded. If the file is trusted, raise "
+          f"{max_pixels_name}.")
     if fast and isinstance(img, JpegImagePlugin.JpegImageFile):
       # libjpeg's DCT scaling by 1/2, 1/4 or 1/8, chosen so both sides stay >= the
       # largest target: not exact, but skips most of the decode of big photos.

@@ -2,10 +2,9 @@
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import logging
-import threading
+import os
 import time
 from typing import Optional
 
@@ -15,30 +14,30 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
 from apache_beam.utils import shared
 
-from transforms import decode
+from transforms import decode, decode_pool
+from transforms.decode_pool import DecodeProcessError
 from transforms.backbones import get_backbone, preprocess
 from transforms.read import read_bytes, sha256_hex
 from transforms.weights import load_backbone
-from transforms.write import error_row, rows_to_table
+from transforms.write import error_row, package_versions, rows_to_table
 
 _LOG = logging.getLogger(__name__)
 ERRORS_TAG = "errors"
 CARRIED_TAG = "carried"
+WORKER_STATS_TAG = "worker_stats"
 
 
-def configure_tensorflow(allow_tf32=False, mixed_precision=False):
-  """Must run before the first TensorFlow op: GPU memory growth and precision can't change later."""
+def configure_tensorflow(allow_tf32=False):
+  """Must run before the first TensorFlow op: GPU memory growth can't change later."""
   import tensorflow as tf
   for gpu in tf.config.list_physical_devices("GPU"):
     try:
       tf.config.experimental.set_memory_growth(gpu, True)
     except RuntimeError as e:  # already initialised in this process: keep going
       _LOG.warning("could not set GPU memory growth: %s", e)
-  # TF32 matmuls/convs move results by ~1e-3 on Ampere+: off unless asked for.
+  # TF32 matmuls/convs move results by ~1e-3 on Ampere+: off unless asked for. Process-wide:
+  # pipeline.main puts the previous setting back after a run.
   tf.config.experimental.enable_tensor_float_32_execution(bool(allow_tf32))
-  if mixed_precision:
-    import keras
-    keras.mixed_precision.set_global_policy("mixed_float16")
 
 
 def l2_normalize(x):
@@ -58,11 +57,19 @@ class FusedModel:
   """uint8 batches (one per input size) in, concatenated float32 pooled features out."""
 
   def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none"):
+    import keras
     import tensorflow as tf
-    configure_tensorflow(allow_tf32, mixed_precision)
+    configure_tensorflow(allow_tf32)
     self.backbones = tuple(backbones)
     self.sizes = tuple(sorted({b.size for b in self.backbones}))
-    self.models = [load_backbone(b.name, b.size, pooling, b.weights) for b in self.backbones]
+    # Keras's dtype policy is read when layers are built, and is process-wide: set it for the
+    # build only, so nothing else in this process (another run, the user's code) inherits it.
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
+    try:
+      self.models = [load_backbone(b.name, b.size, pooling, b.weights) for b in self.backbones]
+    finally:
+      keras.mixed_precision.set_global_policy(policy)
     self.dim = sum(get_backbone(b.name).dim for b in self.backbones)
     modes = [get_backbone(b.name).preprocessing for b in self.backbones]
     position = {size: i for i, size in enumerate(self.sizes)}
@@ -171,18 +178,17 @@ class Loaded:
   info: Optional[dict] = None  # the item's extra columns, previous digest, duplicates
 
 
-class _Clock:
-  """When this file's decode started; read by the waiter to enforce --decode-timeout."""
-  __slots__ = ("decode_started",)
-
-  def __init__(self):
-    self.decode_started = None
+def decode_in_process(data, spec: decode.DecodeSpec) -> decode.DecodedImage:
+  """`decode_and_resize` in this process, without isolation: for trusted files and tests."""
+  return decode.decode_and_resize(data, spec.sizes, resize=spec.resize, max_pixels=spec.max_pixels,
+                                  fast=spec.fast, option_names=dict(spec.option_names))
 
 
-def load_file(uri, config, clock=None, previous_sha256=None, decode_slots=None) -> Loaded:
+def load_file(uri, spec: decode.DecodeSpec, decoder=decode_in_process, previous_sha256=None) -> Loaded:
   """Read + hash + decode one file; every failure becomes an error row, never an exception.
 
-  A file whose digest equals `previous_sha256` is not decoded: the previous run's row stands.
+  `decoder(data, spec)` is `DecodePool.decode` in a run. A file whose digest equals
+  `previous_sha256` is not decoded: the previous run's row stands.
   """
   try:
     data = read_bytes(uri)
@@ -191,19 +197,38 @@ def load_file(uri, config, clock=None, previous_sha256=None, decode_slots=None) 
   digest = sha256_hex(data)
   if previous_sha256 is not None and digest == previous_sha256:
     return Loaded(uri, digest, carried=True)
-  # --decode-threads bounds decodes in flight (and so decoded images in memory), however many
-  # reads are; the timeout clock starts once a slot is held.
-  with decode_slots or contextlib.nullcontext():
-    if clock is not None:
-      clock.decode_started = time.monotonic()
-    try:
-      image = decode.decode_and_resize(
-          data, config.sizes, resize=config.resize, max_pixels=config.max_pixels, fast=config.fast_decode)
-    except decode.DecodeError as e:
-      return Loaded(uri, digest, error=error_row(uri, "decode", e.error_type, str(e)))
-    except Exception as e:  # decode_and_resize maps bad data itself; this is a last guard
-      return Loaded(uri, digest, error=error_row(uri, "decode", type(e).__name__, str(e)))
+  try:
+    image = decoder(data, spec)
+  except (decode.DecodeError, DecodeProcessError) as e:
+    return Loaded(uri, digest, error=error_row(uri, "decode", e.error_type, str(e)))
+  except Exception as e:  # decode_and_resize maps bad data itself; this is a last guard
+    return Loaded(uri, digest, error=error_row(uri, "decode", type(e).__name__, str(e)))
   return Loaded(uri, digest, image=image)
+
+
+class ReadAhead:
+  """Loads items in `executor` ahead of their use and hands them back in submission order.
+
+  The model runs on one batch while the executor's threads read and decode the next ones. Every
+  limit on a single file (its decode's memory and time) is enforced inside `load`, so waiting
+  for the oldest item always ends.
+  """
+
+  def __init__(self, load, executor):
+    self._load = load
+    self._executor = executor
+    self._pending = collections.deque()
+
+  def submit(self, item, *args):
+    self._pending.append((item, self._executor.submit(self._load, *args)))
+
+  def __len__(self):
+    return len(self._pending)
+
+  def next(self):
+    """(item, what `load` returned for it) of the oldest submission."""
+    item, future = self._pending.popleft()
+    return item, future.result()
 
 
 def item_parts(element):
@@ -233,12 +258,13 @@ def _rows_for(items, embeddings, config):
 
 
 class EmbedFilesDoFn(beam.DoFn):
-  """Paths in; Arrow tables of embeddings out (main), error rows (tagged `errors`) and the
-  paths whose bytes are unchanged since the previous run (tagged `carried`).
+  """Paths in; Arrow tables of embeddings out (main), error rows (tagged `errors`), the paths
+  whose bytes are unchanged since the previous run (tagged `carried`), and per bundle the decode
+  processes' state and the worker's package versions (tagged `worker_stats`).
 
-  Reading and decoding run in a thread pool ahead of the model, so the CPU
-  decodes the next batch while TensorFlow runs this one; only paths cross the
-  shuffle into this stage.
+  Reads run in a thread pool ahead of the model; decodes run in this process's decode pool
+  (transforms/decode_pool.py), so the CPU decodes the next batch while TensorFlow runs this one
+  and no file can take the worker down. Only paths cross the shuffle into this stage.
   """
 
   def __init__(self, config):
@@ -253,12 +279,13 @@ class EmbedFilesDoFn(beam.DoFn):
   def setup(self):
     config = self._config
     self._model = None  # built at the first batch to embed: a refresh may need none
-    self._executor = self._new_executor()
-    self._decode_slots = threading.Semaphore(config.decode_threads)
-    # Our header check (--max-pixels, before decoding) is the one limit: Pillow's own refusal
-    # at twice its default would otherwise cap --max-pixels and warn below it.
-    from PIL import Image
-    Image.MAX_IMAGE_PIXELS = None
+    # 0: this worker's own cores, counted here rather than on the machine that launched the job.
+    processes = config.decode_threads or worker_cores()
+    self._spec = config.decode_spec
+    self._versions = package_versions()
+    self._decoders = decode_pool.acquire_pool(processes, self._spec.memory)
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(config.read_threads, processes), thread_name_prefix="read-decode")
     self._max_batch = config.batch_size
     self._progress = None
     if config.progress:
@@ -276,66 +303,31 @@ class EmbedFilesDoFn(beam.DoFn):
           tag=key)
     return self._model
 
-  def _new_executor(self):
-    config = self._config
-    return concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(config.read_threads, config.decode_threads), thread_name_prefix="read-decode")
-
-  def _submit(self, uri, info, clock):
-    return self._executor.submit(
-        load_file, uri, self._config, clock, info.get("previous_sha256"), self._decode_slots)
-
   def start_bundle(self):
-    self._pending = collections.deque()
+    self._ahead = ReadAhead(load_file, self._executor)
 
   def process(self, element):
     uri, info = item_parts(element)
-    clock = _Clock()
-    self._pending.append((uri, info, clock, self._submit(uri, info, clock)))
-    # Keep one batch decoding in the pool while the model runs the one before it.
-    while len(self._pending) >= 2 * self._config.batch_size:
+    self._ahead.submit((uri, info), uri, self._spec, self._decoders.decode, info.get("previous_sha256"))
+    # Keep one batch decoding while the model runs the one before it.
+    while len(self._ahead) >= 2 * self._config.batch_size:
       yield from self._embed_next_batch()
 
   def finish_bundle(self):
-    while self._pending:
+    while len(self._ahead):
       for output in self._embed_next_batch():
-        if isinstance(output, beam.pvalue.TaggedOutput):
-          yield beam.pvalue.TaggedOutput(output.tag, window.GlobalWindows.windowed_value(output.value))
-        else:
-          yield window.GlobalWindows.windowed_value(output)
+        yield _in_global_window(output)
+    stats = {"peak_rss": self._decoders.peak_rss(), "started": self._decoders.started,
+             "replaced": self._decoders.replaced, "versions": self._versions}
+    yield _in_global_window(beam.pvalue.TaggedOutput(WORKER_STATS_TAG, (os.getpid(), stats)))
 
   def teardown(self):
     executor = getattr(self, "_executor", None)
     if executor is not None:
       executor.shutdown(wait=False, cancel_futures=True)
-
-  def _wait(self, uri, clock, future) -> Loaded:
-    timeout = self._config.decode_timeout
-    while True:
-      try:
-        return future.result(timeout=min(timeout, 1.0))
-      except concurrent.futures.TimeoutError:
-        started = clock.decode_started
-        if started is not None and time.monotonic() - started > timeout:
-          # The stuck thread can't be killed; leave it to finish in the old pool
-          # and give the rest of the run a fresh one.
-          self._executor.shutdown(wait=False)
-          self._executor = self._new_executor()
-          # The stuck decode keeps its slot in the old semaphore; new work gets a full set.
-          self._decode_slots = threading.Semaphore(self._config.decode_threads)
-          self._resubmit_pending()
-          return Loaded(uri, error=error_row(
-              uri, "decode", "decode_timeout",
-              f"decoding took longer than --decode-timeout={timeout:g}s; skipped"))
-
-  def _resubmit_pending(self):
-    # Work queued in the abandoned pool would never run: hand it to the new one.
-    pending = collections.deque()
-    for uri, info, clock, future in self._pending:
-      if future.cancel():
-        future = self._submit(uri, info, clock)
-      pending.append((uri, info, clock, future))
-    self._pending = pending
+    decoders = getattr(self, "_decoders", None)
+    if decoders is not None:
+      decode_pool.release_pool(decoders)
 
   def _failures(self, uri, info, error):
     for path in [uri] + [dup for dup, _ in info.get("duplicates") or ()]:
@@ -345,9 +337,8 @@ class EmbedFilesDoFn(beam.DoFn):
   def _embed_next_batch(self):
     config = self._config
     loaded = []
-    while self._pending and len(loaded) < config.batch_size:
-      uri, info, clock, future = self._pending.popleft()
-      item = self._wait(uri, clock, future)
+    while len(self._ahead) and len(loaded) < config.batch_size:
+      (uri, info), item = self._ahead.next()
       item.info = info
       if item.error is not None:
         yield from self._failures(uri, info, item.error)
@@ -376,6 +367,20 @@ class EmbedFilesDoFn(beam.DoFn):
       yield table
 
 
+def _in_global_window(output):
+  if isinstance(output, beam.pvalue.TaggedOutput):
+    return beam.pvalue.TaggedOutput(output.tag, window.GlobalWindows.windowed_value(output.value))
+  return window.GlobalWindows.windowed_value(output)
+
+
+def worker_cores() -> int:
+  """CPU cores this process may run on (a container's or taskset's limit, not the host's)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except (AttributeError, OSError):
+    return os.cpu_count() or 1
+
+
 class ReadDecodeEmbed(beam.PTransform):
   """The one stage that runs on accelerator workers: paths in, embeddings and errors out."""
 
@@ -385,4 +390,4 @@ class ReadDecodeEmbed(beam.PTransform):
 
   def expand(self, paths):
     return paths | "EmbedFiles" >> beam.ParDo(EmbedFilesDoFn(self._config)).with_outputs(
-        ERRORS_TAG, CARRIED_TAG, main="embeddings")
+        ERRORS_TAG, CARRIED_TAG, WORKER_STATS_TAG, main="embeddings")

@@ -6,7 +6,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.write import SUCCESS_FILE, rows_to_table
+from transforms.write import SUCCESS_FILE, embedding_matrix, rows_to_table
 
 # What makes two runs' vectors interchangeable; versions and timings don't.
 _MODEL_KEYS = ("dim", "pooling", "normalize", "resize", "fast_decode", "mixed_precision", "allow_tf32")
@@ -58,11 +58,9 @@ def _index_rows(table):
 
 
 def _rows_by_content(table):
-  column = table.column("embedding").combine_chunks()
-  vectors = column.values.to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size)
   for sha, width, height, vector in zip(
       table.column("sha256").to_pylist(), table.column("width").to_pylist(),
-      table.column("height").to_pylist(), vectors):
+      table.column("height").to_pylist(), embedding_matrix(table.column("embedding"))):
     yield sha, (width, height, vector)
 
 

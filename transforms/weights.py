@@ -25,6 +25,14 @@ class WeightsSource:
   fingerprint: str  # "imagenet:<keras file>", "random:seed=...:keras=...", "sha256:<hex of the file>"
 
 
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+  """One backbone as a run builds it: registry name, square input size, where its weights come from."""
+  name: str
+  size: int
+  weights: WeightsSource
+
+
 def resolve_weights(spec: str, name: str, size: int) -> WeightsSource:
   """Launch-time: turns a --weights value into the source one backbone's weights will come from.
 

@@ -3,6 +3,7 @@
 import datetime
 import io
 import json
+import sys
 import time
 
 import numpy as np
@@ -128,10 +129,35 @@ class ParquetTableSink(filebasedsink.FileBasedSink):
     writer.close()
 
 
-def summarize(config, matched, embedded, failures, files, finished_at=None, carried=0, removed=0) -> dict:
+def package_versions() -> dict:
+  """Versions of what makes a vector, in this process: recorded at launch and by each worker."""
+  import apache_beam
+  import keras
+  import PIL
+  import pyarrow
+  versions = {
+      "python": sys.version.split()[0],
+      "apache_beam": apache_beam.__version__,
+      "keras": keras.__version__,
+      "pillow": PIL.__version__,
+      "pyarrow": pyarrow.__version__,
+  }
+  try:
+    import tensorflow as tf
+    versions["tensorflow"] = tf.__version__
+  except ImportError:
+    pass
+  return versions
+
+
+def summarize(matched, embedded, failures, files, *, layout, inputs, output, started_at, max_failure_fraction,
+              refresh=None, carried=0, removed=0, decode_processes=None, worker_versions=None,
+              finished_at=None) -> dict:
   """The run summary written last as _SUCCESS.json; failures is [((stage, error_type), count)].
 
-  Every matched input is embedded, carried over from --previous, or failed."""
+  Every matched input is embedded, carried over from --previous, or failed. `decode_processes`
+  sums what the workers' decode pools reported; `worker_versions` are the package versions of
+  the processes that embedded, compared here with the launcher's in `layout`."""
   failed = sum(count for _, count in failures)
   by_stage, by_type = {}, {}
   for (stage, error_type), count in failures:
@@ -141,12 +167,19 @@ def summarize(config, matched, embedded, failures, files, finished_at=None, carr
   fraction = failed / matched if matched else 0.0
   if matched != embedded + carried + failed:
     status = "inconsistent"
-  elif fraction > config.max_failure_fraction:
+  elif fraction > max_failure_fraction:
     status = "over_failure_budget"
   else:
     status = "ok"
+  warnings = []
+  for versions in worker_versions or ():
+    if versions != layout.get("versions"):
+      differ = sorted(k for k in set(versions) | set(layout.get("versions", {}))
+                      if versions.get(k) != layout.get("versions", {}).get(k))
+      warnings.append("workers ran other package versions than the launcher: " + ", ".join(
+          f"{k} {layout.get('versions', {}).get(k)} at launch, {versions.get(k)} on a worker" for k in differ))
   iso = lambda t: datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
-  return {
+  summary = {
       "status": status,
       "counts": {
           "matched": matched,
@@ -158,19 +191,23 @@ def summarize(config, matched, embedded, failures, files, finished_at=None, carr
           "failed_by_type": dict(sorted(by_type.items())),
       },
       "failure_fraction": fraction,
-      "max_failure_fraction": config.max_failure_fraction,
-      "inputs": list(config.inputs),
-      "output": config.output,
+      "max_failure_fraction": max_failure_fraction,
+      "inputs": list(inputs),
+      "output": output,
       "files": sorted(FileSystems.split(f)[1] for f in files),
-      "layout": config.layout(),
-      "refresh": getattr(config, "refresh", None),
+      "layout": layout,
+      "refresh": refresh,
+      "decode_processes": decode_processes,
       "timings": {
-          "started": iso(config.started_at),
+          "started": iso(started_at),
           "finished": iso(finished_at),
-          "seconds": round(finished_at - config.started_at, 3),
-          "images_per_second": round(embedded / max(finished_at - config.started_at, 1e-9), 3),
+          "seconds": round(finished_at - started_at, 3),
+          "images_per_second": round(embedded / max(finished_at - started_at, 1e-9), 3),
       },
   }
+  if warnings:
+    summary["warnings"] = warnings
+  return summary
 
 
 def write_summary(output: str, summary: dict) -> str:
@@ -184,3 +221,25 @@ def read_summary(output: str) -> dict:
   with FileSystems.open(FileSystems.join(output, SUCCESS_FILE),
                         compression_type="uncompressed") as f:
     return json.load(io.TextIOWrapper(f, encoding="utf-8"))
+
+
+def embedding_matrix(column) -> np.ndarray:
+  """An `embedding` column (FixedSizeList<float32>[D], Array or ChunkedArray) as a float32 (N, D) matrix.
+
+  One chunk is a read-only view of Arrow's buffer, no copy; several chunks (a table of several
+  files or row groups) are copied once, into one matrix.
+  """
+  if not pa.types.is_fixed_size_list(column.type):
+    raise TypeError(f"`column` must be a fixed-size list of float32 (the `embedding` column); "
+                    f"Received: column.type={column.type}")
+  dim = column.type.list_size
+  parts = []
+  for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+    if chunk.null_count:
+      raise ValueError(f"`column` has {chunk.null_count} null rows; an embedding column has none")
+    # flatten(), not .values: .values ignores a sliced chunk's offset and would return other rows.
+    parts.append(chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), dim))
+  if not parts:
+    return np.zeros((0, dim), np.float32)
+  matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
+  return matrix.astype(np.float32, copy=False)

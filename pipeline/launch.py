@@ -1,0 +1,241 @@
+"""Launch: everything that looks at the world before a job runs, in the order it happens.
+
+1. `check_arguments`: the whole command line against every option ours or Beam's defines (an
+   unknown or misspelled option, a value of the wrong type: one line, exit 2);
+2. `options.validate`: the values themselves (no I/O);
+3. `build_config`: weights resolved and fingerprinted, a manifest's schema read, each --input
+   matched, --previous judged, the layout computed once;
+4. `existing_outputs` / `refuse_previous_run`: an output holding a run is refused without
+   --overwrite; `clear_outputs` deletes it only when the job is really about to run (never in a
+   dry run, which prints what it would delete instead).
+"""
+
+import dataclasses
+import difflib
+import logging
+import os
+import re
+import sys
+import time
+
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _BeamArgumentParser
+
+from pipeline.options import (EmbedOptions, LaunchError, RunConfig, _bool_value, backbone_names,
+                              model_layout, validate)
+from transforms import manifest, refresh
+from transforms.backbones import get_backbone
+from transforms.weights import BackboneSpec, resolve_weights
+from transforms.write import SUCCESS_FILE
+
+OUTPUT_FILE_PATTERNS = ("embeddings-*.parquet", "errors-*.parquet", SUCCESS_FILE)
+LOCAL_RUNNERS = (None, "DirectRunner", "direct", "SwitchingDirectRunner")
+
+
+class _OneLineParser(_BeamArgumentParser):
+  """argparse with Beam's option types whose errors are one LaunchError line, not a usage dump."""
+
+  def error(self, message):
+    if message.startswith("ambiguous option: "):  # as Beam's own parser: not an error
+      return
+    match = re.match(r"argument (-[^/:\s]+)(?:/\S+)?: invalid (\w+) value: (.*)", message)
+    if match:
+      option, kind, value = match.groups()
+      kind = {"int": "an integer", "float": "a number", "_bool_value": "true or false"}.get(kind, kind)
+      raise LaunchError(f"{option} must be {kind}; received: {value}")
+    match = re.match(r"argument (-[^/:\s]+)(?:/\S+)?: (.*)", message)
+    if match:
+      raise LaunchError(f"{match.group(1)}: {match.group(2)}")
+    raise LaunchError(message)
+
+
+def _options_classes():
+  seen, stack = {}, list(PipelineOptions.__subclasses__())
+  while stack:
+    cls = stack.pop()
+    seen.setdefault(str(cls), cls)  # Beam's rule: a class seen twice (main session) counts once
+    stack.extend(cls.__subclasses__())
+  return list(seen.values())
+
+
+def _import_runner(argv):
+  """Imports the --runner's module, whose options classes then count as known."""
+  pre = _OneLineParser(allow_abbrev=False, add_help=False)
+  pre.add_argument("--runner")
+  runner = pre.parse_known_args(argv)[0].runner
+  if runner in LOCAL_RUNNERS:
+    return
+  from apache_beam.runners.runner import create_runner
+  try:
+    create_runner(runner)
+  except (ValueError, ImportError) as e:
+    raise LaunchError(f"--runner: {str(e).splitlines()[0]}; received: {runner!r}") from None
+
+
+def check_arguments(argv):
+  """Every argument must be an option that our or any of Beam's options classes defines, with a
+  value of its type; raises LaunchError naming the first that is not (and the nearest valid one)."""
+  _import_runner(argv)
+  parser = _OneLineParser(allow_abbrev=False, add_help=False, conflict_handler="resolve")
+  for cls in _options_classes():
+    cls._add_argparse_args(parser)
+  _, unknown = parser.parse_known_args(argv)
+  if not unknown:
+    return
+  # Our hyphenated options also take Beam's underscore spelling; suggest the one --help shows.
+  ours = {s for a in parser._actions for s in a.option_strings if "-" in s[2:]}
+  candidates = [s for a in parser._actions for s in a.option_strings
+                if s.startswith("--") and not ("_" in s and s.replace("_", "-") in ours)]
+  first = unknown[0]
+  if not first.startswith("-"):
+    raise LaunchError(f"unexpected argument {first!r}: every value must follow its option (--name value)")
+  name = first.split("=", 1)[0]
+  nearest = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+  hint = f"; did you mean {nearest[0]}?" if nearest else "; see embed-images --help"
+  raise LaunchError(f"unknown option {name}{hint}")
+
+
+def dry_run(options: PipelineOptions) -> bool:
+  """Beam's --dry_run read as a boolean (Beam keeps it a string: "False" would be true)."""
+  view = options.view_as(TestOptions)
+  value = view.dry_run
+  if isinstance(value, str):
+    try:
+      value = _bool_value(value)
+    except Exception:
+      raise LaunchError(f"--dry_run must be true or false; received: {view.dry_run!r}") from None
+  view.dry_run = bool(value)  # what runners (Dataflow's) then read
+  return bool(value)
+
+
+def runner_name(options: PipelineOptions):
+  return options.get_all_options().get("runner")
+
+
+def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
+  """Validates the options and what they name; raises LaunchError with one line naming the
+  option and value."""
+  opts = options.view_as(EmbedOptions)
+  values = validate(opts)
+  specs = []
+  for name in backbone_names(opts):
+    size = opts.image_size or get_backbone(name).native_size
+    try:
+      weights = resolve_weights(opts.weights, name, size)
+    except ValueError as e:
+      raise LaunchError(str(e).splitlines()[0]) from None
+    specs.append(BackboneSpec(name, size, weights))
+
+  manifest_schema, extra = None, ()
+  if opts.input_manifest:
+    try:
+      manifest_schema = manifest.manifest_schema(opts.input_manifest)
+    except ValueError as e:
+      raise LaunchError(str(e).splitlines()[0]) from None
+    extra = manifest.extra_fields(manifest_schema)
+  if opts.label_from_dir:
+    if any(f.name == "label" for f in extra):
+      raise LaunchError(f"--label-from-dir: --input-manifest {opts.input_manifest!r} has a 'label' column already")
+    extra = extra + (manifest.LABEL_FIELD,)
+
+  if check_files and opts.input:
+    check_inputs_match(opts.input)
+
+  progress = {"on": True, "off": False}.get(opts.progress)
+  if progress is None:
+    progress = runner_name(options) in LOCAL_RUNNERS and sys.stderr.isatty()
+
+  config = RunConfig(
+      inputs=tuple(opts.input or ()),
+      output=opts.output.rstrip("/"),
+      backbones=tuple(specs),
+      pooling=opts.pooling,
+      batch_size=opts.batch_size,
+      resize=opts.resize,
+      fast_decode=bool(opts.fast_decode),
+      max_pixels=values["max_pixels"],
+      decode_timeout=float(opts.decode_timeout),
+      decode_memory=values["decode_memory"],
+      max_failure_fraction=float(opts.max_failure_fraction),
+      read_threads=opts.read_threads,
+      decode_threads=opts.decode_threads,
+      accelerator=opts.accelerator,
+      embed_min_ram=opts.embed_min_ram,
+      allow_tf32=bool(opts.allow_tf32),
+      mixed_precision=bool(opts.mixed_precision),
+      num_shards=opts.num_shards,
+      row_group_size=opts.row_group_size,
+      progress=progress,
+      started_at=time.time(),
+      normalize=opts.normalize,
+      extra_fields=extra,
+      manifest=opts.input_manifest,
+      manifest_schema=manifest_schema,
+      label_from_dir=bool(opts.label_from_dir),
+      dedupe=bool(opts.dedupe),
+  )
+  config = dataclasses.replace(config, layout=model_layout(config))
+  if opts.previous:
+    config = _with_previous(config, opts.previous.rstrip("/"), opts.ignore_bad_previous)
+  return config
+
+
+def check_inputs_match(patterns):
+  """Each --input must match at least one file; asks for one match only, never a listing."""
+  for pattern in patterns:
+    try:
+      result = FileSystems.match([pattern], limits=[1])[0]
+    except Exception as e:  # a missing bucket, a malformed path: say which --input
+      raise LaunchError(f"--input {pattern!r} could not be matched: {e}".splitlines()[0])
+    if not result.metadata_list:
+      hint = ""
+      if any(c in pattern for c in "[*?") and FileSystems.exists(pattern):
+        hint = "; a file of that exact name exists, but [ ] * ? are glob characters in --input: write [[] for ["
+      raise LaunchError(f"--input {pattern!r} matched no file{hint}")
+
+
+def _with_previous(config, previous, ignore_bad):
+  """Checks --previous at launch: reuse its rows, re-embed everything (model changed), or refuse."""
+  if previous == config.output:
+    raise LaunchError(f"--previous {previous!r} is the --output directory; write the refresh elsewhere")
+  try:
+    summary = refresh.read_previous_summary(previous)
+  except refresh.PreviousRunError as e:
+    if not ignore_bad:
+      raise LaunchError(f"{e}; pass --ignore-bad-previous to embed everything instead") from None
+    reason = f"ignored: {e}"
+    logging.warning("--previous: %s; embedding everything", reason)
+    return dataclasses.replace(config, refresh={"previous": previous, "reused": False, "reason": reason})
+  reason = refresh.model_difference(summary["layout"], config.layout)
+  if reason:
+    logging.warning("--previous %s: %s; re-embedding everything", previous, reason)
+    return dataclasses.replace(config, refresh={"previous": previous, "reused": False, "reason": reason})
+  return dataclasses.replace(config, previous=previous,
+                             refresh={"previous": previous, "reused": True, "reason": "same model"})
+
+
+def existing_outputs(output) -> list:
+  """This tool's files in `output` (a previous run's, finished or partial)."""
+  found = []
+  for pattern in OUTPUT_FILE_PATTERNS:
+    try:
+      result = FileSystems.match([FileSystems.join(output, pattern)])[0]
+    except Exception:
+      continue
+    found.extend(m.path for m in result.metadata_list)
+  # _SUCCESS.json first: if a deletion is interrupted, the remains read as partial.
+  return sorted(found, key=lambda p: (not p.endswith(SUCCESS_FILE), p))
+
+
+def refuse_previous_run(output, found, overwrite):
+  """Two runs never mix in one directory: without --overwrite, an output holding one is refused."""
+  if found and not overwrite:
+    raise LaunchError(
+        f"--output {output!r} already holds a previous run ({len(found)} files, e.g. "
+        f"{os.path.basename(found[0])}); choose another directory or pass --overwrite")
+
+
+def clear_outputs(found):
+  """Deletes a previous run's files (other files stay): only when the job is about to run."""
+  if found:
+    FileSystems.delete(list(found))

@@ -1,0 +1,105 @@
+"""The console script's own output: third-party start-up noise held back unless --verbose asks for it."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+from pipeline import cli
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+
+# `python -m pipeline ARGS` as a machine without the [gcp] extra runs it: Beam finds no apitools.
+WITHOUT_APITOOLS = ("import runpy, sys\n"
+                    "sys.modules['apitools'] = None\n"
+                    "runpy.run_module('pipeline', run_name='__main__', alter_sys=True)\n")
+
+# What TensorFlow 2.21 printed while loading on a machine with no CUDA driver (TF_CPP_MIN_LOG_LEVEL=2).
+NO_GPU_START_UP = """\
+WARNING: All log messages before absl::InitializeLog() is called are written to STDERR
+I0000 00:00:1795847647.361659    7953 port.cc:153] oneDNN custom operations are on. You may see slightly \
+different numerical results due to floating-point round-off errors from different computation orders. \
+To turn them off, set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.
+I0000 00:00:1795847647.362469    7953 cudart_stub.cc:31] Could not find cuda drivers on your machine, \
+GPU will not be used.
+E0000 00:00:1795847649.014661    7953 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: \
+Failed call to cuInit: UNKNOWN ERROR (303)
+"""
+CUINIT_NO_DEVICE = ("E0000 00:00:1795847649.014661    7953 cuda_platform.cc:52] failed call to cuInit: "
+                    "CUDA_ERROR_NO_DEVICE: no CUDA-capable device is detected\n")
+CUINIT_BROKEN_DRIVER = ("E0000 00:00:1795847649.014661    7953 cuda_platform.cc:52] failed call to cuInit: "
+                        "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH: system has unsupported display driver / "
+                        "cuda driver combination\n")
+OTHER_ERROR = "E0000 00:00:1795847649.1    7953 op_kernel.cc:1857] OP_REQUIRES failed at conv_ops.cc:9\n"
+PYTHON_OUTPUT = "Traceback (most recent call last):\nImportError: libfoo.so: cannot open shared object file\n"
+
+
+def _python(*args, env=None):
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300,
+                        env={**os.environ, **(env or {})})
+
+
+def test_list_backbones_and_help_print_nothing_on_stderr_without_the_gcp_extra():
+  listed = _python("-c", WITHOUT_APITOOLS, "--list-backbones")
+  assert listed.returncode == 0 and listed.stderr == ""
+  header = listed.stdout.split("\n", 1)[0]
+  assert header.split() == ["name", "native", "size", "min", "size", "preprocessing", "dim"]
+  helped = _python("-c", WITHOUT_APITOOLS, "--help")
+  assert helped.returncode == 0 and helped.stderr == ""
+  assert helped.stdout.startswith("usage: embed-images ")
+  # The same without apitools hidden: as installed here.
+  for flag in ("--list-backbones", "--help"):
+    result = _python("-m", "pipeline", flag)
+    assert result.returncode == 0 and result.stderr == "" and "apitools" not in result.stdout
+
+
+def test_verbose_leaves_beams_warning_on():
+  # Also shows that hiding apitools does make Beam warn, so the test above can fail.
+  listed = _python("-c", WITHOUT_APITOOLS, "--list-backbones", "--verbose")
+  assert listed.returncode == 0
+  assert listed.stderr.splitlines() == ["WARNING:root:apitools not found, and bigquery client libraries are not "
+                                        "available despite the import not raising an ImportError."]
+
+
+def test_without_tensorflow_noise_keeps_only_what_is_not_noise():
+  assert cli.without_tensorflow_noise(NO_GPU_START_UP) == ""
+  assert cli.without_tensorflow_noise(NO_GPU_START_UP + OTHER_ERROR + PYTHON_OUTPUT) == OTHER_ERROR + PYTHON_OUTPUT
+  # A driver and no device: no GPU either. A driver that fails a GPU: kept, it is why the run is on CPU.
+  assert cli.without_tensorflow_noise(CUINIT_NO_DEVICE) == ""
+  assert cli.without_tensorflow_noise(CUINIT_BROKEN_DRIVER) == CUINIT_BROKEN_DRIVER
+  # A message's continuation line is not a log line of its own: kept.
+  assert cli.without_tensorflow_noise("To enable the following instructions: AVX2\n") == (
+      "To enable the following instructions: AVX2\n")
+
+
+def test_noise_held_back_is_caught_at_the_file_descriptor_and_the_rest_replayed():
+  # A fresh process: pytest's own capture would stand in for sys.stderr here.
+  code = ("import os, sys\n"
+          "from pipeline import cli\n"
+          "with cli.tensorflow_noise_held_back():\n"
+          "  os.write(2, sys.argv[1].encode())  # as C++ writes: not through sys.stderr\n"
+          "  print('from python', file=sys.stderr)\n"
+          "print('after', file=sys.stderr)\n")
+  result = _python("-c", code, NO_GPU_START_UP + OTHER_ERROR)
+  assert (result.returncode, result.stdout) == (0, "")
+  assert result.stderr == OTHER_ERROR + "from python\nafter\n"
+
+
+def _run(out, *extra):
+  # As from a shell: importing pipeline here set TF_CPP_MIN_LOG_LEVEL in this process's environment.
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  return subprocess.run([sys.executable, "-m", "pipeline", "--input", f"{SAMPLES}/*.jpg", "--output", str(out),
+                         "--backbones", "mobilenet_v2", "--weights", "random", "--image-size", "64", *extra],
+                        capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+
+
+def test_a_run_prints_only_its_own_lines_unless_verbose(tmp_path):
+  quiet = _run(tmp_path / "quiet")
+  assert quiet.returncode == 0, quiet.stderr
+  assert [line for line in quiet.stderr.splitlines() if not line.startswith("embed-images: ")] == []
+  loud = _run(tmp_path / "loud", "--verbose")  # taken out before Beam or the job's parser see it
+  assert loud.returncode == 0, loud.stderr
+  assert loud.stderr.splitlines()[-1].startswith("embed-images: ok: ")
+  # TensorFlow says something on start-up on every machine (at least absl's preamble): shown.
+  assert [line for line in loud.stderr.splitlines() if not line.startswith("embed-images: ")] != []
