@@ -6,7 +6,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 
 from transforms.dedupe import Dedupe
-from transforms.embed import CARRIED_TAG, ERRORS_TAG, WORKER_STATS_TAG, ReadDecodeEmbed, item_parts
+from transforms.embed import CARRIED_TAG, ERRORS_TAG, WORKER_STATS_TAG, ReadDecodeEmbed
+from transforms.item import Item
 from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
 from transforms.refresh import CarryOver, PreviousIndex, attach_previous, removed_uri
@@ -77,13 +78,13 @@ def _distinct(items):
 
 
 def input_items(p, config):
-  """(uri, info) per input: from the --input globs or the manifest, with extra columns."""
+  """An Item per input: from the --input globs or the manifest, with its extra columns."""
   if config.manifest:
     return p | "ReadManifest" >> ReadManifest(config.manifest, config.manifest_schema)
-  paths = p | "MatchInputs" >> MatchInputs(config.inputs)
+  items = p | "MatchInputs" >> MatchInputs(config.inputs) | "Item" >> beam.Map(Item)
   if config.label_from_dir:
-    return paths | "LabelFromDir" >> beam.Map(label_item)
-  return paths
+    return items | "LabelFromDir" >> beam.Map(label_item)
+  return items
 
 
 def _count(pcoll, label):
@@ -98,7 +99,7 @@ def build_graph(p: beam.Pipeline, config):
 
   removed = None
   if config.previous:
-    keyed = items | "KeyByUri" >> beam.Map(lambda element: item_parts(element))
+    keyed = items | "KeyByUri" >> beam.Map(lambda item: (item.uri, item))
     joined = ({"items": keyed, "previous": p | "PreviousIndex" >> PreviousIndex(config.previous)}
               | "JoinPreviousIndex" >> beam.CoGroupByKey())
     items = joined | "AttachPrevious" >> beam.FlatMap(attach_previous)
@@ -107,7 +108,7 @@ def build_graph(p: beam.Pipeline, config):
   if config.dedupe:
     items = items | "Dedupe" >> Dedupe(config.read_threads)
     deduplicated = (items
-                    | "Duplicates" >> beam.Map(lambda item: len(item_parts(item)[1].get("duplicates") or ()))
+                    | "Duplicates" >> beam.Map(lambda item: len(item.duplicates))
                     | "CountDuplicates" >> beam.CombineGlobally(sum))
 
   embed = ReadDecodeEmbed(config)

@@ -32,6 +32,18 @@ OUTPUT_FILE_PATTERNS = ("embeddings-*.parquet", "errors-*.parquet", SUCCESS_FILE
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "SwitchingDirectRunner")
 
 
+# Stages name their own arguments in their errors (`weights`); the command line names its flags.
+_FLAGS = {"`weights`": "--weights", "`manifest`": "--input-manifest", "`previous`": "--previous"}
+
+
+def as_flags(error: Exception) -> str:
+  """A stage's error message, first line, with its argument names worded as this tool's flags."""
+  text = str(error).splitlines()[0] if str(error) else type(error).__name__
+  for argument, flag in _FLAGS.items():
+    text = text.replace(argument, flag)
+  return text
+
+
 class _OneLineParser(_BeamArgumentParser):
   """argparse with Beam's option types whose errors are one LaunchError line, not a usage dump."""
 
@@ -123,7 +135,7 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
     try:
       weights = resolve_weights(opts.weights, name, size)
     except ValueError as e:
-      raise LaunchError(str(e).splitlines()[0]) from None
+      raise LaunchError(as_flags(e)) from None
     specs.append(BackboneSpec(name, size, weights))
 
   manifest_schema, extra = None, ()
@@ -131,7 +143,7 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
     try:
       manifest_schema = manifest.manifest_schema(opts.input_manifest)
     except ValueError as e:
-      raise LaunchError(str(e).splitlines()[0]) from None
+      raise LaunchError(as_flags(e)) from None
     extra = manifest.extra_fields(manifest_schema)
   if opts.label_from_dir:
     if any(f.name == "label" for f in extra):
@@ -202,8 +214,8 @@ def _with_previous(config, previous, ignore_bad):
     summary = refresh.read_previous_summary(previous)
   except refresh.PreviousRunError as e:
     if not ignore_bad:
-      raise LaunchError(f"{e}; pass --ignore-bad-previous to embed everything instead") from None
-    reason = f"ignored: {e}"
+      raise LaunchError(f"{as_flags(e)}; pass --ignore-bad-previous to embed everything instead") from None
+    reason = f"ignored: {as_flags(e)}"
     logging.warning("--previous: %s; embedding everything", reason)
     return dataclasses.replace(config, refresh={"previous": previous, "reused": False, "reason": reason})
   reason = refresh.model_difference(summary["layout"], config.layout)

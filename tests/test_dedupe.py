@@ -8,15 +8,18 @@ import numpy as np
 from pipeline import read_embeddings
 from pipeline.main import run
 from transforms.dedupe import representative
+from transforms.item import Item
 from transforms.write import read_summary
 
 SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
 
 
 def test_representative_is_the_smallest_uri_with_the_others_as_duplicates():
-  uri, info = representative(("abc", [("b.jpg", {"columns": {"id": 2}}), ("a.jpg", {"columns": {"id": 1}})]))
-  assert uri == "a.jpg" and info["duplicates"] == [("b.jpg", {"id": 2})]
-  assert representative(("abc", [("a.jpg", {})])) == ("a.jpg", {})
+  b, a = Item("b.jpg", columns={"id": 2}), Item("a.jpg", columns={"id": 1})
+  first = representative(("abc", [b, a]))
+  assert first == Item("a.jpg", columns={"id": 1}, duplicates=(b,))
+  assert list(first.rows()) == [("a.jpg", {"id": 1}), ("b.jpg", {"id": 2})]
+  assert representative(("abc", [a])) == a
 
 
 def test_dedupe_embeds_each_content_once_and_every_uri_gets_its_row(tmp_path):

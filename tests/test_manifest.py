@@ -55,7 +55,7 @@ def test_manifest_without_uri_column_is_a_launch_error(tmp_path):
                                   "--weights", "random"]))
   with pytest.raises(ValueError) as error:
     manifest.manifest_format("list.txt")
-  assert str(error.value) == ("--input-manifest must end in .csv, .jsonl, .ndjson, .json, .parquet, .pq; "
+  assert str(error.value) == ("`manifest` must end in .csv, .jsonl, .ndjson, .json, .parquet, .pq; "
                               "received: 'list.txt'")
 
 

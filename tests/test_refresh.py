@@ -103,7 +103,9 @@ def test_a_different_model_re_embeds_everything_and_says_why(bucket, tmp_path):
 
 def test_missing_or_partial_previous_is_refused_or_ignored_with_the_flag(bucket, tmp_path, capsys):
   assert _run(bucket, tmp_path / "out", "--previous", str(tmp_path / "nothing")) == 2
-  assert "--previous" in capsys.readouterr().err
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      f"embed-images: error: --previous {str(tmp_path / 'nothing')!r} has no readable _SUCCESS.json "
+      "(missing or partial run): FileNotFoundError; pass --ignore-bad-previous to embed everything instead")
   partial = tmp_path / "partial"
   partial.mkdir()
   (partial / "embeddings-00000-of-00001.parquet").write_bytes(b"x")

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RANDOM = WeightsSource("random", None, f"random:seed={RANDOM_SEED}:keras={keras.__version__}")
-NOT_A_SOURCE = "--weights must be imagenet, random or an existing directory (local or gs://); received: {!r}"
-NO_EFFICIENTNET_B0 = ("--weights {}: no weights for backbone efficientnet_b0; "
+NOT_A_SOURCE = "`weights` must be imagenet, random or an existing directory (local or gs://); received: {!r}"
+NO_EFFICIENTNET_B0 = ("`weights` {}: no weights for backbone efficientnet_b0; "
                       "looked for efficientnetb0_notop.h5 and efficientnet_b0.weights.h5")
 
 
@@ -209,7 +209,7 @@ def test_dir_without_the_files_names_the_backbone_and_both_file_names(tmp_path):
 
 
 @pytest.mark.parametrize("spec", ["imagenett", "", "/no/such/dir", "gopher://host/dir"])
-def test_a_value_that_is_no_source_names_the_flag_and_the_value(spec):
+def test_a_value_that_is_no_source_names_the_argument_and_the_value(spec):
   with pytest.raises(ValueError) as error:
     resolve_weights(spec, "mobilenet_v2", 32)
   assert str(error.value) == NOT_A_SOURCE.format(spec)

@@ -4,7 +4,7 @@ import concurrent.futures
 
 import apache_beam as beam
 
-from transforms.embed import item_parts
+from transforms.item import Item
 from transforms.read import read_bytes, sha256_hex
 
 
@@ -16,7 +16,8 @@ def _digest(uri):
 
 
 class HashFilesDoFn(beam.DoFn):
-  """(sha256 or a unique key for unreadable files, item); reads several files at once."""
+  """Batches of Items in; (sha256 or a unique key for unreadable files, item) out; reads several
+  files at once. (The embed stage reads each file again: its digest is the one that counts.)"""
 
   def __init__(self, threads):
     self._threads = threads
@@ -25,22 +26,18 @@ class HashFilesDoFn(beam.DoFn):
     self._executor = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="hash")
 
   def process(self, batch):
-    items = [item_parts(element) for element in batch]
-    for (uri, info), digest in zip(items, self._executor.map(_digest, [uri for uri, _ in items])):
-      yield (digest or f"unreadable:{uri}"), (uri, info)
+    for item, digest in zip(batch, self._executor.map(_digest, [item.uri for item in batch])):
+      yield (digest or f"unreadable:{item.uri}"), item
 
   def teardown(self):
     self._executor.shutdown(wait=False)
 
 
-def representative(grouped):
+def representative(grouped) -> Item:
   """One item per content: the smallest uri embeds, the others ride along as its duplicates."""
   _, items = grouped
-  items = sorted(items, key=lambda item: item[0])
-  (uri, info), rest = items[0], items[1:]
-  if rest:
-    info = dict(info, duplicates=[(u, i.get("columns") or {}) for u, i in rest])
-  return uri, info
+  first, *rest = sorted(items, key=lambda item: item.uri)
+  return first.replace(duplicates=tuple(rest)) if rest else first
 
 
 class Dedupe(beam.PTransform):

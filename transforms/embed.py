@@ -16,6 +16,7 @@ from apache_beam.utils import shared
 
 from transforms import decode, decode_pool
 from transforms.decode_pool import DecodeProcessError
+from transforms.item import Item
 from transforms.backbones import get_backbone, preprocess
 from transforms.read import read_bytes, sha256_hex
 from transforms.weights import load_backbone
@@ -175,7 +176,6 @@ class Loaded:
   image: Optional[decode.DecodedImage] = None
   error: Optional[dict] = None
   carried: bool = False  # bytes unchanged since the previous run: its row is reused
-  info: Optional[dict] = None  # the item's extra columns, previous digest, duplicates
 
 
 def decode_in_process(data, spec: decode.DecodeSpec) -> decode.DecodedImage:
@@ -231,34 +231,25 @@ class ReadAhead:
     return item, future.result()
 
 
-def item_parts(element):
-  """An element is a path, or (path, info) with info's optional keys `columns` (extra output
-  columns), `previous_sha256` (the previous run's digest) and `duplicates` ([(path, columns)]
-  of files with the same bytes, which get this file's row)."""
-  if isinstance(element, str):
-    return element, {}
-  return element[0], element[1] or {}
-
-
-def _rows_for(items, embeddings, config):
-  """Expands duplicates and lays out extra columns; one table for the batch."""
+def _rows_for(batch, embeddings, config):
+  """(Item, Loaded) pairs and their embeddings -> one table: duplicates expanded, extra columns laid out."""
   uris, shas, widths, heights, index, extra = [], [], [], [], [], {f.name: [] for f in config.extra_fields}
-  for i, item in enumerate(items):
-    for uri, columns in [(item.uri, item.info.get("columns") or {})] + list(item.info.get("duplicates") or ()):
+  for i, (item, loaded) in enumerate(batch):
+    for uri, columns in item.rows():
       uris.append(uri)
-      shas.append(item.sha256)
-      widths.append(item.image.width)
-      heights.append(item.image.height)
+      shas.append(loaded.sha256)
+      widths.append(loaded.image.width)
+      heights.append(loaded.image.height)
       index.append(i)
       for name in extra:
         extra[name].append(columns.get(name))
-  if len(index) != len(items):
+  if len(index) != len(batch):
     embeddings = embeddings[index]
   return rows_to_table(uris, shas, widths, heights, embeddings, extra, config.extra_fields)
 
 
 class EmbedFilesDoFn(beam.DoFn):
-  """Paths in; Arrow tables of embeddings out (main), error rows (tagged `errors`), the paths
+  """Items in; Arrow tables of embeddings out (main), error rows (tagged `errors`), the paths
   whose bytes are unchanged since the previous run (tagged `carried`), and per bundle the decode
   processes' state and the worker's package versions (tagged `worker_stats`).
 
@@ -306,9 +297,8 @@ class EmbedFilesDoFn(beam.DoFn):
   def start_bundle(self):
     self._ahead = ReadAhead(load_file, self._executor)
 
-  def process(self, element):
-    uri, info = item_parts(element)
-    self._ahead.submit((uri, info), uri, self._spec, self._decoders.decode, info.get("previous_sha256"))
+  def process(self, item: Item):
+    self._ahead.submit(item, item.uri, self._spec, self._decoders.decode, item.previous_sha256)
     # Keep one batch decoding while the model runs the one before it.
     while len(self._ahead) >= 2 * self._config.batch_size:
       yield from self._embed_next_batch()
@@ -329,35 +319,34 @@ class EmbedFilesDoFn(beam.DoFn):
     if decoders is not None:
       decode_pool.release_pool(decoders)
 
-  def _failures(self, uri, info, error):
-    for path in [uri] + [dup for dup, _ in info.get("duplicates") or ()]:
+  def _failures(self, item, error):
+    for uri, _ in item.rows():
       self._failed[error["stage"]].inc()
-      yield beam.pvalue.TaggedOutput(ERRORS_TAG, dict(error, uri=path))
+      yield beam.pvalue.TaggedOutput(ERRORS_TAG, dict(error, uri=uri))
 
   def _embed_next_batch(self):
     config = self._config
     loaded = []
     while len(self._ahead) and len(loaded) < config.batch_size:
-      (uri, info), item = self._ahead.next()
-      item.info = info
-      if item.error is not None:
-        yield from self._failures(uri, info, item.error)
-      elif item.carried:
-        for path, columns in [(uri, info.get("columns"))] + list(info.get("duplicates") or ()):
+      item, result = self._ahead.next()
+      if result.error is not None:
+        yield from self._failures(item, result.error)
+      elif result.carried:
+        for uri, columns in item.rows():
           self._carried.inc()
-          yield beam.pvalue.TaggedOutput(CARRIED_TAG, (item.sha256, (path, columns or {})))
+          yield beam.pvalue.TaggedOutput(CARRIED_TAG, (result.sha256, (uri, columns)))
       else:
-        loaded.append(item)
+        loaded.append((item, result))
     if not loaded:
       return
-    images = {s: np.stack([item.image.arrays[s] for item in loaded]) for s in config.sizes}
+    images = {s: np.stack([result.image.arrays[s] for _, result in loaded]) for s in config.sizes}
     started = time.perf_counter()
     embeddings, ok, failures, self._max_batch = embed_robust(self._fused_model(), images, self._max_batch)
     self._latency.update(int((time.perf_counter() - started) * 1e6))
     self._inferences.inc(len(ok))
     for index, error in failures:
-      item = loaded[index]
-      yield from self._failures(item.uri, item.info, error_row(
+      item = loaded[index][0]
+      yield from self._failures(item, error_row(
           item.uri, "embed", type(error).__name__, str(error).splitlines()[0][:500]))
     if ok:
       table = _rows_for([loaded[i] for i in ok], embeddings, config)

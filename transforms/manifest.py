@@ -9,6 +9,8 @@ import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.item import Item
+
 RESERVED_COLUMNS = ("sha256", "width", "height", "embedding")
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
            ".pq": "parquet"}
@@ -17,7 +19,7 @@ FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl
 def manifest_format(uri: str) -> str:
   extension = posixpath.splitext(uri.lower())[1]
   if extension not in FORMATS:
-    raise ValueError(f"--input-manifest must end in {', '.join(FORMATS)}; received: {uri!r}")
+    raise ValueError(f"`manifest` must end in {', '.join(FORMATS)}; received: {uri!r}")
   return FORMATS[extension]
 
 
@@ -46,13 +48,13 @@ def manifest_schema(uri: str) -> pa.Schema:
   try:
     first = next(read_manifest_batches(uri), None)
   except (OSError, pa.ArrowInvalid) as e:
-    raise ValueError(f"--input-manifest {uri!r} could not be read: {e}".replace("\n", " ")) from None
+    raise ValueError(f"`manifest` {uri!r} could not be read: {e}".replace("\n", " ")) from None
   if first is None or "uri" not in first.schema.names:
     columns = first.schema.names if first is not None else []
-    raise ValueError(f"--input-manifest {uri!r} needs a 'uri' column; found columns: {columns}")
+    raise ValueError(f"`manifest` {uri!r} needs a 'uri' column; found columns: {columns}")
   clash = [c for c in first.schema.names if c in RESERVED_COLUMNS]
   if clash:
-    raise ValueError(f"--input-manifest {uri!r} has columns the output uses itself: {clash}")
+    raise ValueError(f"`manifest` {uri!r} has columns the output uses itself: {clash}")
   # Values of a column may be missing on some rows: every carried column is nullable.
   return pa.schema([pa.field(f.name, pa.string() if f.type == pa.null() else f.type, nullable=True)
                     for f in first.schema])
@@ -63,7 +65,7 @@ def extra_fields(schema: pa.Schema):
 
 
 class ReadManifest(beam.PTransform):
-  """(uri, {"columns": {...}}) per manifest row."""
+  """An Item per manifest row, its other columns as the item's columns."""
 
   def __init__(self, uri, schema):
     super().__init__()
@@ -74,14 +76,15 @@ class ReadManifest(beam.PTransform):
       for batch in read_manifest_batches(uri, schema):
         for row in batch.to_pylist():
           # An empty cell still counts as an input: it fails at read, in the errors output.
-          yield str(row.pop("uri") or ""), {"columns": row}
+          yield Item(str(row.pop("uri") or ""), columns=row)
 
     return pbegin | "Manifest" >> beam.Create([self._uri]) | "Rows" >> beam.FlatMap(rows, self._schema)
 
 
-def label_item(uri: str):
+def label_item(item: Item) -> Item:
   """--label-from-dir: the parent folder's name, as keras' image_dataset_from_directory labels."""
-  return uri, {"columns": {"label": posixpath.basename(posixpath.dirname(uri.replace("\\", "/")))}}
+  label = posixpath.basename(posixpath.dirname(item.uri.replace("\\", "/")))
+  return item.replace(columns=dict(item.columns, label=label))
 
 
 LABEL_FIELD = pa.field("label", pa.string(), nullable=True)

@@ -24,12 +24,12 @@ def read_previous_summary(previous: str) -> dict:
       summary = json.loads(f.read().decode("utf-8"))
   except Exception as e:
     raise PreviousRunError(
-        f"--previous {previous!r} has no readable {SUCCESS_FILE} (missing or partial run): "
+        f"`previous` {previous!r} has no readable {SUCCESS_FILE} (missing or partial run): "
         f"{type(e).__name__}") from None
   if not isinstance(summary, dict) or "layout" not in summary or "counts" not in summary:
-    raise PreviousRunError(f"--previous {previous!r}: {SUCCESS_FILE} is not an embed-images run summary")
+    raise PreviousRunError(f"`previous` {previous!r}: {SUCCESS_FILE} is not an embed-images run summary")
   if summary.get("status") == "inconsistent":
-    raise PreviousRunError(f"--previous {previous!r} did not account for all its inputs (status inconsistent)")
+    raise PreviousRunError(f"`previous` {previous!r} did not account for all its inputs (status inconsistent)")
   return summary
 
 
@@ -78,15 +78,12 @@ class PreviousIndex(beam.PTransform):
             | "IndexRows" >> beam.FlatMap(_index_rows))
 
 
-def attach_previous(joined, removed_counter=None):
-  """CoGroupByKey output -> items with the previous digest; uris only in the previous run are gone."""
-  uri, groups = joined
+def attach_previous(joined):
+  """CoGroupByKey output -> items with their previous digest; uris only in the previous run are gone."""
+  _, groups = joined
   digests = list(groups["previous"])
-  for info in groups["items"]:
-    info = dict(info)
-    if digests:
-      info["previous_sha256"] = digests[0]
-    yield uri, info
+  for item in groups["items"]:
+    yield item.replace(previous_sha256=digests[0]) if digests else item
 
 
 def removed_uri(joined):

@@ -47,14 +47,14 @@ def resolve_weights(spec: str, name: str, size: int) -> WeightsSource:
     return WeightsSource("random", None, f"random:seed={RANDOM_SEED}:keras={keras.__version__}")
   if not _is_directory(spec):
     raise ValueError(
-        f"--weights must be imagenet, random or an existing directory (local or gs://); received: {spec!r}")
+        f"`weights` must be imagenet, random or an existing directory (local or gs://); received: {spec!r}")
   keras_name, own_name = keras_weights_filename(name, size), f"{name}.weights.h5"
   for kind, file_name in (("keras_file", keras_name), ("weights_h5", own_name)):
     uri = FileSystems.join(spec, file_name)
     if FileSystems.exists(uri):
       return WeightsSource(kind, uri, f"sha256:{file_sha256(uri)}")
   raise ValueError(
-      f"--weights {spec}: no weights for backbone {name}; looked for {keras_name} and {own_name}")
+      f"`weights` {spec}: no weights for backbone {name}; looked for {keras_name} and {own_name}")
 
 
 def load_backbone(name: str, size: int, pooling: str, source: WeightsSource):
@@ -124,7 +124,7 @@ def _is_directory(path: str) -> bool:
   except ValueError:  # a scheme Beam has no filesystem for
     return False
   except BeamIOError as e:  # e.g. no such bucket, no credentials: say so rather than "not a directory"
-    raise ValueError(f"--weights {path}: cannot list it: {e}".replace("\n", " ")) from None
+    raise ValueError(f"`weights` {path}: cannot list it: {e}".replace("\n", " ")) from None
   return FileSystems.get_scheme(path) is None and os.path.isdir(path)
 
 
