@@ -6,7 +6,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsSingleton
 
 from transforms.dedupe import Dedupe
-from transforms.embed import CARRIED_TAG, ERRORS_TAG, WORKER_STATS_TAG, ReadDecodeEmbed
+from transforms import checkpoint
+from transforms.embed import CARRIED_TAG, ERRORS_TAG, RESUMED_TAG, WORKER_STATS_TAG, ReadDecodeEmbed
 from transforms.item import Item
 from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
@@ -25,7 +26,7 @@ def resource_hints(config) -> dict:
 
 
 class MatchInputs(beam.PTransform):
-  """Every file matched by the --input globs, once, as its path."""
+  """Every file matched by the --input globs, once, as an Item with its listed size and mtime."""
 
   def __init__(self, patterns):
     super().__init__()
@@ -35,22 +36,28 @@ class MatchInputs(beam.PTransform):
     paths = (pbegin
              | "Patterns" >> beam.Create(self._patterns)
              | "Match" >> fileio.MatchAll()
-             | "Path" >> beam.Map(lambda metadata: metadata.path))
+             | "Listed" >> beam.Map(lambda m: (m.path, (m.size_in_bytes, m.last_updated_in_seconds))))
     if len(self._patterns) > 1:
       # Overlapping globs must not embed (and count) a file twice.
       paths = paths | "Distinct" >> beam.Distinct()
-    return paths
+    return paths | "Item" >> beam.MapTuple(lambda path, listed: Item(path, size=listed[0], mtime=listed[1]))
 
 
-def _write_summary_step(files, config, matched, embedded, carried, removed, deduplicated, failures, workers):
+def _write_summary_step(files, config, matched, embedded, carried, removed, deduplicated, failures, workers,
+                        resumed):
   summary = summarize(
       matched, embedded, sorted(failures), files, layout=config.layout, inputs=config.inputs,
       output=config.output, started_at=config.started_at, max_failure_fraction=config.max_failure_fraction,
-      refresh=config.refresh, carried=carried, removed=removed, decode_processes=_decode_processes(workers),
+      refresh=config.refresh, carried=carried, removed=removed, resumed=resumed,
+      decode_processes=_decode_processes(workers),
       worker_versions=_distinct(stats["versions"] for _, stats in workers))
   if config.dedupe:
     summary["counts"]["deduplicated"] = deduplicated
-  return write_summary(config.output, summary)
+  path = write_summary(config.output, summary)
+  # Only once _SUCCESS.json is there: a run killed before this point can still be resumed, and one
+  # killed after it is finished (a later --resume clears what is left).
+  checkpoint.clear(config.output)
+  return path
 
 
 def _decode_processes(workers):
@@ -81,7 +88,7 @@ def input_items(p, config):
   """An Item per input: from the --input globs or the manifest, with its extra columns."""
   if config.manifest:
     return p | "ReadManifest" >> ReadManifest(config.manifest, config.manifest_schema)
-  items = p | "MatchInputs" >> MatchInputs(config.inputs) | "Item" >> beam.Map(Item)
+  items = p | "MatchInputs" >> MatchInputs(config.inputs)
   if config.label_from_dir:
     return items | "LabelFromDir" >> beam.Map(label_item)
   return items
@@ -104,6 +111,15 @@ def build_graph(p: beam.Pipeline, config):
               | "JoinPreviousIndex" >> beam.CoGroupByKey())
     items = joined | "AttachPrevious" >> beam.FlatMap(attach_previous)
     removed = _count(joined | "Removed" >> beam.FlatMap(removed_uri), "CountRemoved")
+  resumed_direct = None
+  if config.resume:
+    keyed = items | "KeyForResume" >> beam.Map(lambda item: (item.uri, item))
+    decided = ({"items": keyed, "checkpoint": p | "CheckpointIndex" >> checkpoint.CheckpointIndex(config.output)}
+               | "JoinCheckpoints" >> beam.CoGroupByKey()
+               | "Decide" >> beam.FlatMap(checkpoint.decide, config.resume_verify))
+    resumed_direct = decided | "Unread" >> beam.FlatMap(lambda d: [d[1]] if d[0] == "resumed" else [])
+    items = decided | "ToEmbed" >> beam.FlatMap(lambda d: [d[1]] if d[0] == "item" else [])
+
   deduplicated = None
   if config.dedupe:
     items = items | "Dedupe" >> Dedupe(config.read_threads)
@@ -125,6 +141,15 @@ def build_graph(p: beam.Pipeline, config):
   if config.previous:
     carried_tables = carried | "CarryOver" >> CarryOver(config.previous, config.extra_fields)
     tables = (embeddings, carried_tables) | "AllRows" >> beam.Flatten()
+  resumed_count = None
+  if config.resume:
+    resumed = (resumed_direct, results[RESUMED_TAG]) | "AllResumed" >> beam.Flatten()
+    resumed_tables, resumed_errors = resumed | "Resume" >> checkpoint.Resume(config.output, config.extra_fields)
+    tables = (tables, resumed_tables) | "WithResumed" >> beam.Flatten()
+    errors = (errors, resumed_errors) | "WithResumedErrors" >> beam.Flatten()
+    resumed_count = (resumed_tables
+                     | "ResumedRows" >> beam.Map(lambda table: table.num_rows)
+                     | "CountResumed" >> beam.CombineGlobally(sum))
 
   embedding_files = tables | "WriteEmbeddings" >> beam.io.Write(ParquetTableSink(
       FileSystems.join(config.output, "embeddings"),
@@ -148,6 +173,7 @@ def build_graph(p: beam.Pipeline, config):
   carried_count = _count(carried, "CountCarried")
   removed = removed if removed is not None else p | "NoneRemoved" >> beam.Create([0])
   deduplicated = deduplicated if deduplicated is not None else p | "NoneDeduplicated" >> beam.Create([0])
+  resumed_count = resumed_count if resumed_count is not None else p | "NoneResumed" >> beam.Create([0])
   # The summary's main input is the written file names, so it runs after both
   # writes have finalized: a job nobody waits on still ends with _SUCCESS.json.
   return ((embedding_files, error_files)
@@ -156,4 +182,4 @@ def build_graph(p: beam.Pipeline, config):
           | "WriteSummary" >> beam.Map(
               _write_summary_step, config, AsSingleton(matched), AsSingleton(embedded),
               AsSingleton(carried_count), AsSingleton(removed), AsSingleton(deduplicated),
-              AsSingleton(failures), AsSingleton(workers)))
+              AsSingleton(failures), AsSingleton(workers), AsSingleton(resumed_count)))

@@ -5,13 +5,15 @@
 2. `options.validate`: the values themselves (no I/O);
 3. `build_config`: weights resolved and fingerprinted, a manifest's schema read, each --input
    matched, --previous judged, the layout computed once;
-4. `existing_outputs` / `refuse_previous_run`: an output holding a run is refused without
-   --overwrite; `clear_outputs` deletes it only when the job is really about to run (never in a
-   dry run, which prints what it would delete instead).
+4. `existing_outputs` / `plan_output`: an output holding a run is refused without --overwrite
+   (or, interrupted, --resume, which keeps its checkpoints of the same model); `clear_outputs`
+   deletes what must go only when the job is really about to run (never in a dry run, which
+   prints what it would delete instead).
 """
 
 import dataclasses
 import difflib
+import glob
 import logging
 import os
 import re
@@ -23,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _
 
 from pipeline.options import (EmbedOptions, LaunchError, RunConfig, _bool_value, backbone_names,
                               model_layout, validate)
-from transforms import manifest, refresh
+from transforms import checkpoint, manifest, refresh
 from transforms.backbones import get_backbone
 from transforms.weights import BackboneSpec, resolve_weights
 from transforms.write import SUCCESS_FILE
@@ -185,6 +187,8 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       manifest_schema=manifest_schema,
       label_from_dir=bool(opts.label_from_dir),
       dedupe=bool(opts.dedupe),
+      checkpoint_every=float(opts.checkpoint_every),
+      resume_verify=bool(opts.resume_verify),
   )
   config = dataclasses.replace(config, layout=model_layout(config))
   if opts.previous:
@@ -226,25 +230,60 @@ def _with_previous(config, previous, ignore_bad):
                              refresh={"previous": previous, "reused": True, "reason": "same model"})
 
 
+def _matches(pattern) -> list:
+  try:
+    return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+  except Exception:  # a directory that does not exist yet
+    return []
+
+
 def existing_outputs(output) -> list:
-  """This tool's files in `output` (a previous run's, finished or partial)."""
-  found = []
-  for pattern in OUTPUT_FILE_PATTERNS:
-    try:
-      result = FileSystems.match([FileSystems.join(output, pattern)])[0]
-    except Exception:
-      continue
-    found.extend(m.path for m in result.metadata_list)
+  """This tool's files in `output`, finished or partial: the final files, the checkpoints, and
+  the temporary folders of Beam's file sinks that a killed run leaves."""
+  found = [path for pattern in OUTPUT_FILE_PATTERNS for path in _matches(FileSystems.join(output, pattern))]
+  found += checkpoint.files(output)
+  # gs://: the objects under them; local: the folders themselves (Beam's match lists files only),
+  # which FileSystems.delete removes whole.
+  if "://" in output:
+    found += _matches(FileSystems.join(output, "beam-temp-**"))
+  else:
+    found += glob.glob(os.path.join(glob.escape(output), "beam-temp-*"))
   # _SUCCESS.json first: if a deletion is interrupted, the remains read as partial.
-  return sorted(found, key=lambda p: (not p.endswith(SUCCESS_FILE), p))
+  return sorted(set(found), key=lambda p: (not p.endswith(SUCCESS_FILE), p))
 
 
 def refuse_previous_run(output, found, overwrite):
   """Two runs never mix in one directory: without --overwrite, an output holding one is refused."""
   if found and not overwrite:
+    interrupted = not any(p.endswith(SUCCESS_FILE) for p in found) and checkpoint.files(output)
+    hint = ("an interrupted run: pass --resume to go on from it, or --overwrite to start over" if interrupted
+            else "a previous run: choose another directory or pass --overwrite")
     raise LaunchError(
-        f"--output {output!r} already holds a previous run ({len(found)} files, e.g. "
-        f"{os.path.basename(found[0])}); choose another directory or pass --overwrite")
+        f"--output {output!r} already holds {hint} ({len(found)} files, e.g. {os.path.basename(found[0])})")
+
+
+def plan_output(config: RunConfig, found: list, overwrite: bool, resume: bool):
+  """(config, files to delete before the job runs, whether --resume found a finished run).
+
+  --resume keeps the committed checkpoints of the same model and deletes only the dead run's
+  partial final files; checkpoints of another model are refused (or, with --overwrite, deleted)."""
+  if not resume:
+    refuse_previous_run(config.output, found, overwrite)
+    return config, found, False
+  if any(p.endswith(SUCCESS_FILE) for p in found):
+    return config, [p for p in found if f"/{checkpoint.DIRECTORY}/" in p], True
+  committed = [p for p in checkpoint.files(config.output) if p.endswith(".parquet")]
+  if not committed:
+    return config, found, False  # nothing to go on from: a run from scratch
+  layout = checkpoint.read_layout(config.output)
+  reason = refresh.model_difference(layout, config.layout) if layout else f"no {checkpoint.LAYOUT_FILE}"
+  if reason:
+    if overwrite:
+      return config, found, False
+    raise LaunchError(f"--resume: the checkpoints in {config.output!r} were made with another model "
+                      f"({reason}); pass --overwrite to start over")
+  keep = set(checkpoint.files(config.output))
+  return dataclasses.replace(config, resume=True), [p for p in found if p not in keep], False
 
 
 def clear_outputs(found):

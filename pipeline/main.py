@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from pipeline import launch
 from pipeline.graph import build_graph
 from pipeline.options import EmbedOptions, LaunchError
-from transforms import decode_pool, progress
+from transforms import checkpoint, decode_pool, progress
 from transforms.backbones import format_table
 from transforms.write import SUCCESS_FILE, read_summary
 
@@ -24,7 +24,9 @@ EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 def _summary_line(summary, output) -> str:
   counts, timings = summary["counts"], summary["timings"]
-  return (f"{PROG}: {summary['status']}: {counts['matched']} matched, {counts['embedded']} embedded, "
+  reused = "".join(f"{counts[key]} {words}, " for key, words in (("resumed", "resumed"), ("carried_over", "carried over"))
+                   if counts.get(key))
+  return (f"{PROG}: {summary['status']}: {counts['matched']} matched, {counts['embedded']} embedded, {reused}"
           f"{counts['failed']} failed in {timings['seconds']:.1f}s, start-up included "
           f"({timings['images_per_second']:.1f} img/s over the whole run) -> {output}")
 
@@ -158,13 +160,20 @@ def run(argv=None, save_main_session=True) -> int:
     options = PipelineOptions(argv)
     dry_run = launch.dry_run(options)
     config = launch.build_config(options)
-    doomed = launch.existing_outputs(config.output)
-    launch.refuse_previous_run(config.output, doomed, options.view_as(EmbedOptions).overwrite)
+    opts = options.view_as(EmbedOptions)
+    config, doomed, finished = launch.plan_output(
+        config, launch.existing_outputs(config.output), opts.overwrite, opts.resume)
   except LaunchError as e:
     print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   options.view_as(SetupOptions).save_main_session = save_main_session
 
+  if finished:
+    if not dry_run:
+      launch.clear_outputs(doomed)  # checkpoints a run left between _SUCCESS.json and its cleanup
+    print(f"{PROG}: --resume: {config.output} holds a finished run ({SUCCESS_FILE}); nothing to do",
+          file=sys.stderr)
+    return 0
   if dry_run:
     return _dry_run(options, config, doomed)
 
@@ -174,13 +183,17 @@ def run(argv=None, save_main_session=True) -> int:
       build_graph(p, config)
       # Only now, with the job built and about to run, is a previous run deleted.
       launch.clear_outputs(doomed)
+      if config.checkpoint_every and not config.resume:
+        checkpoint.write_layout(config.output, config.layout)
       p.run().wait_until_finish()
     except BaseException:
       if not received:
         raise
       name = signal.Signals(received[0]).name
+      go_on = ("run again with --resume to go on from its committed rows, or --overwrite to start over"
+               if config.checkpoint_every else "run again with --overwrite to start over")
       print(f"{PROG}: interrupted by {name}: the output in {config.output} is partial (no {SUCCESS_FILE}); "
-            "run again with --overwrite to start over", file=sys.stderr)
+            f"{go_on}", file=sys.stderr)
       return EXIT_INTERRUPTED[received[0]]
     finally:
       progress.close_all()
@@ -218,7 +231,7 @@ def _report(config) -> int:
     return 1
   if summary["status"] != "ok":
     print(f"{PROG}: error: inputs not accounted for: {counts['matched']} matched != "
-          f"{counts['embedded']} embedded + {counts.get('carried_over', 0)} carried over + "
-          f"{counts['failed']} failed", file=sys.stderr)
+          f"{counts['embedded']} embedded + {counts.get('resumed', 0)} resumed + "
+          f"{counts.get('carried_over', 0)} carried over + {counts['failed']} failed", file=sys.stderr)
     return 1
   return 0

@@ -106,6 +106,15 @@ class EmbedOptions(PipelineOptions):
           help="An earlier run's output: rows of unchanged files are carried over.")
     _flag(parser, "ignore-bad-previous", action="store_true", default=False,
           help="A missing or partial --previous is ignored with a warning instead of refused.")
+    _flag(parser, "resume", action="store_true", default=False,
+          help="Go on with an interrupted run in --output: its committed rows are reused, the rest "
+               "is embedded. On a finished run it does nothing; on an empty output it starts afresh.")
+    _flag(parser, "resume-verify", action="store_true", default=False,
+          help="With --resume, re-read and re-hash every file instead of trusting an unchanged size "
+               "and modification time.")
+    _flag(parser, "checkpoint-every", type=float, default=30.0,
+          help="Seconds between commits of rows under --output/_checkpoints/ (also every 4096 rows "
+               "per worker); what a killed run loses at most. 0 turns checkpoints off.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +150,9 @@ class RunConfig:
   previous: Optional[str] = None  # set only when the previous run's rows are valid for this one
   refresh: Optional[dict] = None  # what happened to --previous, and why; goes into _SUCCESS.json
   layout: Optional[dict] = None  # computed once at launch (model_layout); carried by value to workers
+  checkpoint_every: float = 0.0  # seconds; 0: no checkpoints (the command line's default is 30)
+  resume: bool = False  # set only when --output holds committed rows of this model to reuse
+  resume_verify: bool = False
 
   @property
   def sizes(self):
@@ -270,6 +282,11 @@ def validate(opts) -> dict:
                         f"received: {opts.decode_memory!r}")
   if not opts.decode_timeout or opts.decode_timeout <= 0:
     raise LaunchError(f"--decode-timeout must be a positive number of seconds; received: {opts.decode_timeout!r}")
+  if opts.checkpoint_every is None or opts.checkpoint_every < 0:
+    raise LaunchError(f"--checkpoint-every must be a number of seconds (0: no checkpoints); "
+                      f"received: {opts.checkpoint_every!r}")
+  if opts.resume_verify and not opts.resume:
+    raise LaunchError("--resume-verify goes with --resume; received: --resume-verify alone")
   if not 0.0 <= opts.max_failure_fraction <= 1.0:
     raise LaunchError(
         f"--max-failure-fraction must be between 0 and 1; received: {opts.max_failure_fraction!r}")

@@ -352,10 +352,10 @@ def test_a_file_vanishing_between_listing_and_reading_is_a_read_error(tmp_path, 
       self._patterns = patterns
 
     def expand(self, pbegin):
-      def delete_victim(path):
-        if path == victim and os.path.exists(path):
-          os.remove(path)
-        return path
+      def delete_victim(item):
+        if item.uri == victim and os.path.exists(item.uri):
+          os.remove(item.uri)
+        return item
       return pbegin | real_match(self._patterns) | beam.Map(delete_victim)
 
   monkeypatch.setattr(pipeline.graph, "MatchInputs", MatchThenDelete)

@@ -10,14 +10,15 @@ from typing import Optional
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
 from apache_beam.utils import shared
 
-from transforms import decode, decode_pool
+from transforms import checkpoint, decode, decode_pool
+from transforms.backbones import get_backbone, preprocess
 from transforms.decode_pool import DecodeProcessError
 from transforms.item import Item
-from transforms.backbones import get_backbone, preprocess
 from transforms.read import read_bytes, sha256_hex
 from transforms.weights import load_backbone
 from transforms.write import error_row, package_versions, rows_to_table
@@ -25,6 +26,7 @@ from transforms.write import error_row, package_versions, rows_to_table
 _LOG = logging.getLogger(__name__)
 ERRORS_TAG = "errors"
 CARRIED_TAG = "carried"
+RESUMED_TAG = "resumed"
 WORKER_STATS_TAG = "worker_stats"
 
 
@@ -176,6 +178,7 @@ class Loaded:
   image: Optional[decode.DecodedImage] = None
   error: Optional[dict] = None
   carried: bool = False  # bytes unchanged since the previous run: its row is reused
+  resumed: bool = False  # bytes unchanged since an interrupted run of this output committed its row
 
 
 def decode_in_process(data, spec: decode.DecodeSpec) -> decode.DecodedImage:
@@ -184,17 +187,21 @@ def decode_in_process(data, spec: decode.DecodeSpec) -> decode.DecodedImage:
                                   fast=spec.fast, option_names=dict(spec.option_names))
 
 
-def load_file(uri, spec: decode.DecodeSpec, decoder=decode_in_process, previous_sha256=None) -> Loaded:
+def load_file(uri, spec: decode.DecodeSpec, decoder=decode_in_process, previous_sha256=None,
+              resume_sha256=None) -> Loaded:
   """Read + hash + decode one file; every failure becomes an error row, never an exception.
 
   `decoder(data, spec)` is `DecodePool.decode` in a run. A file whose digest equals
-  `previous_sha256` is not decoded: the previous run's row stands.
+  `resume_sha256` (a row an interrupted run committed) or `previous_sha256` (the previous run's
+  row) is not decoded: that row stands.
   """
   try:
     data = read_bytes(uri)
   except Exception as e:  # vanished, unreadable, permission: the file's own fault
     return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}"))
   digest = sha256_hex(data)
+  if resume_sha256 is not None and digest == resume_sha256:
+    return Loaded(uri, digest, resumed=True)
   if previous_sha256 is not None and digest == previous_sha256:
     return Loaded(uri, digest, carried=True)
   try:
@@ -232,10 +239,14 @@ class ReadAhead:
 
 
 def _rows_for(batch, embeddings, config):
-  """(Item, Loaded) pairs and their embeddings -> one table: duplicates expanded, extra columns laid out."""
+  """(Item, Loaded) pairs and their embeddings -> one table (duplicates expanded, extra columns laid
+  out) and each row's listing [(size, mtime)], which checkpoints record."""
   uris, shas, widths, heights, index, extra = [], [], [], [], [], {f.name: [] for f in config.extra_fields}
+  listing = []
   for i, (item, loaded) in enumerate(batch):
-    for uri, columns in item.rows():
+    for each in item.items():
+      uri, columns = each.uri, each.columns
+      listing.append((each.size, each.mtime))
       uris.append(uri)
       shas.append(loaded.sha256)
       widths.append(loaded.image.width)
@@ -245,7 +256,7 @@ def _rows_for(batch, embeddings, config):
         extra[name].append(columns.get(name))
   if len(index) != len(batch):
     embeddings = embeddings[index]
-  return rows_to_table(uris, shas, widths, heights, embeddings, extra, config.extra_fields)
+  return rows_to_table(uris, shas, widths, heights, embeddings, extra, config.extra_fields), listing
 
 
 class EmbedFilesDoFn(beam.DoFn):
@@ -296,9 +307,18 @@ class EmbedFilesDoFn(beam.DoFn):
 
   def start_bundle(self):
     self._ahead = ReadAhead(load_file, self._executor)
+    self._checkpoints = None
+    if self._config.checkpoint_every:
+      self._checkpoints = checkpoint.CheckpointWriter(
+          self._config.output, f"{int(self._config.started_at * 1000):x}", self._config.checkpoint_every)
+    self._first = True
 
   def process(self, item: Item):
-    self._ahead.submit(item, item.uri, self._spec, self._decoders.decode, item.previous_sha256)
+    if self._first and self._checkpoints is not None:
+      self._checkpoints.start_bundle(item.uri)  # names a retry of this bundle repeats
+    self._first = False
+    self._ahead.submit(item, item.uri, self._spec, self._decoders.decode, item.previous_sha256,
+                       item.resume_sha256)
     # Keep one batch decoding while the model runs the one before it.
     while len(self._ahead) >= 2 * self._config.batch_size:
       yield from self._embed_next_batch()
@@ -307,6 +327,8 @@ class EmbedFilesDoFn(beam.DoFn):
     while len(self._ahead):
       for output in self._embed_next_batch():
         yield _in_global_window(output)
+    if self._checkpoints is not None:
+      self._checkpoints.commit()
     stats = {"peak_rss": self._decoders.peak_rss(), "started": self._decoders.started,
              "replaced": self._decoders.replaced, "versions": self._versions}
     yield _in_global_window(beam.pvalue.TaggedOutput(WORKER_STATS_TAG, (os.getpid(), stats)))
@@ -319,10 +341,16 @@ class EmbedFilesDoFn(beam.DoFn):
     if decoders is not None:
       decode_pool.release_pool(decoders)
 
-  def _failures(self, item, error):
-    for uri, _ in item.rows():
+  def _failures(self, item, error, sha256=None):
+    committed = []
+    for each in item.items():
       self._failed[error["stage"]].inc()
-      yield beam.pvalue.TaggedOutput(ERRORS_TAG, dict(error, uri=uri))
+      row = dict(error, uri=each.uri)
+      yield beam.pvalue.TaggedOutput(ERRORS_TAG, row)
+      if sha256 is not None:  # read errors have none, and are retried by a resume
+        committed.append(dict(row, sha256=sha256, size=each.size, mtime=each.mtime))
+    if committed and self._checkpoints is not None:
+      self._checkpoints.add(None, committed)
 
   def _embed_next_batch(self):
     config = self._config
@@ -330,7 +358,10 @@ class EmbedFilesDoFn(beam.DoFn):
     while len(self._ahead) and len(loaded) < config.batch_size:
       item, result = self._ahead.next()
       if result.error is not None:
-        yield from self._failures(item, result.error)
+        yield from self._failures(item, result.error, result.sha256)
+      elif result.resumed:
+        for uri, columns in item.rows():
+          yield beam.pvalue.TaggedOutput(RESUMED_TAG, (result.sha256, (uri, columns)))
       elif result.carried:
         for uri, columns in item.rows():
           self._carried.inc()
@@ -345,11 +376,15 @@ class EmbedFilesDoFn(beam.DoFn):
     self._latency.update(int((time.perf_counter() - started) * 1e6))
     self._inferences.inc(len(ok))
     for index, error in failures:
-      item = loaded[index][0]
+      item, result = loaded[index]
       yield from self._failures(item, error_row(
-          item.uri, "embed", type(error).__name__, str(error).splitlines()[0][:500]))
+          item.uri, "embed", type(error).__name__, str(error).splitlines()[0][:500]), result.sha256)
     if ok:
-      table = _rows_for([loaded[i] for i in ok], embeddings, config)
+      table, listing = _rows_for([loaded[i] for i in ok], embeddings, config)
+      if self._checkpoints is not None:
+        sizes, mtimes = zip(*listing)
+        self._checkpoints.add(table.append_column(checkpoint.LISTING_FIELDS[0], pa.array(sizes, pa.int64()))
+                              .append_column(checkpoint.LISTING_FIELDS[1], pa.array(mtimes, pa.float64())))
       self._embedded.inc(table.num_rows)
       if self._progress is not None:
         self._progress.update(table.num_rows)
@@ -379,4 +414,4 @@ class ReadDecodeEmbed(beam.PTransform):
 
   def expand(self, paths):
     return paths | "EmbedFiles" >> beam.ParDo(EmbedFilesDoFn(self._config)).with_outputs(
-        ERRORS_TAG, CARRIED_TAG, WORKER_STATS_TAG, main="embeddings")
+        ERRORS_TAG, CARRIED_TAG, RESUMED_TAG, WORKER_STATS_TAG, main="embeddings")

@@ -10,21 +10,32 @@ class Item:
 
   - `columns`: pass-through output columns (a manifest's, `label`), by name;
   - `sha256`: its digest when already known (--dedupe hashed it), else None;
+  - `size`, `mtime`: the file as listed (bytes, seconds), when the listing said: a resume reuses a
+    committed row without reading a file whose listing is unchanged;
   - `previous_sha256`: the digest of its row in --previous: if the bytes still have it, that row
     is carried over and the file is not decoded;
+  - `resume_sha256`: the digest of its row committed by an interrupted run of this output (--resume):
+    if the bytes still have it, that row is reused and the file is not decoded;
   - `duplicates`: Items with the same bytes (--dedupe), which get this item's row or error.
   """
   uri: str
   columns: dict = dataclasses.field(default_factory=dict)
   sha256: Optional[str] = None
+  size: Optional[int] = None
+  mtime: Optional[float] = None
   previous_sha256: Optional[str] = None
+  resume_sha256: Optional[str] = None
   duplicates: tuple = ()
 
   def rows(self):
     """(uri, columns) of every row this item makes: its own, then its duplicates'."""
-    yield self.uri, self.columns
-    for duplicate in self.duplicates:
-      yield duplicate.uri, duplicate.columns
+    for item in self.items():
+      yield item.uri, item.columns
+
+  def items(self):
+    """This item, then its duplicates."""
+    yield self
+    yield from self.duplicates
 
   def replace(self, **changes) -> "Item":
     return dataclasses.replace(self, **changes)

@@ -151,11 +151,12 @@ def package_versions() -> dict:
 
 
 def summarize(matched, embedded, failures, files, *, layout, inputs, output, started_at, max_failure_fraction,
-              refresh=None, carried=0, removed=0, decode_processes=None, worker_versions=None,
+              refresh=None, carried=0, removed=0, resumed=0, decode_processes=None, worker_versions=None,
               finished_at=None) -> dict:
   """The run summary written last as _SUCCESS.json; failures is [((stage, error_type), count)].
 
-  Every matched input is embedded, carried over from --previous, or failed. `decode_processes`
+  Every matched input is embedded, resumed (its row committed by an interrupted run of this output),
+  carried over from --previous, or failed. `decode_processes`
   sums what the workers' decode pools reported; `worker_versions` are the package versions of
   the processes that embedded, compared here with the launcher's in `layout`."""
   failed = sum(count for _, count in failures)
@@ -165,7 +166,7 @@ def summarize(matched, embedded, failures, files, *, layout, inputs, output, sta
     by_type[error_type] = by_type.get(error_type, 0) + count
   finished_at = finished_at or time.time()
   fraction = failed / matched if matched else 0.0
-  if matched != embedded + carried + failed:
+  if matched != embedded + resumed + carried + failed:
     status = "inconsistent"
   elif fraction > max_failure_fraction:
     status = "over_failure_budget"
@@ -184,6 +185,7 @@ def summarize(matched, embedded, failures, files, *, layout, inputs, output, sta
       "counts": {
           "matched": matched,
           "embedded": embedded,
+          "resumed": resumed,
           "carried_over": carried,
           "removed": removed,
           "failed": failed,
