@@ -33,7 +33,9 @@
 #
 # Exit status: 0 when the day's run finished (now or before), else embed-images' own (1: over the
 # failure budget, 2: a bad option or launch check) or gcloud's. A day whose directory holds a
-# partial run (no _SUCCESS.json) is re-run with --overwrite, which replaces only this tool's files;
+# partial run (no _SUCCESS.json: an attempt that failed or was killed) goes on from the rows it
+# committed (--resume); with another model than those rows', or none committed, --overwrite
+# starts it over, replacing only this tool's files;
 # the job name embed-images-DAY keeps two launches of one day from running at once (Dataflow
 # refuses a second active job of the same name in a region).
 set -euo pipefail
@@ -74,7 +76,7 @@ fi
 if [[ -n "${TEMPLATE:-}" ]]; then
   # gcloud splits --parameters on commas; ^~^ makes "~" the separator (backbones hold commas).
   params="^~^input=${INPUT}~output=${OUTPUT}~backbones=${BACKBONES}~weights=${WEIGHTS}"
-  params+="~accelerator=${ACCELERATOR}~embed_min_ram=${EMBED_MIN_RAM}"
+  params+="~accelerator=${ACCELERATOR}~embed_min_ram=${EMBED_MIN_RAM}~resume=true~overwrite=true"
   [[ -n "$PREVIOUS" ]] && params+="~previous=${PREVIOUS}"
   [[ -n "${IMAGE:-}" ]] && params+="~sdk_container_image=${IMAGE}"
   cmd=(gcloud dataflow flex-template run "$JOB_NAME" --project "$PROJECT" --region "$REGION"
@@ -82,13 +84,11 @@ if [[ -n "${TEMPLATE:-}" ]]; then
        --worker-machine-type "$MACHINE_TYPE" --max-workers "$MAX_WORKERS"
        --additional-experiments no_use_multiple_sdk_containers
        --parameters "$params" "$@")
-  # A partial directory can't be overwritten through the template (boolean flags don't pass
-  # through --name=value): clear it by hand or re-run without TEMPLATE.
 else
   cmd=("$PYTHON" -m pipeline
        --runner DataflowRunner --project "$PROJECT" --region "$REGION"
        --temp_location "$TEMP_LOCATION" --job_name "$JOB_NAME"
-       --input "$INPUT" --output "$OUTPUT" --overwrite
+       --input "$INPUT" --output "$OUTPUT" --resume --overwrite
        --backbones "$BACKBONES" --weights "$WEIGHTS"
        --accelerator "$ACCELERATOR" --embed-min-ram "$EMBED_MIN_RAM"
        --machine_type "$MACHINE_TYPE" --max_num_workers "$MAX_WORKERS"

@@ -256,10 +256,10 @@ def refuse_previous_run(output, found, overwrite):
   """Two runs never mix in one directory: without --overwrite, an output holding one is refused."""
   if found and not overwrite:
     interrupted = not any(p.endswith(SUCCESS_FILE) for p in found) and checkpoint.files(output)
-    hint = ("an interrupted run: pass --resume to go on from it, or --overwrite to start over" if interrupted
-            else "a previous run: choose another directory or pass --overwrite")
+    what, hint = (("an interrupted run", "pass --resume to go on from it, or --overwrite to start over")
+                  if interrupted else ("a previous run", "choose another directory or pass --overwrite"))
     raise LaunchError(
-        f"--output {output!r} already holds {hint} ({len(found)} files, e.g. {os.path.basename(found[0])})")
+        f"--output {output!r} already holds {what} ({len(found)} files, e.g. {os.path.basename(found[0])}); {hint}")
 
 
 def plan_output(config: RunConfig, found: list, overwrite: bool, resume: bool):

@@ -285,3 +285,49 @@ def test_resume_on_gcs(tmp_path):
     want = dict(zip(full.column("uri").to_pylist(), embedding_matrix(full.column("embedding"))))
     for uri, vector in zip(got.column("uri").to_pylist(), embedding_matrix(got.column("embedding"))):
       assert relative_l2(vector, want[uri]) < 1e-5
+
+
+def test_resume_composes_with_previous_manifest_columns_and_dedupe(tmp_path):
+  from PIL import Image
+  photos = tmp_path / "in"
+  photos.mkdir()
+  for p in sorted(SAMPLES.glob("*.jpg")):
+    (photos / p.name).write_bytes(p.read_bytes())
+  status, _ = _quiet_run("--input", f"{photos}/*.jpg", "--output", tmp_path / "day1", *MODEL)
+  assert status == 0
+  # Day 2: two new pictures, one of them also under a second name.
+  with Image.open(SAMPLES / "astronaut.jpg") as img:
+    img.transpose(Image.FLIP_LEFT_RIGHT).save(photos / "new_a.png")
+    img.transpose(Image.FLIP_TOP_BOTTOM).save(photos / "new_b.png")
+  (photos / "new_b copy.png").write_bytes((photos / "new_b.png").read_bytes())
+  uris = sorted(str(p) for p in photos.iterdir())
+  manifest = tmp_path / "manifest.csv"
+  manifest.write_text("uri,id\n" + "".join(f'"{u}",{i}\n' for i, u in enumerate(uris)))
+  day2 = ("--input-manifest", manifest, *MODEL, "--previous", tmp_path / "day1", "--dedupe")
+  status, _ = _quiet_run(*day2, "--output", tmp_path / "clean")
+  assert status == 0
+  clean_counts = json.loads((tmp_path / "clean" / "_SUCCESS.json").read_text())["counts"]
+  assert (clean_counts["carried_over"], clean_counts["embedded"], clean_counts["deduplicated"]) == (7, 3, 1)
+  clean_table, clean = _rows(tmp_path / "clean")
+
+  # The state a kill leaves after new_b's rows (it and its copy) were committed.
+  out = tmp_path / "out"
+  committed = clean_table.filter(pa.compute.is_in(clean_table.column("uri"), pa.array(
+      [str(photos / "new_b.png"), str(photos / "new_b copy.png")])))
+  committed = (committed.append_column(checkpoint.LISTING_FIELDS[0], pa.nulls(2, pa.int64()))
+               .append_column(checkpoint.LISTING_FIELDS[1], pa.nulls(2, pa.float64())))
+  checkpoint.write_layout(str(out), json.loads((tmp_path / "clean" / "_SUCCESS.json").read_text())["layout"])
+  pq.write_table(committed, out / "_checkpoints" / "embeddings-x-y-000000.parquet")
+
+  status, stderr = _quiet_run(*day2, "--output", out, "--resume")
+  assert status == 0, stderr
+  counts = json.loads((out / "_SUCCESS.json").read_text())["counts"]
+  # A manifest lists no size or mtime: the committed files were read and hashed, then reused.
+  assert (counts["carried_over"], counts["resumed"], counts["embedded"], counts["failed"]) == (7, 2, 1, 0)
+  assert counts["matched"] == len(uris) == 10
+  table, rows = _rows(out)
+  assert sorted(table.column("uri").to_pylist()) == uris
+  ids = dict(zip(table.column("uri").to_pylist(), table.column("id").to_pylist()))
+  assert ids == {u: i for i, u in enumerate(uris)}  # each row keeps its own manifest columns
+  for uri in uris:
+    assert relative_l2(rows[uri], clean[uri]) < 1e-5, uri

@@ -285,7 +285,7 @@ def test_nightly_launches_into_todays_directory_with_the_latest_finished_run(pho
   log = result.stderr
   assert f"reusing unchanged rows of {root}/2026-11-20" in log
   [command] = [line for line in log.splitlines() if "nightly: running: " in line]
-  for part in (f"--output {root}/2026-11-22 ", f"--previous {root}/2026-11-20 ", "--overwrite",
+  for part in (f"--output {root}/2026-11-22 ", f"--previous {root}/2026-11-20 ", "--resume --overwrite",
                f"--temp_location {root}/_tmp ", "--sdk_container_image us-central1-docker.pkg.dev/",
                "--experiments=no_use_multiple_sdk_containers", "--job_name embed-images-2026-11-22"):
     assert part in command + " ", part
@@ -320,6 +320,7 @@ SAMPLE_VALUES = {
     "embed_min_ram": "24GiB", "num_shards": "0", "row_group_size": "4096",
     "overwrite": "true", "allow_tf32": "true", "mixed_precision": "true", "fast_decode": "true",
     "dedupe": "true", "label_from_dir": "true", "ignore_bad_previous": "true",
+    "resume": "true", "resume_verify": "true", "checkpoint_every": "12.5",
 }
 
 

@@ -20,6 +20,10 @@ def test_representative_is_the_smallest_uri_with_the_others_as_duplicates():
   assert first == Item("a.jpg", columns={"id": 1}, duplicates=(b,))
   assert list(first.rows()) == [("a.jpg", {"id": 1}), ("b.jpg", {"id": 2})]
   assert representative(("abc", [a])) == a
+  # The item whose row --previous (or a resume) can reuse goes first, whatever its name.
+  unchanged = Item("z.jpg", previous_sha256="abc")
+  assert representative(("abc", [a, unchanged])) == unchanged.replace(duplicates=(a,))
+  assert representative(("abc", [Item("y.jpg", resume_sha256="abc"), a])).uri == "y.jpg"
 
 
 def test_dedupe_embeds_each_content_once_and_every_uri_gets_its_row(tmp_path):

@@ -352,10 +352,6 @@ def test_dedupe_with_previous_carries_unchanged_content_and_embeds_the_changed_f
   assert counts["deduplicated"] == 1 and counts["removed"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transforms/dedupe.py representative() picks the smallest uri, ignoring previous_sha256: a new "
-    "copy that sorts before its unchanged original takes the original's place, and the original is "
-    "re-embedded instead of carried over"))
 def test_dedupe_with_previous_carries_the_original_even_when_its_copy_sorts_first(tmp_path):
   d, (original, changed, unchanged), day1, out = _dedupe_refresh(tmp_path, "0-copy.jpg")
   day2 = _rows(out)

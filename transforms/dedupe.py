@@ -34,9 +34,12 @@ class HashFilesDoFn(beam.DoFn):
 
 
 def representative(grouped) -> Item:
-  """One item per content: the smallest uri embeds, the others ride along as its duplicates."""
-  _, items = grouped
-  first, *rest = sorted(items, key=lambda item: item.uri)
+  """One item per content; the others ride along as its duplicates. The one whose row can be
+  reused goes first (the same bytes in --previous, then in an interrupted run's checkpoints),
+  else the smallest uri: a new copy of an unchanged file must not make it re-embed."""
+  digest, items = grouped
+  first, *rest = sorted(items, key=lambda item: (item.previous_sha256 != digest, item.resume_sha256 != digest,
+                                                 item.uri))
   return first.replace(duplicates=tuple(rest)) if rest else first
 
 
