@@ -23,10 +23,10 @@ import time
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _BeamArgumentParser
 
-from pipeline.options import (EmbedOptions, LaunchError, RunConfig, _bool_value, backbone_names,
+from pipeline.options import (EmbedOptions, LaunchError, RunConfig, _bool_value, _check_choice, backbone_names,
                               model_layout, validate)
-from transforms import checkpoint, manifest, refresh
-from transforms.backbones import get_backbone
+from transforms import checkpoint, manifest, models, refresh
+from transforms.backbones import BACKBONES, PREPROCESSING_MODES, get_backbone
 from transforms.weights import BackboneSpec, resolve_weights
 from transforms.write import SUCCESS_FILE
 
@@ -35,7 +35,9 @@ LOCAL_RUNNERS = (None, "DirectRunner", "direct", "SwitchingDirectRunner")
 
 
 # Stages name their own arguments in their errors (`weights`); the command line names its flags.
-_FLAGS = {"`weights`": "--weights", "`manifest`": "--input-manifest", "`previous`": "--previous"}
+_FLAGS = {"`weights`": "--weights", "`manifest`": "--input-manifest", "`previous`": "--previous",
+          "`layer`": "--backbones layer", "`image_size`": "--image-size", "`output`": "--model-output",
+          "`modules`": "--model-modules", "`model`": "--model"}
 
 
 def as_flags(error: Exception) -> str:
@@ -130,15 +132,10 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   """Validates the options and what they name; raises LaunchError with one line naming the
   option and value."""
   opts = options.view_as(EmbedOptions)
-  values = validate(opts)
-  specs = []
-  for name in backbone_names(opts):
-    size = opts.image_size or get_backbone(name).native_size
-    try:
-      weights = resolve_weights(opts.weights, name, size)
-    except ValueError as e:
-      raise LaunchError(as_flags(e)) from None
-    specs.append(BackboneSpec(name, size, weights))
+  registered = user_models(opts)
+  values = validate(opts, registered)
+  specs = [_backbone_spec(opts, registered, entry, name, layer)
+           for entry, name, layer in backbone_names(opts, registered)]
 
   manifest_schema, extra = None, ()
   if opts.input_manifest:
@@ -194,6 +191,94 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   if opts.previous:
     config = _with_previous(config, opts.previous.rstrip("/"), opts.ignore_bad_previous)
   return config
+
+
+def _backbone_spec(opts, registered, entry, name, layer) -> BackboneSpec:
+  """One --backbones entry resolved: weights fingerprinted (registry) or the model copied, loaded
+  and fingerprinted (--model), and a layer's dim read off the model."""
+  try:
+    if name in registered:
+      model = registered[name]
+      return models.resolve_model(
+          name, model["path"], layer, opts.image_size, opts.pooling, model["preprocessing"], model["output"],
+          model["safe_mode"], model_modules(opts))
+    size = opts.image_size or get_backbone(name).native_size
+    weights = resolve_weights(opts.weights, name, size)
+    if layer is None:
+      return BackboneSpec(name, size, weights)
+    dim = models.inspect_registry_layer(name, size, layer)
+    return BackboneSpec(entry, size, weights, layer=layer, feature_dim=dim)
+  except ValueError as e:
+    raise LaunchError(_model_hints(as_flags(e), name)) from None
+
+
+def _model_hints(text, name) -> str:
+  text = text.replace("`safe_mode`", f"--model-unsafe {name}")
+  if "--backbones layer" in text:
+    text += f" (embed-images --list-layers {name} lists them)"
+  if "custom Keras object" in text:
+    text += " (e.g. a package given with --setup_file)"
+  return text
+
+
+def model_modules(opts) -> tuple:
+  return tuple(m.strip() for m in re.split("[,;]", opts.model_modules or "") if m.strip())
+
+
+_MODEL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
+
+
+def name_values(option, text) -> dict:
+  """'a=x;b=y' (the option repeated, joined) -> {"a": "x", "b": "y"}."""
+  pairs = {}
+  for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+    name, sep, value = (x.strip() for x in part.partition("="))
+    if not sep or not value or not _MODEL_NAME.fullmatch(name) or name in pairs:
+      raise LaunchError(f"--{option} takes NAME=VALUE once per NAME (a letter, then letters, digits, _ . -); "
+                        f"received: {part!r}")
+    pairs[name] = value
+  return pairs
+
+
+def user_models(opts) -> dict:
+  """The --model* options checked together: {name: {path, preprocessing, output, safe_mode}}."""
+  paths = name_values("model", opts.model)
+  clash = [name for name in paths if name in BACKBONES]
+  if clash:
+    raise LaunchError(f"--model {clash[0]}: a registry backbone has that name; give your model another")
+  named = {"model-preprocessing": name_values("model-preprocessing", opts.model_preprocessing),
+           "model-output": name_values("model-output", opts.model_output),
+           "model-unsafe": [n.strip() for n in re.split("[,;]", opts.model_unsafe or "") if n.strip()]}
+  for option, names in named.items():
+    for name in (n for n in names if n not in paths):
+      raise LaunchError(f"--{option} names {name!r}, which no --model registers; registered: {', '.join(paths) or 'none'}")
+  for mode in named["model-preprocessing"].values():
+    _check_choice("model-preprocessing", mode, PREPROCESSING_MODES)
+  return {name: {"path": path, "preprocessing": named["model-preprocessing"].get(name, "none"),
+                 "output": named["model-output"].get(name), "safe_mode": name not in named["model-unsafe"]}
+          for name, path in paths.items()}
+
+
+def list_layers(name, argv) -> str:
+  """`embed-images --list-layers NAME`: a registry backbone's layers (built without weights) or those
+  of a .keras model given with --model, with their output shapes."""
+  check_arguments(argv)
+  opts = PipelineOptions(argv).view_as(EmbedOptions)
+  registered = user_models(opts)
+  try:
+    if name in registered:
+      model = registered[name]
+      choices = models.user_model_layers(model["path"], model["safe_mode"], model_modules(opts))
+    elif name in BACKBONES:
+      choices = models.registry_layers(name, opts.image_size or get_backbone(name).native_size)
+    else:
+      raise LaunchError(f"--list-layers: unknown backbone {name!r}; valid names: "
+                        f"{', '.join([*BACKBONES, *registered])} (a .keras model: add --model {name}=PATH)")
+  except ValueError as e:
+    if isinstance(e, LaunchError):
+      raise
+    raise LaunchError(_model_hints(as_flags(e), name)) from None
+  return models.format_layers(choices)
 
 
 def check_inputs_match(patterns):

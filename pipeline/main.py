@@ -45,9 +45,10 @@ def local_runner(options):
 
 
 def info_request(argv):
-  """(--list-backbones / --help as parsed, the other arguments): those two need no job."""
+  """(--list-backbones / --list-layers / --help as parsed, the other arguments): those need no job."""
   pre = argparse.ArgumentParser(add_help=False)
   pre.add_argument("--list-backbones", action="store_true")
+  pre.add_argument("--list-layers", "--list_layers", dest="list_layers", default=None)
   pre.add_argument("-h", "--help", action="store_true")
   return pre.parse_known_args(argv)
 
@@ -137,6 +138,9 @@ def restored_process_state():
 def print_help():
   EmbedOptions._add_argparse_args(parser := argparse.ArgumentParser(prog=PROG))
   parser.add_argument("--list-backbones", action="store_true", help="Print the backbone registry.")
+  parser.add_argument("--list-layers", metavar="NAME",
+                      help="Print the layers NAME:LAYER can pick, with their output shapes: of a registry "
+                           "backbone (built without weights) or of a .keras model given with --model.")
   parser.add_argument("--verbose", action="store_true",
                       help="Show TensorFlow's and Beam's own start-up lines (hidden by default).")
   parser.print_help()
@@ -153,6 +157,13 @@ def run(argv=None, save_main_session=True) -> int:
     return 0
   if known.help:
     print_help()
+    return 0
+  if known.list_layers:
+    try:
+      print(launch.list_layers(known.list_layers, argv))
+    except LaunchError as e:
+      print(f"{PROG}: error: {e}", file=sys.stderr)
+      return 2
     return 0
 
   try:

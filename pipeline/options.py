@@ -28,6 +28,15 @@ def _bool_value(text):
   raise argparse.ArgumentTypeError(f"expected true or false; received: {text!r}")
 
 
+class _Joined(argparse.Action):
+  """Repeats kept as one ';'-joined string (`--model a=x --model b=y` is `--model 'a=x;b=y'`): the
+  form a Flex Template parameter, which cannot repeat, and from_dictionary pass on."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    current = getattr(namespace, self.dest, None)
+    setattr(namespace, self.dest, f"{current};{values}" if current else values)
+
+
 def _flag(parser, name, **kwargs):
   # Beam's PipelineOptions.from_dictionary (Dataflow, templates) rebuilds flags
   # from dests, i.e. with underscores; registering both spellings keeps a
@@ -52,9 +61,20 @@ class EmbedOptions(PipelineOptions):
     _flag(parser, "output", default=None,
           help="Output directory (local or gs://).")
     _flag(parser, "backbones", default=DEFAULT_BACKBONES,
-          help="Comma list of backbone names; order = order in the vector.")
+          help="Comma list of registry backbones and --model names, each optionally NAME:LAYER for that "
+               "layer's pooled output (see --list-layers NAME); order = order in the vector.")
+    _flag(parser, "model", action=_Joined, metavar="NAME=PATH", help="A user model for --backbones: a "
+          ".keras file or SavedModel directory, local or gs://. Repeatable, or ';'-separated.")
+    _flag(parser, "model-preprocessing", action=_Joined, metavar="NAME=MODE",
+          help="caffe | tf | torch | none (default: the model takes 0..255 RGB). Repeatable, or ';'-separated.")
+    _flag(parser, "model-output", action=_Joined, metavar="NAME=KEY",
+          help="The output of a SavedModel that has several. Repeatable, or ';'-separated.")
+    _flag(parser, "model-unsafe", metavar="NAME[,NAME]",
+          help="Load these .keras models with safe_mode off (Lambda layers: files you trust only).")
+    _flag(parser, "model-modules", metavar="MODULE[,MODULE]", help="Modules that register user models' "
+          "custom Keras objects, imported at launch and on workers (install them with --setup_file).")
     _flag(parser, "weights", default="imagenet",
-          help="imagenet | random | a directory of weight files (local or gs://).")
+          help="imagenet | random | a directory of weight files (local or gs://); registry backbones only.")
     _flag(parser, "pooling", default="avg", help="avg | max")
     _flag(parser, "image-size", type=int, default=None,
           help="One square input size for all backbones (default: each its native size).")
@@ -160,7 +180,7 @@ class RunConfig:
 
   @property
   def dim(self):
-    return sum(get_backbone(b.name).dim for b in self.backbones)
+    return sum(b.dim for b in self.backbones)
 
   @property
   def decode_spec(self) -> decode.DecodeSpec:
@@ -173,17 +193,20 @@ def model_layout(config: RunConfig) -> dict:
   """What a reader needs to interpret the vector, in Parquet metadata and _SUCCESS.json."""
   entries, offset = [], 0
   for spec in config.backbones:
-    backbone = get_backbone(spec.name)
     entries.append({
         "name": spec.name,
         "offset": offset,
-        "dim": backbone.dim,
+        "dim": spec.dim,
         "input_size": spec.size,
-        "preprocessing": backbone.preprocessing,
+        "preprocessing": spec.preprocessing,
         "weights": spec.weights.kind,
         "weights_fingerprint": spec.weights.fingerprint,
+        "source": spec.model.uri if spec.model else spec.base,  # a model's path, or the registry name
+        "layer": spec.layer,
+        "model_sha256": spec.model.sha256 if spec.model else None,
+        "model_output": spec.model.output if spec.model else None,
     })
-    offset += backbone.dim
+    offset += spec.dim
   return {
       "dim": offset,
       "backbones": entries,
@@ -225,26 +248,31 @@ def _check_positive(option, value, minimum=1):
     raise LaunchError(f"--{option} must be at least {minimum}; received: {value!r}")
 
 
-def backbone_names(opts) -> list:
-  names = [n.strip() for n in (opts.backbones or "").split(",") if n.strip()]
-  if not names:
-    raise LaunchError(f"--backbones must name at least one backbone; received: {opts.backbones!r}")
-  for name in names:
-    if name not in BACKBONES:
-      raise LaunchError(
-          f"--backbones: unknown backbone {name!r}; valid names: {', '.join(BACKBONES)}")
-  if len(set(names)) != len(names):
-    raise LaunchError(f"--backbones names a backbone twice; received: {opts.backbones!r}")
-  for name in names:
-    backbone = get_backbone(name)
-    size = opts.image_size or backbone.native_size
-    if size < backbone.min_size:
-      raise LaunchError(
-          f"--image-size {size} is too small for {name}: its minimum is {backbone.min_size}")
-  return names
+def backbone_names(opts, models=()) -> list:
+  """The --backbones entries as (entry, registry or `models` name, layer or None); `models`: the
+  names --model registers (launch.user_models parses those options)."""
+  entries = [n.strip() for n in (opts.backbones or "").split(",") if n.strip()]
+  if not entries or len(set(entries)) != len(entries):
+    raise LaunchError(f"--backbones must name one or more backbones, each once; received: {opts.backbones!r}")
+  parsed = []
+  for entry in entries:
+    name, colon, layer = entry.partition(":")
+    if name not in BACKBONES and name not in models:
+      raise LaunchError(f"--backbones: unknown backbone {name!r}; valid names: {', '.join([*BACKBONES, *models])}")
+    if colon and not layer:
+      raise LaunchError(f"--backbones: {entry!r} names no layer after ':'")
+    minimum = get_backbone(name).min_size if name in BACKBONES else 1
+    size = opts.image_size or (get_backbone(name).native_size if name in BACKBONES else minimum)
+    if size < minimum:
+      raise LaunchError(f"--image-size {size} is too small for {name}: its minimum is {minimum}")
+    parsed.append((entry, name, layer or None))
+  unused = [name for name in models if name not in {n for _, n, _ in parsed}]
+  if unused:
+    raise LaunchError(f"--model {unused[0]} is registered but --backbones does not name it")
+  return parsed
 
 
-def validate(opts) -> dict:
+def validate(opts, models=()) -> dict:
   """Checks every option that needs no I/O; returns the normalised values RunConfig takes."""
   if not opts.input and not opts.input_manifest:
     raise LaunchError("--input (a glob of image files) or --input-manifest is required; received: none")
@@ -253,7 +281,9 @@ def validate(opts) -> dict:
                       f"and --input-manifest {opts.input_manifest!r}")
   if not opts.output:
     raise LaunchError("--output is required (a directory); received: none")
-  backbone_names(opts)
+  if opts.image_size is not None:
+    _check_positive("image-size", opts.image_size)
+  backbone_names(opts, models)
   _check_choice("pooling", opts.pooling, ("avg", "max"))
   _check_choice("resize", opts.resize, decode.RESIZE_POLICIES)
   _check_choice("progress", opts.progress, ("auto", "on", "off"))

@@ -195,6 +195,8 @@ def _fake_interrupted_run(out, photos, *model):
     p.unlink()
   checkpoint.write_layout(str(out), layout)
   pq.write_table(table, pathlib.Path(out) / "_checkpoints" / "embeddings-x-y-000000.parquet")
+  # Killed while it wrote its final shards: one is there, cut short, and Beam's temp folder too.
+  (pathlib.Path(out) / "embeddings-00000-of-00002.parquet").write_bytes(b"PAR1 cut short")
   (pathlib.Path(out) / "beam-temp-embeddings-0123").mkdir()
   (pathlib.Path(out) / "beam-temp-embeddings-0123" / "part").write_bytes(b"partial")
   return table

@@ -313,7 +313,10 @@ def _option_kinds():
 
 SAMPLE_VALUES = {
     "input": "gs://b/photos/**", "input_manifest": "gs://b/manifest.csv", "output": "gs://b/emb/2026-11-22",
-    "previous": "gs://b/emb/2026-11-21", "backbones": "vgg16,inception_v3,resnet50", "weights": "gs://b/w",
+    "previous": "gs://b/emb/2026-11-21", "backbones": "my_net:block_12_add,my_sm,resnet50:conv4_block6_out",
+    "model": "my_net=gs://b/models/my_net.keras;my_sm=gs://b/models/my_sm", "model_preprocessing": "my_net=tf;my_sm=none",
+    "model_output": "my_sm=output_0", "model_unsafe": "my_net", "model_modules": "my_pkg.layers,my_pkg.losses",
+    "weights": "gs://b/w",
     "pooling": "max", "image_size": "299", "batch_size": "64", "resize": "center-crop", "normalize": "l2",
     "max_pixels": "0", "decode_timeout": "12.5", "decode_memory": "3GiB", "max_failure_fraction": "0.01", "read_threads": "32",
     "decode_threads": "0", "accelerator": "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver",

@@ -213,3 +213,24 @@ def test_one_pool_per_worker_process_shared_by_its_dofns():
                                              (1_000_000, 1 << 30)])
 def test_default_memory_ceiling(max_pixels, want):
   assert default_memory_ceiling(max_pixels) == want
+
+
+def test_a_multi_frame_file_is_judged_by_its_first_frame():
+  # Page 1 is a 64x64 picture, page 2 declares 144 megapixels (over the default limit): the
+  # first frame is the one embedded, so only it is checked and decoded.
+  import io
+  out = io.BytesIO()
+  first = Image.new("RGB", (64, 64), (200, 30, 30))
+  first.save(out, "TIFF", save_all=True, compression="tiff_deflate",
+             append_images=[Image.new("L", (12_000, 12_000))])
+  data = out.getvalue()
+  with Image.open(io.BytesIO(data)) as img:
+    assert img.n_frames == 2
+    img.seek(1)
+    assert img.size[0] * img.size[1] > PIL_MAX_PIXELS
+  pool = DecodePool(1, default_memory_ceiling(PIL_MAX_PIXELS))
+  try:
+    got = pool.decode(data, spec())
+    assert (got.width, got.height) == (64, 64) and (got.arrays[32] == (200, 30, 30)).all()
+  finally:
+    pool.close()

@@ -402,6 +402,7 @@ def run_measured(folder, out, *options):
   _, status, usage = os.wait4(proc.pid, 0)
   proc.returncode = os.waitstatus_to_exitcode(status)
   result = Result(proc.returncode, stderr, pathlib.Path(out))
+  assert (result.out / "_SUCCESS.json").exists(), f"exit {proc.returncode}; stderr:\n{stderr[-4000:]}"
   decoders = result.summary["decode_processes"]
   return result, usage.ru_maxrss * 1024 + decoders["peak_rss_sum_bytes"]
 

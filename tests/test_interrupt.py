@@ -68,7 +68,7 @@ def test_a_signal_stops_the_run_and_every_decode_process(tmp_path, signum):
   name = signal.Signals(signum).name
   assert stderr.strip().splitlines()[-1] == (
       f"embed-images: interrupted by {name}: the output in {out} is partial (no _SUCCESS.json); "
-      "run again with --overwrite to start over")
+      "run again with --resume to go on from its committed rows, or --overwrite to start over")
   assert "Traceback" not in stderr
   assert not (out / "_SUCCESS.json").exists()
   wait_for(lambda: not any(alive(pid) for pid in below), "every process of the run to end")

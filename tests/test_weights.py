@@ -230,3 +230,11 @@ def test_weights_fingerprint_tracks_every_weight():
   weights[-1] = weights[-1] + 1.0
   model.set_weights(weights)
   assert weights_fingerprint(model) != before
+
+
+def test_backbone_spec_takes_dim_and_preprocessing_from_the_registry_unless_launch_set_them():
+  from transforms.weights import BackboneSpec
+  whole = BackboneSpec("resnet50", 224, RANDOM)
+  assert (whole.base, whole.dim, whole.preprocessing, whole.layer, whole.model) == ("resnet50", 2048, "caffe", None, None)
+  layer = BackboneSpec("resnet50:conv4_block6_out", 224, RANDOM, layer="conv4_block6_out", feature_dim=1024)
+  assert (layer.base, layer.dim, layer.preprocessing) == ("resnet50", 1024, "caffe")

@@ -126,6 +126,7 @@ def test_summarize_counts_and_status(matched, embedded, failures, status):
 def test_summary_warns_when_workers_ran_other_versions():
   same = write.summarize(1, 1, [], [], worker_versions=[{"keras": "3.15.1"}], **_facts())
   assert "warnings" not in same
+  assert same["worker_versions"] == [{"keras": "3.15.1"}]
   other = write.summarize(1, 1, [], [], worker_versions=[{"keras": "3.15.1"}, {"keras": "3.14.0"}], **_facts())
   assert other["warnings"] == [
       "workers ran other package versions than the launcher: keras 3.15.1 at launch, 3.14.0 on a worker"]

@@ -16,11 +16,11 @@ from apache_beam.transforms import window
 from apache_beam.utils import shared
 
 from transforms import checkpoint, decode, decode_pool
-from transforms.backbones import get_backbone, preprocess
+from transforms.backbones import preprocess
 from transforms.decode_pool import DecodeProcessError
 from transforms.item import Item
 from transforms.read import read_bytes, sha256_hex
-from transforms.weights import load_backbone
+from transforms.models import load_features
 from transforms.write import error_row, package_versions, rows_to_table
 
 _LOG = logging.getLogger(__name__)
@@ -70,11 +70,13 @@ class FusedModel:
     policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
     try:
-      self.models = [load_backbone(b.name, b.size, pooling, b.weights) for b in self.backbones]
+      # A registry backbone at its pooled output is keras.applications' own model; a layer or a
+      # user's model is cut and pooled by transforms/models.py: either way [N, dim] out.
+      self.models = [load_features(b, pooling) for b in self.backbones]
     finally:
       keras.mixed_precision.set_global_policy(policy)
-    self.dim = sum(get_backbone(b.name).dim for b in self.backbones)
-    modes = [get_backbone(b.name).preprocessing for b in self.backbones]
+    self.dim = sum(b.dim for b in self.backbones)
+    modes = [b.preprocessing for b in self.backbones]
     position = {size: i for i, size in enumerate(self.sizes)}
 
     @tf.function(input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes])
@@ -114,7 +116,7 @@ def _freeze(forward, models):
   freeze at start-up.
   """
   import keras
-  if not any(isinstance(layer, keras.layers.BatchNormalization) for m in models for layer in m.layers):
+  if not any(isinstance(layer, keras.layers.BatchNormalization) for m in models for layer in _all_layers(m)):
     return None
   size = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for m in models for w in m.weights)
   if size > _FREEZE_MAX_WEIGHT_BYTES:
@@ -125,6 +127,13 @@ def _freeze(forward, models):
   except Exception as e:  # an internal API; the variables' graph computes the same
     _LOG.warning("running the model with variables, could not freeze its weights: %s", e)
     return None
+
+
+def _all_layers(model):
+  """A model's layers, those of nested models (a fine-tuned model's backbone) included."""
+  for layer in getattr(model, "layers", ()):
+    yield layer
+    yield from _all_layers(layer)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

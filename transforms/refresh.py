@@ -10,7 +10,15 @@ from transforms.write import SUCCESS_FILE, embedding_matrix, rows_to_table
 
 # What makes two runs' vectors interchangeable; versions and timings don't.
 _MODEL_KEYS = ("dim", "pooling", "normalize", "resize", "fast_decode", "mixed_precision", "allow_tf32")
-_BACKBONE_KEYS = ("name", "offset", "dim", "input_size", "preprocessing", "weights_fingerprint")
+_BACKBONE_KEYS = ("name", "offset", "dim", "input_size", "preprocessing", "weights_fingerprint", "source", "layer",
+                  "model_sha256", "model_output")
+
+
+def _backbone_value(backbone: dict, key: str):
+  # Layouts from before user models and layers had no source (the registry name) and no layer.
+  if key == "source" and key not in backbone:
+    return backbone.get("name")
+  return backbone.get(key)
 
 
 class PreviousRunError(ValueError):
@@ -38,8 +46,8 @@ def model_difference(previous_layout: dict, layout: dict):
   for key in _MODEL_KEYS:
     if previous_layout.get(key) != layout.get(key):
       return f"{key} changed: {previous_layout.get(key)!r} -> {layout.get(key)!r}"
-  before = [tuple(b.get(k) for k in _BACKBONE_KEYS) for b in previous_layout.get("backbones", [])]
-  after = [tuple(b.get(k) for k in _BACKBONE_KEYS) for b in layout["backbones"]]
+  before = [tuple(_backbone_value(b, k) for k in _BACKBONE_KEYS) for b in previous_layout.get("backbones", [])]
+  after = [tuple(_backbone_value(b, k) for k in _BACKBONE_KEYS) for b in layout["backbones"]]
   if [b[0] for b in before] != [b[0] for b in after]:
     return f"backbones changed: {[b[0] for b in before]} -> {[b[0] for b in after]}"
   for old, new in zip(before, after):

@@ -27,10 +27,28 @@ class WeightsSource:
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
-  """One backbone as a run builds it: registry name, square input size, where its weights come from."""
-  name: str
+  """One backbone as a run builds it: its name, square input size, where its weights come from, and
+  for a layer or a user's model (transforms/models.py) what launch found out about it."""
+  name: str  # as `backbones` names it: a registry name or a user model's, optionally ":LAYER"
   size: int
-  weights: WeightsSource
+  weights: WeightsSource  # a registry backbone's; for a user model, its file(s)
+  layer: Optional[str] = None  # None: the model's own output (a registry backbone's pooled features)
+  feature_dim: Optional[int] = None  # set at launch for a layer or a user model
+  preprocessing_mode: Optional[str] = None  # a user model's; a registry backbone's is in the registry
+  model: Optional[object] = None  # transforms.models.ModelSource of a user model; None: the registry
+
+  @property
+  def base(self) -> str:
+    """The registry backbone or user model the features come from."""
+    return self.name.split(":", 1)[0]
+
+  @property
+  def dim(self) -> int:
+    return self.feature_dim if self.feature_dim is not None else get_backbone(self.base).dim
+
+  @property
+  def preprocessing(self) -> str:
+    return self.preprocessing_mode or get_backbone(self.base).preprocessing
 
 
 def resolve_weights(spec: str, name: str, size: int) -> WeightsSource:

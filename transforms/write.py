@@ -207,6 +207,8 @@ def summarize(matched, embedded, failures, files, *, layout, inputs, output, sta
           "images_per_second": round(embedded / max(finished_at - started_at, 1e-9), 3),
       },
   }
+  if worker_versions:
+    summary["worker_versions"] = list(worker_versions)
   if warnings:
     summary["warnings"] = warnings
   return summary
