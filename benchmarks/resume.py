@@ -132,7 +132,6 @@ def main(argv=None):
 
 def _rename_uris(source, target, old_prefix, new_prefix):
   """A copy of the run in `source` whose uris name the full/ folder's files."""
-  import pyarrow as pa
   import pyarrow.compute as pc
   import pyarrow.parquet as pq
   shutil.rmtree(target, ignore_errors=True)

@@ -53,7 +53,8 @@ def test_a_signal_stops_the_run_and_every_decode_process(tmp_path, signum):
        "--decode-timeout", "3600"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=pathlib.Path(__file__).parent.parent, text=True)
   try:
-    wait_for(lambda: any(markers.iterdir()), "the run to be decoding", limit=300)
+    wait_for(lambda: any(markers.iterdir()) or proc.poll() is not None, "the run to be decoding", limit=300)
+    assert proc.poll() is None, f"the run ended early ({proc.returncode}):\n{proc.stderr.read()[-4000:]}"
     below = descendants(proc.pid)
     assert below  # its decode processes
     signalled = time.monotonic()
