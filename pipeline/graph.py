@@ -3,15 +3,17 @@
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import AsSingleton
+from apache_beam.pvalue import AsList, AsSingleton
 
 from transforms.dedupe import Dedupe
 from transforms import checkpoint
-from transforms.embed import CARRIED_TAG, ERRORS_TAG, RESUMED_TAG, WORKER_STATS_TAG, ReadDecodeEmbed
+from transforms.decode_pool import own_peak_rss
+from transforms.embed import CARRIED_TAG, ERRORS_TAG, RESUMED_TAG, SHARD_COUNT_TAG, WORKER_STATS_TAG, ReadDecodeEmbed
 from transforms.item import Item
 from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
 from transforms.refresh import CarryOver, PreviousIndex, attach_previous, removed_uri
+from transforms.shards import shard_format
 from transforms.write import (ERRORS_SCHEMA, ParquetTableSink, embeddings_schema, errors_to_table,
                               summarize, write_summary)
 
@@ -53,6 +55,12 @@ def _write_summary_step(files, config, matched, embedded, carried, removed, dedu
       worker_versions=_distinct(stats["versions"] for _, stats in workers))
   if config.dedupe:
     summary["counts"]["deduplicated"] = deduplicated
+  # Own peaks since exec (VmHWM): ru_maxrss would start at the RSS of whatever forked the process.
+  # On the local runner the summary is written by the process that ran everything else.
+  summary["peak_rss_bytes"] = {
+      "worker_processes_max": max((s.get("own_peak_rss", 0) for _, s in workers), default=0),
+      "summary_process": own_peak_rss(),
+  }
   path = write_summary(config.output, summary)
   # Only once _SUCCESS.json is there: a run killed before this point can still be resumed, and one
   # killed after it is finished (a later --resume clears what is left).
@@ -89,9 +97,32 @@ def input_items(p, config):
   if config.manifest:
     return p | "ReadManifest" >> ReadManifest(config.manifest, config.manifest_schema)
   items = p | "MatchInputs" >> MatchInputs(config.inputs)
+  # A shard (by extension, or --input-format) stays one item, flagged with its format.
+  items = items | "ShardFormat" >> beam.Map(
+      lambda item, kind: item.replace(shard_format=shard_format(item.uri, kind)), config.input_format)
   if config.label_from_dir:
     return items | "LabelFromDir" >> beam.Map(label_item)
   return items
+
+
+def _with_previous_members(items, index):
+  """Shard items with the previous digests of their images (rows `SHARD#KEY`), joined by the shard's
+  path: digests, never images, travel with a shard into the embed stage."""
+  files, shard_items = items | "FilesOrShardsForPrevious" >> beam.Partition(
+      lambda item, n: int(bool(item.shard_format)), 2)
+  by_shard = index | "PreviousByShard" >> beam.FlatMap(
+      lambda row: [(row[0].rpartition("#")[0], row)] if "#" in row[0] else [])
+  joined = ({"shards": shard_items | "KeyShard" >> beam.Map(lambda item: (item.uri, item)), "previous": by_shard}
+            | "JoinPreviousShards" >> beam.CoGroupByKey()
+            | "AttachPreviousMembers" >> beam.FlatMap(_attach_previous_members))
+  return (files, joined) | "FilesAndShardsWithPrevious" >> beam.Flatten()
+
+
+def _attach_previous_members(joined):
+  _, groups = joined
+  digests = dict(groups["previous"])
+  for item in groups["shards"]:
+    yield item.replace(previous_members=digests) if digests else item
 
 
 def _count(pcoll, label):
@@ -102,15 +133,25 @@ def build_graph(p: beam.Pipeline, config):
   items = input_items(p, config)
   if config.progress:
     items = items | "ProgressMatched" >> beam.Map(CountProgress("matched"))
-  matched = _count(items, "CountMatched")
+  # A shard counts as the images found in it, which only its reader knows (added below).
+  matched_files = _count(items | "ImageFiles" >> beam.Filter(lambda item: item.shard_format is None),
+                         "CountMatched")
+  shard_uris = items | "Shards" >> beam.FlatMap(lambda item: [item.uri] if item.shard_format else [])
 
   removed = None
   if config.previous:
+    index = p | "PreviousIndex" >> PreviousIndex(config.previous)
     keyed = items | "KeyByUri" >> beam.Map(lambda item: (item.uri, item))
-    joined = ({"items": keyed, "previous": p | "PreviousIndex" >> PreviousIndex(config.previous)}
+    joined = ({"items": keyed, "previous": index}
               | "JoinPreviousIndex" >> beam.CoGroupByKey())
     items = joined | "AttachPrevious" >> beam.FlatMap(attach_previous)
-    removed = _count(joined | "Removed" >> beam.FlatMap(removed_uri), "CountRemoved")
+    items = _with_previous_members(items, index)
+    # Rows of a shard's images are not joined per image (the shard is re-embedded): not removed.
+    removed = _count(joined
+                     | "Removed" >> beam.FlatMap(removed_uri)
+                     | "NotInShards" >> beam.Filter(lambda uri, shards: uri.rpartition("#")[0] not in shards,
+                                                    AsList(shard_uris)),
+                     "CountRemoved")
   resumed_direct = None
   if config.resume:
     keyed = items | "KeyForResume" >> beam.Map(lambda item: (item.uri, item))
@@ -122,10 +163,13 @@ def build_graph(p: beam.Pipeline, config):
 
   deduplicated = None
   if config.dedupe:
-    items = items | "Dedupe" >> Dedupe(config.read_threads)
-    deduplicated = (items
+    # A shard is never hashed whole: its images are not deduplicated.
+    files, shard_items = items | "FilesOrShards" >> beam.Partition(lambda item, n: int(bool(item.shard_format)), 2)
+    files = files | "Dedupe" >> Dedupe(config.read_threads)
+    deduplicated = (files
                     | "Duplicates" >> beam.Map(lambda item: len(item.duplicates))
                     | "CountDuplicates" >> beam.CombineGlobally(sum))
+    items = (files, shard_items) | "DedupedAndShards" >> beam.Flatten()
 
   embed = ReadDecodeEmbed(config)
   hints = resource_hints(config)
@@ -136,6 +180,9 @@ def build_graph(p: beam.Pipeline, config):
   results = items | "Reshuffle" >> beam.Reshuffle() | "ReadDecodeEmbed" >> embed
   embeddings, errors, carried = results.embeddings, results[ERRORS_TAG], results[CARRIED_TAG]
   workers = results[WORKER_STATS_TAG] | "WorkerStats" >> beam.combiners.ToList()
+  matched = ((matched_files, results[SHARD_COUNT_TAG])
+             | "FilesAndShardImages" >> beam.Flatten()
+             | "CountAllMatched" >> beam.CombineGlobally(sum))
 
   tables = embeddings
   if config.previous:

@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _
 
 from pipeline.options import (EmbedOptions, LaunchError, RunConfig, _bool_value, _check_choice, backbone_names,
                               model_layout, validate)
-from transforms import checkpoint, manifest, models, refresh
+from transforms import checkpoint, manifest, models, refresh, shards
 from transforms.backbones import BACKBONES, PREPROCESSING_MODES, get_backbone
 from transforms.weights import BackboneSpec, resolve_weights
 from transforms.write import SUCCESS_FILE
@@ -37,7 +37,10 @@ LOCAL_RUNNERS = (None, "DirectRunner", "direct", "SwitchingDirectRunner")
 # Stages name their own arguments in their errors (`weights`); the command line names its flags.
 _FLAGS = {"`weights`": "--weights", "`manifest`": "--input-manifest", "`previous`": "--previous",
           "`layer`": "--backbones layer", "`image_size`": "--image-size", "`output`": "--model-output",
-          "`modules`": "--model-modules", "`model`": "--model"}
+          "`modules`": "--model-modules", "`model`": "--model", "`image_column`": "--image-column",
+          "`image_feature`": "--image-feature", "`carry_features`": "--carry-features"}
+# How many matches of each --input are looked at, at launch, for the first shard of each format.
+SHARD_PROBE_MATCHES = 1000
 
 
 def as_flags(error: Exception) -> str:
@@ -151,6 +154,11 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
 
   if check_files and opts.input:
     check_inputs_match(opts.input)
+  layouts = ()
+  if opts.input:
+    layouts = shard_layouts(opts.input, opts.input_format, opts.image_column, opts.image_feature,
+                            values["carry_features"])
+    extra = _with_shard_columns(extra, layouts, opts.label_from_dir)
 
   progress = {"on": True, "off": False}.get(opts.progress)
   if progress is None:
@@ -186,11 +194,53 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       dedupe=bool(opts.dedupe),
       checkpoint_every=float(opts.checkpoint_every),
       resume_verify=bool(opts.resume_verify),
+      input_format=opts.input_format,
+      shard_layouts=layouts,
   )
   config = dataclasses.replace(config, layout=model_layout(config))
   if opts.previous:
     config = _with_previous(config, opts.previous.rstrip("/"), opts.ignore_bad_previous)
   return config
+
+
+def first_shards(patterns, input_format="auto") -> dict:
+  """{format: the first shard of it} among the first SHARD_PROBE_MATCHES matches of each pattern."""
+  found = {}
+  for pattern in patterns:
+    try:
+      matched = FileSystems.match([pattern], limits=[SHARD_PROBE_MATCHES])[0].metadata_list
+    except Exception:  # check_inputs_match says why, where it is asked to
+      continue
+    for metadata in sorted(matched, key=lambda m: m.path):
+      kind = shards.shard_format(metadata.path, input_format)
+      if kind is not None:
+        found.setdefault(kind, metadata.path)
+  return found
+
+
+def shard_layouts(patterns, input_format="auto", image_column=None, image_feature=None, carry_features=None):
+  """Per shard format among the inputs, its image column or feature and carried columns, read off the
+  first shard of that format (as a manifest's schema is read off its first batch)."""
+  layouts = []
+  for kind, uri in sorted(first_shards(patterns, input_format).items()):
+    try:
+      layouts.append(shards.shard_layout(uri, kind, image_column, image_feature, carry_features))
+    except ValueError as e:
+      raise LaunchError(f"--input: {as_flags(e)}") from None
+  return tuple(layouts)
+
+
+def _with_shard_columns(extra, layouts, label_from_dir) -> tuple:
+  """The carried columns with the shards' added, each name once (the first format's type wins;
+  transforms.shards.conform nulls a value of another type)."""
+  fields = list(extra)
+  for layout in layouts:
+    for _, field in layout.columns:
+      if label_from_dir and field.name == "label":
+        raise LaunchError(f"--label-from-dir: {layout.format} shards carry a 'label' column already")
+      if field.name not in {f.name for f in fields}:
+        fields.append(field.with_nullable(True))
+  return tuple(fields)
 
 
 def _backbone_spec(opts, registered, entry, name, layer) -> BackboneSpec:

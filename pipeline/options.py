@@ -8,7 +8,7 @@ from typing import Optional
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
 
-from transforms import decode
+from transforms import decode, shards
 from transforms.backbones import BACKBONES, get_backbone
 from transforms.decode_pool import default_memory_ceiling
 from transforms.write import package_versions
@@ -57,7 +57,18 @@ class EmbedOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     _flag(parser, "input", action="append", default=None,
-          help="Glob of image files, local or gs:// ('**' allowed). Repeatable.")
+          help="Glob of image files or shards (.tar WebDataset, .parquet, .tfrecord[s]/.tfrec[.gz]), "
+               "local or gs:// ('**' allowed). Repeatable.")
+    _flag(parser, "input-format", default="auto",
+          help="auto (by extension) | image | tar | parquet | tfrecord: what every --input file is.")
+    _flag(parser, "image-column", default=None,
+          help="Parquet shards: the column of image bytes, or of {bytes, path} structs (default: found "
+               "from the schema: jpg, image, or the only binary column).")
+    _flag(parser, "image-feature", default=None,
+          help="TFRecord shards: the bytes feature holding the image (default: image/encoded, or the "
+               "only bytes feature).")
+    _flag(parser, "carry-features", default=None, metavar="NAME[,NAME]",
+          help="TFRecord shards: the scalar features carried to the output rows (default: all).")
     _flag(parser, "output", default=None,
           help="Output directory (local or gs://).")
     _flag(parser, "backbones", default=DEFAULT_BACKBONES,
@@ -173,6 +184,8 @@ class RunConfig:
   checkpoint_every: float = 0.0  # seconds; 0: no checkpoints (the command line's default is 30)
   resume: bool = False  # set only when --output holds committed rows of this model to reuse
   resume_verify: bool = False
+  input_format: str = "auto"
+  shard_layouts: tuple = ()  # transforms.shards.ShardLayout per shard format found at launch
 
   @property
   def sizes(self):
@@ -288,6 +301,14 @@ def validate(opts, models=()) -> dict:
   _check_choice("resize", opts.resize, decode.RESIZE_POLICIES)
   _check_choice("progress", opts.progress, ("auto", "on", "off"))
   _check_choice("normalize", opts.normalize, ("none", "l2"))
+  _check_choice("input-format", opts.input_format, ("auto", "image", *shards.FORMATS))
+  if opts.input_manifest and opts.input_format != "auto":
+    raise LaunchError(f"--input-format goes with --input; received: --input-format {opts.input_format!r} "
+                      f"with --input-manifest")
+  for option in ("image_column", "image_feature", "carry_features"):
+    value = getattr(opts, option)
+    if value is not None and not str(value).strip(" ,"):
+      raise LaunchError(f"--{option.replace('_', '-')} must name something; received: {value!r}")
   _check_positive("batch-size", opts.batch_size)
   _check_positive("read-threads", opts.read_threads)
   _check_positive("decode-threads", opts.decode_threads, minimum=0)
@@ -320,4 +341,7 @@ def validate(opts, models=()) -> dict:
   if not 0.0 <= opts.max_failure_fraction <= 1.0:
     raise LaunchError(
         f"--max-failure-fraction must be between 0 and 1; received: {opts.max_failure_fraction!r}")
-  return {"max_pixels": max_pixels, "decode_memory": memory}
+  carry = None
+  if opts.carry_features is not None:
+    carry = tuple(n.strip() for n in opts.carry_features.split(",") if n.strip())
+  return {"max_pixels": max_pixels, "decode_memory": memory, "carry_features": carry}

@@ -324,6 +324,8 @@ SAMPLE_VALUES = {
     "overwrite": "true", "allow_tf32": "true", "mixed_precision": "true", "fast_decode": "true",
     "dedupe": "true", "label_from_dir": "true", "ignore_bad_previous": "true",
     "resume": "true", "resume_verify": "true", "checkpoint_every": "12.5",
+    "input_format": "tar", "image_column": "jpg", "image_feature": "image/encoded",
+    "carry_features": "image/class/label,image/filename",
 }
 
 

@@ -367,7 +367,7 @@ def _limit_memory(ceiling: int) -> bool:
     return False
 
 
-def _own_peak_rss() -> int:
+def own_peak_rss() -> int:
   """VmHWM: this process's own peak since exec. (ru_maxrss is no use: after fork + exec it starts
   at the parent's RSS, a TensorFlow process's gigabyte.)"""
   try:
@@ -440,7 +440,7 @@ def _serve(parent: int, ceiling: int):
     # VmHWM is a high-water mark, so reading it now and then loses no peak; only a process that
     # dies before its next reading is reported at its previous one.
     served += 1
-    peak = _own_peak_rss() if result[0] == "error" or served % 32 == 1 else 0
+    peak = own_peak_rss() if result[0] == "error" or served % 32 == 1 else 0
     del result
     reply(payload + _HEADER.pack(peak))
 

@@ -15,7 +15,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
 from apache_beam.utils import shared
 
-from transforms import checkpoint, decode, decode_pool
+from transforms import checkpoint, decode, decode_pool, shards
 from transforms.backbones import preprocess
 from transforms.decode_pool import DecodeProcessError
 from transforms.item import Item
@@ -28,6 +28,7 @@ ERRORS_TAG = "errors"
 CARRIED_TAG = "carried"
 RESUMED_TAG = "resumed"
 WORKER_STATS_TAG = "worker_stats"
+SHARD_COUNT_TAG = "shard_count"  # per shard, how many inputs it held (images, and a damage row): `matched`
 
 
 def configure_tensorflow(allow_tf32=False):
@@ -197,17 +198,19 @@ def decode_in_process(data, spec: decode.DecodeSpec) -> decode.DecodedImage:
 
 
 def load_file(uri, spec: decode.DecodeSpec, decoder=decode_in_process, previous_sha256=None,
-              resume_sha256=None) -> Loaded:
+              resume_sha256=None, data=None, source=None) -> Loaded:
   """Read + hash + decode one file; every failure becomes an error row, never an exception.
 
   `decoder(data, spec)` is `DecodePool.decode` in a run. A file whose digest equals
   `resume_sha256` (a row an interrupted run committed) or `previous_sha256` (the previous run's
-  row) is not decoded: that row stands.
+  row) is not decoded: that row stands. `data`: the bytes, already read (a shard's member);
+  `source`: where to read them when that is not `uri` (a Parquet row's image path).
   """
-  try:
-    data = read_bytes(uri)
-  except Exception as e:  # vanished, unreadable, permission: the file's own fault
-    return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}"))
+  if data is None:
+    try:
+      data = read_bytes(source or uri)
+    except Exception as e:  # vanished, unreadable, permission: the file's own fault
+      return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}"))
   digest = sha256_hex(data)
   if resume_sha256 is not None and digest == resume_sha256:
     return Loaded(uri, digest, resumed=True)
@@ -275,7 +278,9 @@ class EmbedFilesDoFn(beam.DoFn):
 
   Reads run in a thread pool ahead of the model; decodes run in this process's decode pool
   (transforms/decode_pool.py), so the CPU decodes the next batch while TensorFlow runs this one
-  and no file can take the worker down. Only paths cross the shuffle into this stage.
+  and no file can take the worker down. Only paths cross the shuffle into this stage: a shard's
+  path too, whose images are streamed here (transforms/shards.py), a member at a time as the
+  read-ahead has room, each one item `SHARD#KEY`; per shard, its count is tagged `shard_count`.
   """
 
   def __init__(self, config):
@@ -326,11 +331,37 @@ class EmbedFilesDoFn(beam.DoFn):
     if self._first and self._checkpoints is not None:
       self._checkpoints.start_bundle(item.uri)  # names a retry of this bundle repeats
     self._first = False
+    if item.shard_format is not None:
+      yield from self._process_shard(item)
+      return
     self._ahead.submit(item, item.uri, self._spec, self._decoders.decode, item.previous_sha256,
                        item.resume_sha256)
-    # Keep one batch decoding while the model runs the one before it.
+    yield from self._embed_while_full()
+
+  def _embed_while_full(self):
+    # Keep one batch decoding while the model runs the one before it; no more: a shard's members
+    # wait in the shard, not in memory.
     while len(self._ahead) >= 2 * self._config.batch_size:
       yield from self._embed_next_batch()
+
+  def _process_shard(self, shard: Item):
+    layouts = {layout.format: layout for layout in self._config.shard_layouts}
+    layout = layouts.get(shard.shard_format) or shards.ShardLayout(shard.shard_format)
+    found = 0
+    for member in shards.read_members(shard.uri, layout):
+      found += 1
+      if member.key is None:  # the shard itself: unopenable, or damaged past this point
+        yield from self._failures(shard.replace(duplicates=()), member.error)
+        continue
+      columns = dict(shard.columns, **shards.conform(member.columns, self._config.extra_fields))
+      item = Item(f"{shard.uri}#{member.key}", columns=columns)
+      if member.error is not None:
+        yield from self._failures(item, member.error)
+        continue
+      self._ahead.submit(item, item.uri, self._spec, self._decoders.decode,
+                         shard.previous_members.get(item.uri), None, member.data, member.source)
+      yield from self._embed_while_full()
+    yield beam.pvalue.TaggedOutput(SHARD_COUNT_TAG, found)
 
   def finish_bundle(self):
     while len(self._ahead):
@@ -339,7 +370,8 @@ class EmbedFilesDoFn(beam.DoFn):
     if self._checkpoints is not None:
       self._checkpoints.commit()
     stats = {"peak_rss": self._decoders.peak_rss(), "started": self._decoders.started,
-             "replaced": self._decoders.replaced, "versions": self._versions}
+             "replaced": self._decoders.replaced, "versions": self._versions,
+             "own_peak_rss": decode_pool.own_peak_rss()}
     yield _in_global_window(beam.pvalue.TaggedOutput(WORKER_STATS_TAG, (os.getpid(), stats)))
 
   def teardown(self):
@@ -423,4 +455,4 @@ class ReadDecodeEmbed(beam.PTransform):
 
   def expand(self, paths):
     return paths | "EmbedFiles" >> beam.ParDo(EmbedFilesDoFn(self._config)).with_outputs(
-        ERRORS_TAG, CARRIED_TAG, RESUMED_TAG, WORKER_STATS_TAG, main="embeddings")
+        ERRORS_TAG, CARRIED_TAG, RESUMED_TAG, WORKER_STATS_TAG, SHARD_COUNT_TAG, main="embeddings")

@@ -16,7 +16,11 @@ class Item:
     is carried over and the file is not decoded;
   - `resume_sha256`: the digest of its row committed by an interrupted run of this output (--resume):
     if the bytes still have it, that row is reused and the file is not decoded;
-  - `duplicates`: Items with the same bytes (--dedupe), which get this item's row or error.
+  - `duplicates`: Items with the same bytes (--dedupe), which get this item's row or error;
+  - `shard_format`: 'tar', 'parquet' or 'tfrecord' when `uri` is a shard of many images (each becomes
+    an item of its own, `uri#key`, inside the embed stage), None for one image file;
+  - `previous_members`: a shard's images' digests in --previous, by uri: those whose bytes still have
+    it are carried over.
   """
   uri: str
   columns: dict = dataclasses.field(default_factory=dict)
@@ -26,6 +30,8 @@ class Item:
   previous_sha256: Optional[str] = None
   resume_sha256: Optional[str] = None
   duplicates: tuple = ()
+  shard_format: Optional[str] = None
+  previous_members: dict = dataclasses.field(default_factory=dict)
 
   def rows(self):
     """(uri, columns) of every row this item makes: its own, then its duplicates'."""

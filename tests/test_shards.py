@@ -1,0 +1,324 @@
+"""Shards as input: WebDataset tars, Parquet image columns and TFRecords, read by the real pipeline next to loose files."""
+
+import contextlib
+import hashlib
+import io
+import json
+import pathlib
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.main import run
+from tests.corpus import SAMPLES
+from tests.recipe import relative_l2
+from transforms import shards
+
+SMALL_MODEL = ("--backbones", "mobilenet_v2", "--weights", "random", "--image-size", "32",
+               "--max-failure-fraction", "1", "--progress", "off")
+NAMES = sorted(p.stem for p in SAMPLES.glob("*.jpg"))
+GARBAGE = b"\xff\xd8\xff\xe0 not a jpeg at all" * 4
+
+
+def jpeg(name) -> bytes:
+  return (SAMPLES / f"{name}.jpg").read_bytes()
+
+
+def _tar_add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+def write_webdataset(path, groups):
+  """groups: [(key, {extension: bytes})], in img2dataset's layout."""
+  with tarfile.open(path, "w") as tar:
+    for key, parts in groups:
+      for extension, data in parts.items():
+        _tar_add(tar, f"{key}.{extension}", data)
+
+
+def tf_example(features: dict) -> bytes:
+  import tensorflow as tf
+  feature = {}
+  for name, value in features.items():
+    if isinstance(value, bytes):
+      feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    elif isinstance(value, int):
+      feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+    else:
+      feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[value]))
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def write_tfrecords(path, records, compression=None):
+  import tensorflow as tf
+  with tf.io.TFRecordWriter(str(path), options=compression) as writer:
+    for record in records:
+      writer.write(record)
+
+
+def truncate(path, keep_bytes):
+  data = pathlib.Path(path).read_bytes()
+  pathlib.Path(path).write_bytes(data[:keep_bytes])
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """Loose copies of the samples, and the same images in every kind of shard, with broken members,
+  and a truncated tar and TFRecord. Returns (root, expected) where expected maps each uri to
+  ("ok", sample name) or ("error", stage, error_type)."""
+  root = tmp_path_factory.mktemp("shards")
+  expected = {}
+  loose = root / "loose"
+  loose.mkdir()
+  for name in NAMES:
+    shutil.copy(SAMPLES / f"{name}.jpg", loose / f"{name}.jpg")
+    expected[str(loose / f"{name}.jpg")] = ("ok", name)
+
+  (root / "web").mkdir()
+  tar = root / "web" / "00000.tar"
+  groups = []
+  for i, name in enumerate(NAMES):
+    key = f"{i:09d}"
+    meta = {"caption": f"a photo of {name}", "width": 7 + i, "sha256": "not ours", "score": 0.5 + i}
+    groups.append((key, {"jpg": jpeg(name), "json": json.dumps(meta).encode(), "txt": name.encode(),
+                         "cls": str(i).encode()}))
+    expected[f"{tar}#{key}"] = ("ok", name)
+  groups.append(("broken", {"jpg": GARBAGE, "json": b"{}", "txt": b"broken"}))
+  expected[f"{tar}#broken"] = ("error", "decode")
+  groups.append(("noimage", {"json": b"{}", "txt": b"lost"}))
+  expected[f"{tar}#noimage"] = ("error", "read", "missing_image")
+  write_webdataset(tar, groups)
+
+  cut = root / "web" / "00001.tar"
+  write_webdataset(cut, [(f"c{i}", {"jpg": jpeg(NAMES[i]), "txt": b"x"}) for i in range(3)])
+  # Cut inside the third image: the two groups before it stay, one error row names the shard.
+  with tarfile.open(cut) as t:
+    third = t.getmember("c2.jpg")
+  truncate(cut, third.offset_data + third.size // 2)
+  expected[f"{cut}#c0"] = ("ok", NAMES[0])
+  expected[f"{cut}#c1"] = ("ok", NAMES[1])
+  expected[str(cut)] = ("error", "read", "shard_damaged")
+
+  (root / "pq").mkdir()
+  parquet = root / "pq" / "00000.parquet"
+  rows = [{"key": f"k{i}", "jpg": jpeg(name), "caption": f"p {name}", "width": 100 + i}
+          for i, name in enumerate(NAMES)]
+  rows += [{"key": "nojpg", "jpg": None, "caption": "none", "width": 0},
+           {"key": "garbage", "jpg": GARBAGE, "caption": "bad", "width": 0}]
+  schema = pa.schema([("key", pa.string()), ("jpg", pa.binary()), ("caption", pa.string()), ("width", pa.int32())])
+  pq.write_table(pa.Table.from_pylist(rows, schema=schema), parquet, row_group_size=4)
+  for i, name in enumerate(NAMES):
+    expected[f"{parquet}#k{i}"] = ("ok", name)
+  expected[f"{parquet}#nojpg"] = ("error", "read", "missing_image")
+  expected[f"{parquet}#garbage"] = ("error", "decode")
+
+  (root / "tf").mkdir()
+  records = root / "tf" / "train.tfrecord.gz"
+  examples = [tf_example({"image/encoded": jpeg(name), "image/class/label": i, "image/filename": name.encode(),
+                          "image/score": 0.25 * i}) for i, name in enumerate(NAMES)]
+  examples += [tf_example({"image/encoded": GARBAGE, "image/class/label": -1}),
+               tf_example({"image/class/label": -2})]
+  write_tfrecords(records, examples, "GZIP")
+  for i, name in enumerate(NAMES):
+    expected[f"{records}#{i}"] = ("ok", name)
+  expected[f"{records}#{len(NAMES)}"] = ("error", "decode")
+  expected[f"{records}#{len(NAMES) + 1}"] = ("error", "read", "missing_image")
+
+  cut_records = root / "tf" / "cut.tfrecord"
+  write_tfrecords(cut_records, examples[:3])
+  first_two = sum(12 + len(e) + 4 for e in examples[:2])
+  truncate(cut_records, first_two + 12 + len(examples[2]) // 2)
+  expected[f"{cut_records}#0"] = ("ok", NAMES[0])
+  expected[f"{cut_records}#1"] = ("ok", NAMES[1])
+  expected[str(cut_records)] = ("error", "read", "shard_damaged", first_two)
+  return root, expected
+
+
+def embed(inputs, out, *options):
+  args = [arg for pattern in inputs for arg in ("--input", str(pattern))]
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    status = run([*args, "--output", str(out), *SMALL_MODEL, *options])
+  assert status == 0, stderr.getvalue()[-2000:]
+  out = pathlib.Path(out)
+  embeddings = pq.read_table(sorted(out.glob("embeddings-*.parquet")))
+  errors = pq.read_table(sorted(out.glob("errors-*.parquet")))
+  summary = json.loads((out / "_SUCCESS.json").read_text())
+  return embeddings, errors, summary
+
+
+def vectors(table) -> dict:
+  column = table.column("embedding").combine_chunks()
+  matrix = np.asarray(column.flatten(), np.float32).reshape(len(column), -1)
+  return dict(zip(table.column("uri").to_pylist(), matrix))
+
+
+@pytest.fixture(scope="module")
+def mixed_run(dataset, tmp_path_factory):
+  root, _ = dataset
+  return embed([f"{root}/loose/*.jpg", f"{root}/web/*.tar", f"{root}/pq/*.parquet", f"{root}/tf/*"],
+               tmp_path_factory.mktemp("out") / "out")
+
+
+def test_every_image_of_files_and_shards_is_accounted_for_once(dataset, mixed_run):
+  _, expected = dataset
+  embeddings, errors, summary = mixed_run
+  rows, failed = embeddings.column("uri").to_pylist(), errors.column("uri").to_pylist()
+  assert len(rows) == len(set(rows)) and len(failed) == len(set(failed))
+  assert set(rows) == {u for u, e in expected.items() if e[0] == "ok"}
+  assert set(failed) == {u for u, e in expected.items() if e[0] == "error"}
+  counts = summary["counts"]
+  assert summary["status"] == "ok"
+  assert (counts["matched"], counts["embedded"], counts["failed"]) == (len(expected), len(rows), len(failed))
+
+
+def test_broken_members_and_damaged_shards_are_error_rows(dataset, mixed_run):
+  _, expected = dataset
+  _, errors, _ = mixed_run
+  by_uri = {row["uri"]: row for row in errors.to_pylist()}
+  for uri, want in expected.items():
+    if want[0] != "error":
+      continue
+    row = by_uri[uri]
+    assert row["stage"] == want[1], (uri, row)
+    if len(want) > 2:
+      assert row["error_type"] == want[2], (uri, row)
+    if want[2:3] == ("shard_damaged",):
+      assert "at byte" in row["message"]
+    if len(want) > 3:
+      assert f"at byte {want[3]}:" in row["message"], row  # the TFRecord's first lost record
+
+
+def test_shard_images_embed_as_their_loose_files_do(dataset, mixed_run):
+  root, expected = dataset
+  embeddings, _, _ = mixed_run
+  got = vectors(embeddings)
+  digests = dict(zip(embeddings.column("uri").to_pylist(), embeddings.column("sha256").to_pylist()))
+  compared = 0
+  for uri, want in expected.items():
+    if want[0] != "ok" or "#" not in uri:
+      continue
+    loose = str(root / "loose" / f"{want[1]}.jpg")
+    assert relative_l2(got[uri], got[loose]) < 1e-4, uri
+    assert digests[uri] == hashlib.sha256(jpeg(want[1])).hexdigest()
+    compared += 1
+  assert compared == 3 * len(NAMES) + 4
+
+
+def test_shard_metadata_becomes_typed_columns(dataset, mixed_run):
+  root, _ = dataset
+  embeddings, _, _ = mixed_run
+  schema = embeddings.schema
+  # Parquet's own types; the WebDataset .json's as JSON reads them; TFRecord features' dtypes.
+  assert schema.field("caption").type == pa.string()
+  assert schema.field("source_key").type == pa.string()
+  assert schema.field("source_width").type == pa.int32()  # the Parquet shard's type wins
+  assert schema.field("source_sha256").type == pa.string()
+  assert schema.field("score").type == pa.float64()
+  assert schema.field("txt").type == pa.string()
+  assert schema.field("cls").type == pa.int64()
+  assert schema.field("image/class/label").type == pa.int64()
+  assert schema.field("image/filename").type == pa.string()
+  assert schema.field("image/score").type == pa.float32()
+  assert "jpg" not in schema.names and "image/encoded" not in schema.names
+  rows = {row["uri"]: row for row in embeddings.to_pylist()}
+  tar = root / "web" / "00000.tar"
+  row = rows[f"{tar}#000000002"]
+  assert (row["caption"], row["source_width"], row["score"], row["txt"], row["cls"], row["source_sha256"]) == (
+      f"a photo of {NAMES[2]}", 9, 2.5, NAMES[2], 2, "not ours")
+  row = rows[f"{root / 'pq' / '00000.parquet'}#k3"]
+  assert (row["source_key"], row["caption"], row["source_width"]) == ("k3", f"p {NAMES[3]}", 103)
+  row = rows[f"{root / 'tf' / 'train.tfrecord.gz'}#4"]
+  assert (row["image/class/label"], row["image/filename"], row["image/score"]) == (4, NAMES[4], 1.0)
+  loose = rows[str(root / "loose" / f"{NAMES[0]}.jpg")]
+  assert loose["caption"] is None and loose["image/class/label"] is None
+
+
+def test_refresh_carries_shard_images_over_by_uri_and_sha256(dataset, mixed_run, tmp_path):
+  root, expected = dataset
+  previous = tmp_path / "previous"
+  embeddings, errors, _ = mixed_run
+  # The previous run as a finished output of its own (mixed_run's directory is module-scoped).
+  previous.mkdir()
+  pq.write_table(embeddings, previous / "embeddings-00000-of-00001.parquet")
+  pq.write_table(errors, previous / "errors-00000-of-00001.parquet")
+  summary = json.loads(json.dumps(mixed_run[2]))
+  (previous / "_SUCCESS.json").write_text(json.dumps(summary))
+  again, again_errors, counts = embed(
+      [f"{root}/loose/*.jpg", f"{root}/web/*.tar", f"{root}/pq/*.parquet", f"{root}/tf/*"],
+      tmp_path / "out", "--previous", str(previous))
+  counts = counts["counts"]
+  assert counts["embedded"] == 0 and counts["carried_over"] == embeddings.num_rows
+  assert counts["matched"] == len(expected) and counts["removed"] == 0
+  assert sorted(again.column("uri").to_pylist()) == sorted(embeddings.column("uri").to_pylist())
+  before, after = vectors(embeddings), vectors(again)
+  assert all(np.array_equal(before[u], after[u]) for u in before)
+
+
+def test_hugging_face_image_structs_read_bytes_or_their_path(tmp_path, mixed_run, dataset):
+  root, _ = dataset
+  folder = tmp_path / "hf"
+  folder.mkdir()
+  shutil.copy(SAMPLES / f"{NAMES[1]}.jpg", folder / "beside.jpg")
+  image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+  table = pa.table({"image": pa.array([{"bytes": jpeg(NAMES[0]), "path": None},
+                                       {"bytes": None, "path": "beside.jpg"},
+                                       {"bytes": None, "path": "gone.jpg"}], type=image),
+                    "label": pa.array([3, 1, 4], pa.int64())})
+  pq.write_table(table, folder / "train-00000-of-00001.parquet")
+  embeddings, errors, summary = embed([f"{folder}/*.parquet"], tmp_path / "out")
+  shard = folder / "train-00000-of-00001.parquet"
+  got = vectors(embeddings)
+  assert set(got) == {f"{shard}#0", f"{shard}#1"}
+  assert [(row["uri"], row["stage"]) for row in errors.to_pylist()] == [(f"{shard}#2", "read")]
+  assert summary["counts"]["matched"] == 3
+  labels = dict(zip(embeddings.column("uri").to_pylist(), embeddings.column("label").to_pylist()))
+  assert labels == {f"{shard}#0": 3, f"{shard}#1": 1}
+  assert embeddings.schema.field("label").type == pa.int64()
+  loose = vectors(mixed_run[0])
+  for key, name in ((0, NAMES[0]), (1, NAMES[1])):
+    assert relative_l2(got[f"{shard}#{key}"], loose[str(root / "loose" / f"{name}.jpg")]) < 1e-4
+
+
+# --- readers on their own -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("uri, forced, kind", [
+    ("gs://b/s/00012.tar", "auto", "tar"), ("a/b.parquet", "auto", "parquet"), ("x.tfrecord", "auto", "tfrecord"),
+    ("x.TFRecords", "auto", "tfrecord"), ("x.tfrec.gz", "auto", "tfrecord"), ("x.jpg", "auto", None),
+    ("x.tar.gz", "auto", None), ("x.gz", "auto", None), ("x.bin", "tar", "tar"), ("x.tar", "image", None)])
+def test_shard_format_by_extension_or_forced(uri, forced, kind):
+  assert shards.shard_format(uri, forced) == kind
+
+
+def test_tfrecord_framing_reads_what_tensorflow_writes_and_names_a_bad_checksum(tmp_path):
+  path = tmp_path / "r.tfrecord"
+  write_tfrecords(path, [b"one", b"", b"three" * 100])
+  with open(path, "rb") as f:
+    assert [data for _, data in shards.tfrecords(f)] == [b"one", b"", b"three" * 100]
+  damaged = bytearray(path.read_bytes())
+  damaged[12 + 3 + 4 + 12 + 4 + 12 + 7] ^= 0xFF  # inside the third record's data
+  path.write_bytes(bytes(damaged))
+  members = list(shards.read_members(str(path), shards.ShardLayout("tfrecord", "x")))
+  assert [m.error["error_type"] for m in members] == ["bad_record", "missing_image", "shard_damaged"]
+  assert f"at byte {12 + 3 + 4 + 12 + 4}:" in members[-1].error["message"]
+
+
+def test_a_shard_that_cannot_be_opened_is_one_read_error(tmp_path):
+  members = list(shards.read_members(str(tmp_path / "missing.tar"), shards.ShardLayout("tar")))
+  assert len(members) == 1 and members[0].key is None
+  assert (members[0].error["stage"], members[0].error["uri"]) == ("read", str(tmp_path / "missing.tar"))
+
+
+def test_a_parquet_shard_without_an_image_column_is_refused_at_launch(tmp_path):
+  pq.write_table(pa.table({"a": [b"x"], "b": [b"y"]}), tmp_path / "two.parquet")
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    status = run(["--input", str(tmp_path / "*.parquet"), "--output", str(tmp_path / "out"), *SMALL_MODEL])
+  assert status == 2
+  assert "--image-column" in stderr.getvalue() and "Traceback" not in stderr.getvalue()
