@@ -23,8 +23,8 @@ import time
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _BeamArgumentParser
 
-from pipeline.options import (EmbedOptions, LaunchError, RunConfig, _bool_value, _check_choice, backbone_names,
-                              model_layout, validate)
+from pipeline.config import RunConfig, model_layout
+from pipeline.options import EmbedOptions, LaunchError, _bool_value, _check_choice, backbone_names, validate
 from transforms import checkpoint, manifest, models, refresh, shards
 from transforms.backbones import BACKBONES, PREPROCESSING_MODES, get_backbone
 from transforms.weights import BackboneSpec, resolve_weights

@@ -1,9 +1,7 @@
-"""Command-line options, their validation (pure: no I/O), and the run configuration handed to workers."""
+"""Command-line options and their validation (pure: no I/O); pipeline/config.py is what workers get."""
 
 import argparse
-import dataclasses
 import re
-from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
@@ -11,12 +9,8 @@ from apache_beam.transforms import resources
 from transforms import decode, shards
 from transforms.backbones import BACKBONES, get_backbone
 from transforms.decode_pool import default_memory_ceiling
-from transforms.write import package_versions
 
 DEFAULT_BACKBONES = "vgg16,inception_v3,resnet50"
-# How the stages' argument names read on the command line, for the messages of error rows.
-OPTION_NAMES = (("max_pixels", "--max-pixels"), ("timeout", "--decode-timeout"), ("memory", "--decode-memory"),
-                ("resize", "--resize"), ("fast", "--fast-decode"))
 
 
 def _bool_value(text):
@@ -146,91 +140,6 @@ class EmbedOptions(PipelineOptions):
     _flag(parser, "checkpoint-every", type=float, default=30.0,
           help="Seconds between commits of rows under --output/_checkpoints/ (also every 4096 rows "
                "per worker); what a killed run loses at most. 0 turns checkpoints off.")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-  """Everything a worker needs, validated; pickled into the DoFns explicitly."""
-  inputs: tuple
-  output: str
-  backbones: tuple  # of BackboneSpec
-  pooling: str = "avg"
-  batch_size: int = 32
-  resize: str = "squash"
-  fast_decode: bool = False
-  max_pixels: Optional[int] = decode.PIL_MAX_PIXELS
-  decode_timeout: float = 60.0
-  decode_memory: Optional[int] = None  # bytes; None: no ceiling (never chosen by the command line)
-  max_failure_fraction: float = 0.05
-  read_threads: int = 16
-  decode_threads: int = 0  # 0: the worker's own cores, counted on the worker
-  accelerator: Optional[str] = None
-  embed_min_ram: Optional[str] = None
-  allow_tf32: bool = False
-  mixed_precision: bool = False
-  num_shards: int = 0
-  row_group_size: int = 8192
-  progress: bool = False
-  started_at: float = 0.0
-  normalize: str = "none"
-  extra_fields: tuple = ()  # pyarrow Fields carried from a manifest or --label-from-dir
-  manifest: Optional[str] = None
-  manifest_schema: object = None  # pyarrow.Schema fixed at launch, so every worker reads the same types
-  label_from_dir: bool = False
-  dedupe: bool = False
-  previous: Optional[str] = None  # set only when the previous run's rows are valid for this one
-  refresh: Optional[dict] = None  # what happened to --previous, and why; goes into _SUCCESS.json
-  layout: Optional[dict] = None  # computed once at launch (model_layout); carried by value to workers
-  checkpoint_every: float = 0.0  # seconds; 0: no checkpoints (the command line's default is 30)
-  resume: bool = False  # set only when --output holds committed rows of this model to reuse
-  resume_verify: bool = False
-  input_format: str = "auto"
-  shard_layouts: tuple = ()  # transforms.shards.ShardLayout per shard format found at launch
-
-  @property
-  def sizes(self):
-    return tuple(sorted({b.size for b in self.backbones}))
-
-  @property
-  def dim(self):
-    return sum(b.dim for b in self.backbones)
-
-  @property
-  def decode_spec(self) -> decode.DecodeSpec:
-    return decode.DecodeSpec(sizes=self.sizes, resize=self.resize, max_pixels=self.max_pixels,
-                             fast=self.fast_decode, timeout=self.decode_timeout, memory=self.decode_memory,
-                             option_names=OPTION_NAMES)
-
-
-def model_layout(config: RunConfig) -> dict:
-  """What a reader needs to interpret the vector, in Parquet metadata and _SUCCESS.json."""
-  entries, offset = [], 0
-  for spec in config.backbones:
-    entries.append({
-        "name": spec.name,
-        "offset": offset,
-        "dim": spec.dim,
-        "input_size": spec.size,
-        "preprocessing": spec.preprocessing,
-        "weights": spec.weights.kind,
-        "weights_fingerprint": spec.weights.fingerprint,
-        "source": spec.model.uri if spec.model else spec.base,  # a model's path, or the registry name
-        "layer": spec.layer,
-        "model_sha256": spec.model.sha256 if spec.model else None,
-        "model_output": spec.model.output if spec.model else None,
-    })
-    offset += spec.dim
-  return {
-      "dim": offset,
-      "backbones": entries,
-      "pooling": config.pooling,
-      "normalize": config.normalize,
-      "resize": config.resize,
-      "fast_decode": config.fast_decode,
-      "mixed_precision": config.mixed_precision,
-      "allow_tf32": config.allow_tf32,
-      "versions": package_versions(),
-  }
 
 
 class LaunchError(ValueError):
