@@ -4,6 +4,7 @@
 
 On the throughput benchmark's JPEGs (500x375), whole `embed-images` processes, per repeat:
 
+  (the three full runs in turned-round order from one repeat to the next)
   off:     a full run with --checkpoint-every 0 (no checkpoints: the run before this feature);
   default: a full run with the default --checkpoint-every 30 (rows written twice: checkpoints and
            the final shards);
@@ -108,10 +109,12 @@ def main(argv=None):
   embed(ninety, os.path.join(work, "ninety-out"), args, "--checkpoint-every", "0")
   # The ninety/ links point into full/, so uris differ; checkpoints must name full/'s files.
   ninety_rows = os.path.join(work, "ninety-as-full")
+  variants = {"off": ("--checkpoint-every", "0"), "default": (), "often": ("--checkpoint-every", "1")}
   for repeat in range(args.repeats):
-    times["off"].append(embed(full, os.path.join(work, "off"), args, "--checkpoint-every", "0"))
-    times["default"].append(embed(full, os.path.join(work, "default"), args))
-    times["often"].append(embed(full, os.path.join(work, "often"), args, "--checkpoint-every", "1"))
+    # The order turns round each repeat, so that a drift of the machine hits every variant alike.
+    order = list(variants) if repeat % 2 == 0 else list(variants)[::-1]
+    for name in order:
+      times[name].append(embed(full, os.path.join(work, name), args, *variants[name]))
     if repeat == 0:
       _rename_uris(os.path.join(work, "ninety-out"), ninety_rows, ninety + "/", full + "/")
     out = os.path.join(work, "resume")
