@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.write import ERRORS_SCHEMA, embedding_matrix, rows_to_table
+from transforms.write import ERRORS_SCHEMA, embedding_matrix, rows_table
 
 DIRECTORY = "_checkpoints"
 LAYOUT_FILE = "_layout.json"
@@ -227,13 +227,6 @@ def resumed_outputs(joined):
       stage, error_type, message = value
       yield beam.pvalue.TaggedOutput("errors", {"uri": uri, "stage": stage, "error_type": error_type,
                                                 "message": message})
-
-
-def rows_table(rows, extra_fields):
-  uris, shas, widths, heights, vectors, columns = zip(*rows)
-  extra = {f.name: [c.get(f.name) for c in columns] for f in extra_fields}
-  return rows_to_table(list(uris), list(shas), list(widths), list(heights), np.stack(vectors), extra,
-                       extra_fields)
 
 
 class Resume(beam.PTransform):

@@ -3,10 +3,9 @@
 import json
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.write import SUCCESS_FILE, embedding_matrix, rows_to_table
+from transforms.write import SUCCESS_FILE, embedding_matrix, rows_table
 
 # What makes two runs' vectors interchangeable; versions and timings don't.
 _MODEL_KEYS = ("dim", "pooling", "normalize", "resize", "fast_decode", "mixed_precision", "allow_tf32")
@@ -108,13 +107,6 @@ def carried_rows(joined):
     for uri, columns in groups["carried"]:
       yield uri, sha, width, height, vector, columns
     return
-
-
-def rows_table(rows, extra_fields):
-  uris, shas, widths, heights, vectors, columns = zip(*rows)
-  extra = {f.name: [c.get(f.name) for c in columns] for f in extra_fields}
-  return rows_to_table(list(uris), list(shas), list(widths), list(heights), np.stack(vectors), extra,
-                       extra_fields)
 
 
 class CarryOver(beam.PTransform):

@@ -60,6 +60,15 @@ def rows_to_table(uris, sha256s, widths, heights, embeddings: np.ndarray, extra=
   )
 
 
+def rows_table(rows, extra_fields=()) -> pa.Table:
+  """`rows_to_table` for rows reused whole (carried over, resumed): (uri, sha256, width, height,
+  vector, columns) tuples, `columns` a dict of the extra fields' values."""
+  uris, shas, widths, heights, vectors, columns = zip(*rows)
+  extra = {f.name: [c.get(f.name) for c in columns] for f in extra_fields}
+  return rows_to_table(list(uris), list(shas), list(widths), list(heights), np.stack(vectors), extra,
+                       extra_fields)
+
+
 def error_row(uri, stage, error_type, message) -> dict:
   assert stage in ERROR_STAGES, stage
   return {"uri": uri, "stage": stage, "error_type": error_type, "message": str(message)}
