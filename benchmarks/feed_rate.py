@@ -1,0 +1,104 @@
+"""The CPU side's feed rate: the pipeline with a near-free model against the serial limit of decode + forward.
+
+    python benchmarks/feed_rate.py [--n 3072] [--size 32] [--backbone mobilenet_v3_small] [--repeats 2]
+                                   [-- extra embed-images options, e.g. --direct_num_workers 2 ...]
+
+On the throughput benchmark's JPEGs (500x375; N made once, 4N as links to them), in one run:
+
+  decode:   Pillow decode + bilinear resize to --size (`decode_and_resize`, in this process) on
+            as many threads as the machine has cores, best of --repeats;
+  forward:  the near-free model's bare forward pass (tf.function over uint8 batches of 32), best
+            of --repeats;
+  limit:    1 / (1/decode + 1/forward): both on the same cores, one after the other;
+  pipeline: `embed-images --backbones BACKBONE --image-size SIZE --weights random` as whole
+            processes on N and 4N files, best of --repeats each; marginal = 3N / (t(4N) - t(N)),
+            with default options (decode isolation and checkpoints on).
+
+It prints each rate and the pipeline's marginal rate over the limit (issue 16's target: 0.85).
+"""
+
+import argparse
+import concurrent.futures
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from benchmarks.throughput import make_images  # noqa: E402
+
+
+def decode_rate(paths, size):
+  from transforms.decode import decode_and_resize
+  data = [open(p, "rb").read() for p in paths]
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    list(pool.map(lambda d: decode_and_resize(d, (size,)), data[:16]))
+    started = time.perf_counter()
+    list(pool.map(lambda d: decode_and_resize(d, (size,)), data))
+  return len(data) / (time.perf_counter() - started)
+
+
+def forward_rate(n, size, backbone):
+  import numpy as np
+  import tensorflow as tf
+  from transforms.embed import FusedModel
+  from transforms.weights import BackboneSpec, resolve_weights
+  model = FusedModel([BackboneSpec(backbone, size, resolve_weights("random", backbone, size))])
+  batch = np.random.default_rng(0).integers(0, 256, (32, size, size, 3), dtype=np.uint8)
+  model({size: batch})
+  started = time.perf_counter()
+  for _ in range(n // 32):
+    model({size: batch})
+  del tf
+  return (n // 32) * 32 / (time.perf_counter() - started)
+
+
+def pipeline_seconds(folder, out, args, extra):
+  cmd = [sys.executable, "-m", "pipeline", "--input", f"{folder}/*.jpg", "--output", out, "--overwrite",
+         "--backbones", args.backbone, "--image-size", str(args.size), "--weights", "random", *extra]
+  started = time.perf_counter()
+  done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  if done.returncode != 0:
+    raise SystemExit(done.stderr[-3000:])
+  return time.perf_counter() - started
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--n", type=int, default=3072)
+  parser.add_argument("--size", type=int, default=32)
+  parser.add_argument("--backbone", default="mobilenet_v3_small")
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "embed-images-bench"))
+  args, extra = parser.parse_known_args(argv)
+  extra = [a for a in extra if a != "--"]
+  paths = make_images(args.n, args.cache_dir)
+  work = tempfile.mkdtemp(prefix="feed-", dir=args.cache_dir)
+  small, large = os.path.join(work, "n"), os.path.join(work, "4n")
+  os.makedirs(small)
+  os.makedirs(large)
+  for i, path in enumerate(paths):
+    os.symlink(path, os.path.join(small, f"{i:06d}.jpg"))
+    for k in range(4):
+      os.symlink(path, os.path.join(large, f"{k}-{i:06d}.jpg"))
+  print(f"machine: {os.cpu_count()} cores; {args.backbone} at {args.size} px; N={args.n}, 4N={4 * args.n}; "
+        f"best of {args.repeats}; pipeline options: {' '.join(extra) or '(defaults)'}")
+  decode = max(decode_rate(paths, args.size) for _ in range(args.repeats))
+  forward = max(forward_rate(args.n, args.size, args.backbone) for _ in range(args.repeats))
+  limit = 1 / (1 / decode + 1 / forward)
+  t_small = min(pipeline_seconds(small, os.path.join(work, "out-n"), args, extra) for _ in range(args.repeats))
+  t_large = min(pipeline_seconds(large, os.path.join(work, "out-4n"), args, extra) for _ in range(args.repeats))
+  marginal = 3 * args.n / (t_large - t_small)
+  print(f"decode + resize alone ({os.cpu_count()} threads)   {decode:8.0f} img/s")
+  print(f"bare forward alone                  {forward:8.0f} img/s")
+  print(f"serial limit 1/(1/decode+1/forward) {limit:8.0f} img/s")
+  print(f"pipeline: N in {t_small:.1f} s, 4N in {t_large:.1f} s; marginal {marginal:8.0f} img/s")
+  print(f"pipeline / serial limit             {marginal / limit:8.2f}   (issue 16's target: >= 0.85)")
+
+
+if __name__ == "__main__":
+  main()
