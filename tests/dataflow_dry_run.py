@@ -1,4 +1,4 @@
-"""The Dataflow job graph of a pipeline, built offline (DataflowRunner --dry_run).
+"""Reading resource hints out of a Dataflow job graph built offline (DataflowRunner --dry_run; tests/test_dataflow.py builds it).
 
 Why this works with no credentials and no network (apache-beam 2.77):
 
@@ -16,35 +16,6 @@ The proto is what Dataflow would receive as the portable pipeline. The v1b3 job
 environment (worker pools, ``--experiments``, ``--dataflow_service_options``) is only
 assembled at submission time, so a dry run says nothing about those.
 """
-
-from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.pipeline import Pipeline
-
-DRY_RUN_ARGS = (
-    "--runner=DataflowRunner",
-    "--dry_run=True",
-    "--project=my-project-123",
-    "--region=us-central1",
-    "--temp_location=gs://bucket/tmp",
-    "--job_name=test-job",
-)
-
-
-def build_dataflow_proto(build_fn, extra_args=()):
-  """Runs `build_fn(pipeline)` under a Dataflow dry run; returns the Pipeline proto.
-
-  `extra_args` come after the defaults, so they win for single-valued options.
-  Sources built inside `build_fn` that match files at construction time (e.g.
-  ``ReadFromParquet("gs://...")``) must be given ``validate=False``, or they reach
-  for GCS.
-  """
-  pipeline = Pipeline(options=PipelineOptions([*DRY_RUN_ARGS, *extra_args]))
-  build_fn(pipeline)
-  pipeline.run()
-  # run() hands the runner a copy rebuilt from the runner API, so the graph the
-  # runner saw lives on the runner, not on `pipeline`.
-  return pipeline.runner.proto_pipeline
-
 
 def resource_hints_by_transform(proto):
   """unique_name -> resource hints (URN -> bytes) of every transform in `proto`.
