@@ -390,7 +390,7 @@ def existing_outputs(output) -> list:
 def refuse_previous_run(output, found, overwrite):
   """Two runs never mix in one directory: without --overwrite, an output holding one is refused."""
   if found and not overwrite:
-    interrupted = not any(p.endswith(SUCCESS_FILE) for p in found) and checkpoint.files(output)
+    interrupted = not any(p.endswith(SUCCESS_FILE) for p in found) and _checkpoint_files(found)
     what, hint = (("an interrupted run", "pass --resume to go on from it, or --overwrite to start over")
                   if interrupted else ("a previous run", "choose another directory or pass --overwrite"))
     raise LaunchError(
@@ -406,8 +406,8 @@ def plan_output(config: RunConfig, found: list, overwrite: bool, resume: bool):
     refuse_previous_run(config.output, found, overwrite)
     return config, found, False
   if any(p.endswith(SUCCESS_FILE) for p in found):
-    return config, [p for p in found if f"/{checkpoint.DIRECTORY}/" in p], True
-  committed = [p for p in checkpoint.files(config.output) if p.endswith(".parquet")]
+    return config, _checkpoint_files(found), True
+  committed = [p for p in _checkpoint_files(found) if p.endswith(".parquet")]
   if not committed:
     return config, found, False  # nothing to go on from: a run from scratch
   layout = checkpoint.read_layout(config.output)
@@ -417,8 +417,14 @@ def plan_output(config: RunConfig, found: list, overwrite: bool, resume: bool):
       return config, found, False
     raise LaunchError(f"--resume: the checkpoints in {config.output!r} were made with another model "
                       f"({reason}); pass --overwrite to start over")
-  keep = set(checkpoint.files(config.output))
+  keep = set(_checkpoint_files(found))
   return dataclasses.replace(config, resume=True), [p for p in found if p not in keep], False
+
+
+def _checkpoint_files(found) -> list:
+  """The checkpoints among `existing_outputs`' list (which listed them once: on gs:// each listing
+  is a request)."""
+  return [p for p in found if f"/{checkpoint.DIRECTORY}/" in p]
 
 
 def clear_outputs(found):

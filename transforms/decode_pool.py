@@ -142,14 +142,7 @@ class _Child:
 
   def live_peak_rss(self) -> int:
     """Its peak RSS: read from /proc while it lives, else the last one it reported."""
-    try:
-      with open(f"/proc/{self.pid}/status") as f:
-        for line in f:
-          if line.startswith("VmHWM:"):
-            return max(self.peak_rss, int(line.split()[1]) * 1024)
-    except OSError:
-      pass
-    return self.peak_rss
+    return max(self.peak_rss, _vm_hwm(self.pid))
 
 
 def _widen_pipe(fd: int, size: int = 1 << 20):
@@ -367,17 +360,22 @@ def _limit_memory(ceiling: int) -> bool:
     return False
 
 
-def own_peak_rss() -> int:
-  """VmHWM: this process's own peak since exec. (ru_maxrss is no use: after fork + exec it starts
-  at the parent's RSS, a TensorFlow process's gigabyte.)"""
+def _vm_hwm(pid="self") -> int:
+  """VmHWM of a process in bytes (0 where /proc can't say): its own peak RSS since exec."""
   try:
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
       for line in f:
         if line.startswith("VmHWM:"):
           return int(line.split()[1]) * 1024
   except OSError:
     pass
   return 0
+
+
+def own_peak_rss() -> int:
+  """This process's own peak RSS since exec. (ru_maxrss is no use: after fork + exec it starts at
+  the parent's RSS, a TensorFlow process's gigabyte.)"""
+  return _vm_hwm()
 
 
 def _serve(parent: int, ceiling: int):
