@@ -61,13 +61,13 @@ class Interrupted(BaseException):
     self.signum = signum
 
 
-def _kill_descendants():
-  """SIGKILLs every process below this one (Beam's worker processes, decode processes): Linux."""
+def descendants(root: int) -> list:
+  """Every process below `root`, from /proc (Linux; elsewhere none)."""
   children = {}
   try:
     pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
   except OSError:
-    return
+    return []
   for pid in pids:
     try:
       with open(f"/proc/{pid}/stat") as f:
@@ -75,12 +75,17 @@ def _kill_descendants():
     except (OSError, ValueError, IndexError):
       continue
     children.setdefault(ppid, []).append(pid)
-  stack, doomed = list(children.get(os.getpid(), ())), []
+  stack, found = list(children.get(root, ())), []
   while stack:
     pid = stack.pop()
-    doomed.append(pid)
+    found.append(pid)
     stack.extend(children.get(pid, ()))
-  for pid in doomed:
+  return found
+
+
+def _kill_descendants():
+  """SIGKILLs every process below this one (Beam's worker processes, decode processes)."""
+  for pid in descendants(os.getpid()):
     try:
       os.kill(pid, signal.SIGKILL)
     except OSError:

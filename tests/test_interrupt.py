@@ -12,29 +12,13 @@ import time
 
 import pytest
 
-from pipeline.main import run
+from pipeline.main import descendants, run
 from tests import hostile
 from tests.corpus import SAMPLES
 from tests.test_decode_pool import alive, wait_for
 from transforms import decode_pool
 
 SMALL_MODEL = ("--backbones", "mobilenet_v2", "--weights", "random", "--image-size", "32")
-
-
-def descendants(pid):
-  children = {}
-  for entry in os.listdir("/proc"):
-    if entry.isdigit():
-      try:
-        with open(f"/proc/{entry}/stat") as f:
-          children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-      except (OSError, ValueError, IndexError):
-        pass
-  found, stack = [], list(children.get(pid, ()))
-  while stack:
-    found.append(stack.pop())
-    stack.extend(children.get(found[-1], ()))
-  return found
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
