@@ -49,6 +49,7 @@ class RunConfig:
   resume_verify: bool = False
   input_format: str = "auto"
   shard_layouts: tuple = ()  # transforms.shards.ShardLayout per shard format found at launch
+  parquet_part_rows: int = 4096  # 0: a Parquet shard is never read in slices
 
   @property
   def sizes(self):

@@ -5,7 +5,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsList, AsSingleton
 
-from transforms.dedupe import Dedupe
+from transforms.dedupe import DedupeWithShards
 from transforms import checkpoint
 from transforms.decode_pool import own_peak_rss
 from transforms.embed import CARRIED_TAG, ERRORS_TAG, RESUMED_TAG, SHARD_COUNT_TAG, WORKER_STATS_TAG, ReadDecodeEmbed
@@ -13,6 +13,7 @@ from transforms.item import Item
 from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
 from transforms.refresh import CarryOver, PreviousIndex, attach_previous, removed_uri
+from transforms import shards
 from transforms.shards import shard_format
 from transforms.write import (ERRORS_SCHEMA, ParquetTableSink, embeddings_schema, errors_to_table,
                               summarize, write_summary)
@@ -105,24 +106,49 @@ def input_items(p, config):
   return items
 
 
-def _with_previous_members(items, index):
-  """Shard items with the previous digests of their images (rows `SHARD#KEY`), joined by the shard's
-  path: digests, never images, travel with a shard into the embed stage."""
-  files, shard_items = items | "FilesOrShardsForPrevious" >> beam.Partition(
+def _with_members(items, digests, field, label):
+  """Shard items with `field` set to their images' digests {`SHARD#KEY`: sha256}, from `digests`
+  ((uri, sha256) of rows of a previous or interrupted run), joined by the shard's path: digests, never
+  images, travel with a shard into the embed stage."""
+  files, shard_items = items | f"FilesOrShards{label}" >> beam.Partition(
       lambda item, n: int(bool(item.shard_format)), 2)
-  by_shard = index | "PreviousByShard" >> beam.FlatMap(
+  by_shard = digests | f"{label}ByShard" >> beam.FlatMap(
       lambda row: [(row[0].rpartition("#")[0], row)] if "#" in row[0] else [])
-  joined = ({"shards": shard_items | "KeyShard" >> beam.Map(lambda item: (item.uri, item)), "previous": by_shard}
-            | "JoinPreviousShards" >> beam.CoGroupByKey()
-            | "AttachPreviousMembers" >> beam.FlatMap(_attach_previous_members))
-  return (files, joined) | "FilesAndShardsWithPrevious" >> beam.Flatten()
+  joined = ({"shards": shard_items | f"KeyShard{label}" >> beam.Map(lambda item: (item.uri, item)),
+             "digests": by_shard}
+            | f"Join{label}Members" >> beam.CoGroupByKey()
+            | f"Attach{label}Members" >> beam.FlatMap(_attach_members, field))
+  return (files, joined) | f"FilesAndShardsWith{label}" >> beam.Flatten()
 
 
-def _attach_previous_members(joined):
+def _attach_members(joined, field):
   _, groups = joined
-  digests = dict(groups["previous"])
+  digests = dict(groups["digests"])
   for item in groups["shards"]:
-    yield item.replace(previous_members=digests) if digests else item
+    yield item.replace(**{field: digests}) if digests else item
+
+
+def _split_parquet(item, rows_per_part):
+  """A Parquet shard of many row groups as slices of them, each its own element across the shuffle:
+  the workers share one big shard out instead of one of them reading it all."""
+  parts = []
+  if item.shard_format == "parquet" and rows_per_part:
+    parts = shards.parquet_parts(item.uri, rows_per_part)
+  if not parts:
+    yield item
+  for part in parts:
+    yield item.replace(row_groups=part)
+
+
+def _removed_from_shards(previous_rows, shard_counts):
+  """Rows of --previous for images of shards still matched that these shards no longer hold."""
+  totals = previous_rows | "PreviousPerShard" >> beam.combiners.Count.PerKey()
+  seen = shard_counts | "SeenPerShard" >> beam.CombinePerKey(sum)
+  return ({"total": totals, "seen": seen}
+          | "JoinShardTotals" >> beam.CoGroupByKey()
+          | "RemovedPerShard" >> beam.MapTuple(
+              lambda _, groups: max(0, sum(groups["total"]) - sum(groups["seen"])) if list(groups["seen"]) else 0)
+          | "SumRemovedFromShards" >> beam.CombineGlobally(sum))
 
 
 def _count(pcoll, label):
@@ -138,38 +164,41 @@ def build_graph(p: beam.Pipeline, config):
                          "CountMatched")
   shard_uris = items | "Shards" >> beam.FlatMap(lambda item: [item.uri] if item.shard_format else [])
 
-  removed = None
+  removed = previous_shard_rows = None
   if config.previous:
     index = p | "PreviousIndex" >> PreviousIndex(config.previous)
     keyed = items | "KeyByUri" >> beam.Map(lambda item: (item.uri, item))
     joined = ({"items": keyed, "previous": index}
               | "JoinPreviousIndex" >> beam.CoGroupByKey())
     items = joined | "AttachPrevious" >> beam.FlatMap(attach_previous)
-    items = _with_previous_members(items, index)
-    # Rows of a shard's images are not joined per image (the shard is re-embedded): not removed.
-    removed = _count(joined
-                     | "Removed" >> beam.FlatMap(removed_uri)
-                     | "NotInShards" >> beam.Filter(lambda uri, shards: uri.rpartition("#")[0] not in shards,
-                                                    AsList(shard_uris)),
-                     "CountRemoved")
+    items = _with_members(items, index, "previous_members", "Previous")
+    # A shard's images have no item of their own: those of shards still matched are counted against
+    # what the shard's reader finds (below); those of shards gone are removed.
+    gone = joined | "Gone" >> beam.FlatMap(removed_uri)
+    removed = _count(gone | "NotInShards" >> beam.Filter(
+        lambda uri, shards_: uri.rpartition("#")[0] not in shards_, AsList(shard_uris)), "CountRemoved")
+    previous_shard_rows = gone | "InShards" >> beam.FlatMap(
+        lambda uri, shards_: [(uri.rpartition("#")[0], uri)] if uri.rpartition("#")[0] in shards_ else [],
+        AsList(shard_uris))
   resumed_direct = None
   if config.resume:
+    committed = p | "CheckpointIndex" >> checkpoint.CheckpointIndex(config.output)
     keyed = items | "KeyForResume" >> beam.Map(lambda item: (item.uri, item))
-    decided = ({"items": keyed, "checkpoint": p | "CheckpointIndex" >> checkpoint.CheckpointIndex(config.output)}
+    decided = ({"items": keyed, "checkpoint": committed}
                | "JoinCheckpoints" >> beam.CoGroupByKey()
                | "Decide" >> beam.FlatMap(checkpoint.decide, config.resume_verify))
     resumed_direct = decided | "Unread" >> beam.FlatMap(lambda d: [d[1]] if d[0] == "resumed" else [])
     items = decided | "ToEmbed" >> beam.FlatMap(lambda d: [d[1]] if d[0] == "item" else [])
+    # A shard's images are always read again (a shard lists no size per image): those whose bytes
+    # still hash as committed reuse their rows.
+    items = _with_members(items, committed | "CommittedDigests" >> beam.MapTuple(lambda uri, entry: (uri, entry[1])),
+                          "resume_members", "Resume")
 
   deduplicated = None
   if config.dedupe:
-    # A shard is never hashed whole: its images are not deduplicated.
-    files, shard_items = items | "FilesOrShards" >> beam.Partition(lambda item, n: int(bool(item.shard_format)), 2)
-    files = files | "Dedupe" >> Dedupe(config.read_threads)
-    deduplicated = (files
-                    | "Duplicates" >> beam.Map(lambda item: len(item.duplicates))
-                    | "CountDuplicates" >> beam.CombineGlobally(sum))
-    items = (files, shard_items) | "DedupedAndShards" >> beam.Flatten()
+    items, deduplicated = items | "Dedupe" >> DedupeWithShards(
+        config.read_threads, config.shard_layouts, config.extra_fields)
+  items = items | "SplitParquetShards" >> beam.FlatMap(_split_parquet, config.parquet_part_rows)
 
   embed = ReadDecodeEmbed(config)
   hints = resource_hints(config)
@@ -180,9 +209,16 @@ def build_graph(p: beam.Pipeline, config):
   results = items | "Reshuffle" >> beam.Reshuffle() | "ReadDecodeEmbed" >> embed
   embeddings, errors, carried = results.embeddings, results[ERRORS_TAG], results[CARRIED_TAG]
   workers = results[WORKER_STATS_TAG] | "WorkerStats" >> beam.combiners.ToList()
-  matched = ((matched_files, results[SHARD_COUNT_TAG])
+  shard_counts = results[SHARD_COUNT_TAG]
+  matched = ((matched_files, shard_counts | "FoundInShards" >> beam.MapTuple(lambda _, found, seen: found))
              | "FilesAndShardImages" >> beam.Flatten()
              | "CountAllMatched" >> beam.CombineGlobally(sum))
+  if previous_shard_rows is not None:
+    removed_in_shards = _removed_from_shards(
+        previous_shard_rows, shard_counts | "PreviousSeen" >> beam.MapTuple(lambda shard, found, seen: (shard, seen)))
+    removed = ((removed, removed_in_shards)
+               | "AllRemoved" >> beam.Flatten()
+               | "CountAllRemoved" >> beam.CombineGlobally(sum))
 
   tables = embeddings
   if config.previous:

@@ -196,6 +196,7 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       resume_verify=bool(opts.resume_verify),
       input_format=opts.input_format,
       shard_layouts=layouts,
+      parquet_part_rows=opts.parquet_part_rows,
   )
   config = dataclasses.replace(config, layout=model_layout(config))
   if opts.previous:

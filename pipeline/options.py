@@ -63,6 +63,9 @@ class EmbedOptions(PipelineOptions):
                "only bytes feature).")
     _flag(parser, "carry-features", default=None, metavar="NAME[,NAME]",
           help="TFRecord shards: the scalar features carried to the output rows (default: all).")
+    _flag(parser, "parquet-part-rows", type=int, default=4096,
+          help="Parquet shards of several row groups are read as slices of whole row groups, each of at "
+               "least this many rows, spread over the workers (0: one shard, one reader).")
     _flag(parser, "output", default=None,
           help="Output directory (local or gs://).")
     _flag(parser, "backbones", default=DEFAULT_BACKBONES,
@@ -223,6 +226,7 @@ def validate(opts, models=()) -> dict:
   _check_positive("decode-threads", opts.decode_threads, minimum=0)
   _check_positive("num-shards", opts.num_shards, minimum=0)
   _check_positive("row-group-size", opts.row_group_size)
+  _check_positive("parquet-part-rows", opts.parquet_part_rows, minimum=0)
   if opts.embed_min_ram is not None:
     try:
       resources.parse_resource_hints({"min_ram": opts.embed_min_ram})

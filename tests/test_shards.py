@@ -322,3 +322,114 @@ def test_a_parquet_shard_without_an_image_column_is_refused_at_launch(tmp_path):
     status = run(["--input", str(tmp_path / "*.parquet"), "--output", str(tmp_path / "out"), *SMALL_MODEL])
   assert status == 2
   assert "--image-column" in stderr.getvalue() and "Traceback" not in stderr.getvalue()
+
+
+# --- resume, dedupe, removed, slices: shard images as first-class inputs -----------------------
+
+
+def _finished_copy(mixed_run, folder):
+  """mixed_run's output as a finished run of its own (the fixture's directory is module-scoped)."""
+  embeddings, errors, summary = mixed_run
+  folder.mkdir()
+  pq.write_table(embeddings, folder / "embeddings-00000-of-00001.parquet")
+  pq.write_table(errors, folder / "errors-00000-of-00001.parquet")
+  (folder / "_SUCCESS.json").write_text(json.dumps(summary))
+  return folder
+
+
+def test_resume_reuses_the_committed_rows_of_shard_images(dataset, mixed_run, tmp_path):
+  from transforms import checkpoint
+  root, _ = dataset
+  embeddings, _, summary = mixed_run
+  tar, parquet = root / "web" / "00000.tar", root / "pq" / "00000.parquet"
+  # What a run killed part-way leaves: rows of the first images of each shard committed.
+  wanted = [f"{tar}#{i:09d}" for i in range(3)] + [f"{parquet}#k{i}" for i in range(2)]
+  committed = embeddings.filter(pa.compute.is_in(embeddings.column("uri"), pa.array(wanted)))
+  # A committed vector that differs from what the model gives proves the row was reused, not remade.
+  marked = pa.array([[0.5] * len(v) for v in committed.column("embedding").to_pylist()],
+                    committed.schema.field("embedding").type)
+  committed = committed.set_column(committed.schema.get_field_index("embedding"), "embedding", marked)
+  committed = (committed.append_column(checkpoint.LISTING_FIELDS[0], pa.nulls(len(wanted), pa.int64()))
+               .append_column(checkpoint.LISTING_FIELDS[1], pa.nulls(len(wanted), pa.float64())))
+  out = tmp_path / "out"
+  checkpoint.write_layout(str(out), summary["layout"])
+  pq.write_table(committed, out / "_checkpoints" / "embeddings-x-y-000000.parquet")
+
+  again, errors, resumed = embed([str(tar), str(parquet)], out, "--resume")
+  counts = resumed["counts"]
+  shard_rows = [u for u in embeddings.column("uri").to_pylist() if u.startswith((str(tar) + "#", str(parquet) + "#"))]
+  assert (counts["resumed"], counts["embedded"]) == (len(wanted), len(shard_rows) - len(wanted))
+  assert sorted(again.column("uri").to_pylist()) == sorted(shard_rows)
+  got, clean = vectors(again), vectors(embeddings)
+  for uri in shard_rows:
+    if uri in wanted:
+      assert np.all(got[uri] == 0.5), uri
+    else:
+      assert relative_l2(got[uri], clean[uri]) < 1e-5, uri
+  assert not (out / "_checkpoints").exists()
+
+
+def test_dedupe_embeds_each_image_once_across_files_and_shards(dataset, mixed_run, tmp_path):
+  root, expected = dataset
+  tar, parquet = root / "web" / "00000.tar", root / "pq" / "00000.parquet"
+  inputs = [f"{root}/loose/*.jpg", str(tar), str(parquet)]
+  embeddings, errors, summary = embed(inputs, tmp_path / "out", "--dedupe")
+  counts = summary["counts"]
+  # Each sample is a loose file, a tar member and a Parquet row; the tar's and the Parquet shard's
+  # garbage members are the same bytes too.
+  assert counts["deduplicated"] == 2 * len(NAMES) + 1
+  wanted = {u: e for u, e in expected.items()
+            if u.startswith((f"{root}/loose/", f"{tar}#", f"{parquet}#"))}
+  assert sorted(embeddings.column("uri").to_pylist()) == sorted(u for u, e in wanted.items() if e[0] == "ok")
+  assert sorted(errors.column("uri").to_pylist()) == sorted(u for u, e in wanted.items() if e[0] == "error")
+  assert (counts["matched"], counts["failed"], summary["status"]) == (len(wanted), errors.num_rows, "ok")
+  got = vectors(embeddings)
+  for i, name in enumerate(NAMES):
+    # One row made, copied to the others: the same float32s, bit for bit.
+    loose = got[str(root / "loose" / f"{name}.jpg")]
+    assert np.array_equal(got[f"{tar}#{i:09d}"], loose) and np.array_equal(got[f"{parquet}#k{i}"], loose)
+  rows = {row["uri"]: row for row in embeddings.to_pylist()}
+  # Each copy keeps its own columns.
+  assert rows[f"{parquet}#k1"]["caption"] == f"p {NAMES[1]}"
+  assert rows[f"{tar}#000000001"]["caption"] == f"a photo of {NAMES[1]}"
+  assert rows[str(root / "loose" / f"{NAMES[1]}.jpg")]["caption"] is None
+
+
+def test_images_gone_from_a_shard_are_counted_removed(tmp_path):
+  shard = tmp_path / "in" / "00000.tar"
+  shard.parent.mkdir()
+  write_webdataset(shard, [(f"{i:04d}", {"jpg": jpeg(name), "txt": name.encode()}) for i, name in enumerate(NAMES[:4])])
+  embed([str(shard)], tmp_path / "day1")
+  # Day 2: two images left the shard, one came in.
+  write_webdataset(shard, [("0000", {"jpg": jpeg(NAMES[0]), "txt": b"a"}), ("0002", {"jpg": jpeg(NAMES[2]), "txt": b"c"}),
+                           ("0009", {"jpg": jpeg(NAMES[5]), "txt": b"new"})])
+  embeddings, _, summary = embed([str(shard)], tmp_path / "day2", "--previous", str(tmp_path / "day1"))
+  counts = summary["counts"]
+  assert (counts["matched"], counts["carried_over"], counts["embedded"], counts["removed"]) == (3, 2, 1, 2)
+  assert sorted(embeddings.column("uri").to_pylist()) == [f"{shard}#0000", f"{shard}#0002", f"{shard}#0009"]
+  rows = {row["uri"]: row["txt"] for row in embeddings.to_pylist()}
+  assert rows[f"{shard}#0000"] == "a"  # a carried row takes this run's columns
+
+
+def test_a_parquet_shard_of_many_row_groups_is_read_in_slices(tmp_path):
+  shard = tmp_path / "in" / "train.parquet"
+  shard.parent.mkdir()
+  images = [jpeg(name) for name in NAMES] + [GARBAGE]
+  pq.write_table(pa.table({"image": pa.array(images, pa.binary()), "n": list(range(len(images)))}), shard,
+                 row_group_size=2)
+  assert shards.parquet_parts(str(shard), 3) == [(0, 2, 0), (2, 4, 4)]
+  assert shards.parquet_parts(str(shard), 100) == []  # too few rows to be worth a slice
+  layout = shards.parquet_layout(str(shard))
+  sliced = [(m.key, m.columns["n"]) for m in shards.read_members(str(shard), layout, (2, 4, 4))]
+  assert sliced == [("4", 4), ("5", 5), ("6", 6), ("7", 7)]
+
+  whole = embed([str(shard)], tmp_path / "whole", "--parquet-part-rows", "0")
+  parts = embed([str(shard)], tmp_path / "parts", "--parquet-part-rows", "2")
+  for (embeddings, errors, summary) in (whole, parts):
+    assert sorted(embeddings.column("uri").to_pylist()) == sorted(f"{shard}#{i}" for i in range(len(NAMES)))
+    assert errors.column("uri").to_pylist() == [f"{shard}#{len(NAMES)}"]
+    assert summary["counts"]["matched"] == len(images)
+  a, b = vectors(whole[0]), vectors(parts[0])
+  assert all(relative_l2(a[u], b[u]) < 1e-5 for u in a)
+  rows = {row["uri"]: row["n"] for row in parts[0].to_pylist()}
+  assert rows == {f"{shard}#{i}": i for i in range(len(NAMES))}

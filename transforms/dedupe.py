@@ -1,9 +1,10 @@
-"""--dedupe: files with the same bytes are embedded once; every uri still gets its own row."""
+"""--dedupe: files (and images inside shards) with the same bytes are embedded once; every uri still gets its own row."""
 
 import concurrent.futures
 
 import apache_beam as beam
 
+from transforms import shards
 from transforms.item import Item
 from transforms.read import read_bytes, sha256_hex
 
@@ -43,14 +44,81 @@ def representative(grouped) -> Item:
   return first.replace(duplicates=tuple(rest)) if rest else first
 
 
-class Dedupe(beam.PTransform):
-  def __init__(self, threads=16):
+# --- with shards: an image inside a shard is deduplicated like a file ------------------------------
+
+
+class HashShardsDoFn(beam.DoFn):
+  """Shard items in; (sha256, (shard path, Item of one of its images)) out, for every image the shard
+  holds that can be read: the shard is read once more for this. Members that can't be read are left
+  to the embed stage, which reads the shard again and reports them."""
+
+  def __init__(self, layouts, extra_fields):
+    self._layouts = {layout.format: layout for layout in layouts}
+    self._extra_fields = extra_fields
+
+  def process(self, shard: Item):
+    layout = self._layouts.get(shard.shard_format) or shards.ShardLayout(shard.shard_format)
+    for member in shards.read_members(shard.uri, layout):
+      if member.key is None or member.error is not None:
+        continue
+      digest = _digest(member.source) if member.data is None else sha256_hex(member.data)
+      if digest is None:
+        continue
+      uri = f"{shard.uri}#{member.key}"
+      columns = dict(shard.columns, **shards.conform(member.columns, self._extra_fields))
+      yield digest, (shard.uri, Item(uri, columns=columns, previous_sha256=shard.previous_members.get(uri),
+                                     resume_sha256=shard.resume_members.get(uri)))
+
+
+def _resolve(grouped):
+  """One content's inputs -> the file to embed (tagged "files"), or for a shard's image, what its shard
+  must know: (shard, (uri, duplicates)) tagged "duplicates", (shard, uri) tagged "skip" for each image
+  that is another's duplicate; and the number of duplicates (tagged "count")."""
+  digest, entries = grouped
+  entries = list(entries)
+  shard_of = {item.uri: shard for shard, item in entries}
+  first = representative((digest, [item for _, item in entries]))
+  if shard_of[first.uri] is None:
+    yield beam.pvalue.TaggedOutput("files", first)
+  elif first.duplicates:
+    yield beam.pvalue.TaggedOutput("duplicates", (shard_of[first.uri], (first.uri, first.duplicates)))
+  for duplicate in first.duplicates:
+    if shard_of[duplicate.uri] is not None:
+      yield beam.pvalue.TaggedOutput("skip", (shard_of[duplicate.uri], duplicate.uri))
+  yield beam.pvalue.TaggedOutput("count", len(first.duplicates))
+
+
+def _attach_dedupe(joined):
+  _, groups = joined
+  duplicates, skip = dict(groups["duplicates"]), frozenset(groups["skip"])
+  for item in groups["shards"]:
+    yield item.replace(member_duplicates=duplicates, skip_members=skip) if duplicates or skip else item
+
+
+class DedupeWithShards(beam.PTransform):
+  """--dedupe over files and the images inside shards alike: each content is embedded once, by a file
+  or a shard; every uri still gets its row. Returns (items, number of duplicates)."""
+
+  def __init__(self, threads, layouts, extra_fields):
     super().__init__()
-    self._threads = threads
+    self._threads, self._layouts, self._extra_fields = threads, layouts, extra_fields
 
   def expand(self, items):
-    return (items
-            | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=256)
-            | "Hash" >> beam.ParDo(HashFilesDoFn(self._threads))
-            | "GroupByContent" >> beam.GroupByKey()
-            | "Representative" >> beam.Map(representative))
+    files, shard_items = items | "FilesOrShards" >> beam.Partition(lambda item, n: int(bool(item.shard_format)), 2)
+    hashed_files = (files
+                    | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=256)
+                    | "Hash" >> beam.ParDo(HashFilesDoFn(self._threads))
+                    | "FromFiles" >> beam.MapTuple(lambda digest, item: (digest, (None, item))))
+    hashed_members = (shard_items
+                      | "SpreadShards" >> beam.Reshuffle()
+                      | "HashShards" >> beam.ParDo(HashShardsDoFn(self._layouts, self._extra_fields)))
+    resolved = ((hashed_files, hashed_members)
+                | "AllHashed" >> beam.Flatten()
+                | "GroupByContent" >> beam.GroupByKey()
+                | "Resolve" >> beam.FlatMap(_resolve).with_outputs("files", "duplicates", "skip", "count"))
+    shards_out = ({"shards": shard_items | "KeyShards" >> beam.Map(lambda item: (item.uri, item)),
+                   "duplicates": resolved.duplicates, "skip": resolved.skip}
+                  | "JoinByShard" >> beam.CoGroupByKey()
+                  | "AttachDedupe" >> beam.FlatMap(_attach_dedupe))
+    count = resolved.count | "CountDuplicates" >> beam.CombineGlobally(sum)
+    return (resolved.files, shards_out) | "FilesAndShards" >> beam.Flatten(), count

@@ -28,7 +28,9 @@ ERRORS_TAG = "errors"
 CARRIED_TAG = "carried"
 RESUMED_TAG = "resumed"
 WORKER_STATS_TAG = "worker_stats"
-SHARD_COUNT_TAG = "shard_count"  # per shard, how many inputs it held (images, and a damage row): `matched`
+# Per shard (or slice of one): (path, inputs it held (images and a damage row): `matched`, how many
+# of them --previous has rows for).
+SHARD_COUNT_TAG = "shard_count"
 
 
 def configure_tensorflow(allow_tf32=False):
@@ -347,21 +349,27 @@ class EmbedFilesDoFn(beam.DoFn):
   def _process_shard(self, shard: Item):
     layouts = {layout.format: layout for layout in self._config.shard_layouts}
     layout = layouts.get(shard.shard_format) or shards.ShardLayout(shard.shard_format)
-    found = 0
-    for member in shards.read_members(shard.uri, layout):
+    found = previous_seen = 0
+    for member in shards.read_members(shard.uri, layout, shard.row_groups):
       found += 1
       if member.key is None:  # the shard itself: unopenable, or damaged past this point
         yield from self._failures(shard.replace(duplicates=()), member.error)
         continue
+      uri = f"{shard.uri}#{member.key}"
+      previous_seen += uri in shard.previous_members
+      if uri in shard.skip_members:  # --dedupe: another input with the same bytes makes its row
+        continue
       columns = dict(shard.columns, **shards.conform(member.columns, self._config.extra_fields))
-      item = Item(f"{shard.uri}#{member.key}", columns=columns)
+      item = Item(uri, columns=columns, duplicates=shard.member_duplicates.get(uri, ()))
       if member.error is not None:
         yield from self._failures(item, member.error)
         continue
-      self._ahead.submit(item, item.uri, self._spec, self._decoders.decode,
-                         shard.previous_members.get(item.uri), None, member.data, member.source)
+      self._ahead.submit(item, item.uri, self._spec, self._decoders.decode, shard.previous_members.get(uri),
+                         shard.resume_members.get(uri), member.data, member.source)
       yield from self._embed_while_full()
-    yield beam.pvalue.TaggedOutput(SHARD_COUNT_TAG, found)
+    # What the shard (or this slice of it) held, and how many of --previous's rows of it were found:
+    # the rest were removed from it.
+    yield beam.pvalue.TaggedOutput(SHARD_COUNT_TAG, (shard.uri, found, previous_seen))
 
   def finish_bundle(self):
     while len(self._ahead):

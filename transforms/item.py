@@ -20,7 +20,14 @@ class Item:
   - `shard_format`: 'tar', 'parquet' or 'tfrecord' when `uri` is a shard of many images (each becomes
     an item of its own, `uri#key`, inside the embed stage), None for one image file;
   - `previous_members`: a shard's images' digests in --previous, by uri: those whose bytes still have
-    it are carried over.
+    it are carried over;
+  - `resume_members`: a shard's images' digests committed by an interrupted run (--resume), by uri:
+    those whose bytes still have it reuse that row;
+  - `member_duplicates`: a shard's images that other inputs duplicate (--dedupe), by uri: Items that
+    get that image's row;
+  - `skip_members`: a shard's images that are another input's duplicates (--dedupe): not embedded here;
+  - `row_groups`: (first, stop, first row) when the item is a slice of a Parquet shard's row groups,
+    else None (the whole shard).
   """
   uri: str
   columns: dict = dataclasses.field(default_factory=dict)
@@ -32,6 +39,10 @@ class Item:
   duplicates: tuple = ()
   shard_format: Optional[str] = None
   previous_members: dict = dataclasses.field(default_factory=dict)
+  resume_members: dict = dataclasses.field(default_factory=dict)
+  member_duplicates: dict = dataclasses.field(default_factory=dict)
+  skip_members: frozenset = frozenset()
+  row_groups: Optional[tuple] = None
 
   def rows(self):
     """(uri, columns) of every row this item makes: its own, then its duplicates'."""

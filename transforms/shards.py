@@ -95,17 +95,41 @@ def _open(uri):
   return FileSystems.open(uri, compression_type=_compression(uri))
 
 
-def read_members(uri: str, layout: ShardLayout):
+def read_members(uri: str, layout: ShardLayout, row_groups: Optional[tuple] = None):
   """Every image of the shard at `uri` as a Member, streamed; never raises: a shard that cannot be
-  opened, or is damaged, ends with one Member whose error row names it (and the byte offset)."""
-  readers = {"tar": _tar_members, "parquet": _parquet_members, "tfrecord": _tfrecord_members}
+  opened, or is damaged, ends with one Member whose error row names it (and the byte offset).
+  `row_groups`: (first, stop, first row) to read only those row groups of a Parquet shard."""
   try:
     handle = _open(uri)
   except Exception as e:  # missing, permission, bad scheme: the shard's own fault
     yield Member(None, error=error_row(uri, "read", type(e).__name__, f"could not open shard: {e}"))
     return
   with handle:
-    yield from readers[layout.format](uri, handle, layout)
+    if layout.format == "parquet":
+      yield from _parquet_members(uri, handle, layout, row_groups)
+    else:
+      yield from {"tar": _tar_members, "tfrecord": _tfrecord_members}[layout.format](uri, handle, layout)
+
+
+def parquet_parts(uri: str, rows_per_part: int) -> list:
+  """Slices of a Parquet shard to read apart, [(first row group, stop, first row)], each of whole row
+  groups and at least `rows_per_part` rows (the last may hold fewer); [] to read it whole: one row
+  group (img2dataset writes a shard as one), too few rows, or a footer that can't be read (the
+  reader then reports why)."""
+  try:
+    with _open(uri) as handle:
+      meta = pq.ParquetFile(handle).metadata
+  except Exception:  # reported, with the shard's name, when the embed stage reads it
+    return []
+  parts, first, first_row, rows = [], 0, 0, 0
+  for group in range(meta.num_row_groups):
+    rows += meta.row_group(group).num_rows
+    if rows >= rows_per_part:
+      parts.append((first, group + 1, first_row))
+      first, first_row, rows = group + 1, first_row + rows, 0
+  if first < meta.num_row_groups:
+    parts.append((first, meta.num_row_groups, first_row))
+  return parts if len(parts) > 1 else []
 
 
 # --- WebDataset tar -----------------------------------------------------------------------------
@@ -244,12 +268,13 @@ def parquet_layout(uri: str, image_column=None) -> ShardLayout:
   return ShardLayout("parquet", image_column, columns)
 
 
-def _parquet_members(uri, handle, layout):
-  row = 0
+def _parquet_members(uri, handle, layout, row_groups=None):
+  first, stop, row = row_groups or (None, None, 0)
   try:
     parquet = pq.ParquetFile(handle)
     image = parquet_image_column(parquet.schema_arrow, uri, layout.image)
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+    groups = None if row_groups is None else list(range(first, stop))
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups):
       for values in batch.to_pylist():
         key = values.get("key")
         key = str(row) if key is None else str(key)
