@@ -25,6 +25,7 @@ RESERVED_NAMES = ("uri", "sha256", "width", "height", "embedding", "key")
 DEFAULT_IMAGE_FEATURE = "image/encoded"
 _PARQUET_IMAGE_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img")
 _PARQUET_BATCH_ROWS = 64  # rows (images) per Arrow batch read: what a shard costs in memory at once
+_PARQUET_READ_BUFFER = 1 << 20
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, tarfile.TarError, pa.ArrowException, struct.error)
 
 
@@ -271,7 +272,10 @@ def parquet_layout(uri: str, image_column=None) -> ShardLayout:
 def _parquet_members(uri, handle, layout, row_groups=None):
   first, stop, row = row_groups or (None, None, 0)
   try:
-    parquet = pq.ParquetFile(handle)
+    # Buffered reads of a column chunk, not the whole chunk at once: a one-row-group shard (as
+    # img2dataset writes them) then costs about its largest pages, not its size
+    # (benchmarks/README.md, "Shards").
+    parquet = pq.ParquetFile(handle, buffer_size=_PARQUET_READ_BUFFER, pre_buffer=False)
     image = parquet_image_column(parquet.schema_arrow, uri, layout.image)
     groups = None if row_groups is None else list(range(first, stop))
     for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, row_groups=groups):
