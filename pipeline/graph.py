@@ -3,7 +3,7 @@
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import AsList, AsSingleton
+from apache_beam.pvalue import AsDict, AsSingleton
 
 from transforms.dedupe import DedupeWithShards
 from transforms import checkpoint
@@ -162,7 +162,8 @@ def build_graph(p: beam.Pipeline, config):
   # A shard counts as the images found in it, which only its reader knows (added below).
   matched_files = _count(items | "ImageFiles" >> beam.Filter(lambda item: item.shard_format is None),
                          "CountMatched")
-  shard_uris = items | "Shards" >> beam.FlatMap(lambda item: [item.uri] if item.shard_format else [])
+  # A dict side input, so each previous row's lookup is one hash, however many shards there are.
+  shard_uris = items | "Shards" >> beam.FlatMap(lambda item: [(item.uri, True)] if item.shard_format else [])
 
   removed = previous_shard_rows = None
   if config.previous:
@@ -176,10 +177,10 @@ def build_graph(p: beam.Pipeline, config):
     # what the shard's reader finds (below); those of shards gone are removed.
     gone = joined | "Gone" >> beam.FlatMap(removed_uri)
     removed = _count(gone | "NotInShards" >> beam.Filter(
-        lambda uri, shards_: uri.rpartition("#")[0] not in shards_, AsList(shard_uris)), "CountRemoved")
+        lambda uri, shards_: uri.rpartition("#")[0] not in shards_, AsDict(shard_uris)), "CountRemoved")
     previous_shard_rows = gone | "InShards" >> beam.FlatMap(
         lambda uri, shards_: [(uri.rpartition("#")[0], uri)] if uri.rpartition("#")[0] in shards_ else [],
-        AsList(shard_uris))
+        AsDict(shard_uris))
   resumed_direct = None
   if config.resume:
     committed = p | "CheckpointIndex" >> checkpoint.CheckpointIndex(config.output)
