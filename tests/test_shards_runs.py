@@ -1,0 +1,165 @@
+"""Shard runs as they are deployed: several SDK worker processes, and gs:// on the GCS emulator.
+
+tests/test_shards.py reads the same shard set in one process from local disk. Here the same
+dataset (loose files, WebDataset tars, Parquet, TFRecords, broken members, truncated shards) goes
+through the two paths that it does not take: shard items crossing into worker processes (layouts
+and configuration pickled, shards opened there), and shards streamed from gs:// by Beam's GCS
+filesystem inside those workers, as Dataflow's workers read their own shards (a tar through
+`tarfile`'s stream mode, Parquet's seeks, a gzip TFRecord). Both runs use two SDK worker processes.
+"""
+
+import hashlib
+import pathlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.main import run
+from tests.gcs_emulator import gcs_emulator
+from tests.recipe import relative_l2
+from tests.test_shards import NAMES, SMALL_MODEL, dataset, embed, jpeg, vectors  # noqa: F401 (dataset: fixture)
+from transforms.write import read_summary
+
+MULTI_PROCESS = ("--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
+
+
+def _inputs(root):
+  return [f"{root}/loose/*.jpg", f"{root}/web/*.tar", f"{root}/pq/*.parquet", f"{root}/tf/*"]
+
+
+def assert_accounted_for(expected, embeddings, errors, summary):
+  """Every expected uri in exactly one output, once; the error rows' stages and types as expected;
+  _SUCCESS.json's counts agreeing with the rows read back."""
+  rows, failed = embeddings.column("uri").to_pylist(), errors.column("uri").to_pylist()
+  assert len(rows) == len(set(rows)), sorted(u for u in rows if rows.count(u) > 1)
+  assert len(failed) == len(set(failed)), sorted(u for u in failed if failed.count(u) > 1)
+  assert not set(rows) & set(failed)
+  assert set(rows) == {u for u, e in expected.items() if e[0] == "ok"}
+  assert set(failed) == {u for u, e in expected.items() if e[0] == "error"}
+  by_uri = {row["uri"]: row for row in errors.to_pylist()}
+  for uri, want in expected.items():
+    if want[0] == "error":
+      assert (by_uri[uri]["stage"], by_uri[uri]["error_type"])[:len(want) - 1] == want[1:3], (uri, by_uri[uri])
+  counts = summary["counts"]
+  assert summary["status"] == "ok"
+  assert counts["matched"] == counts["embedded"] + counts["failed"]
+  assert (counts["matched"], counts["embedded"], counts["failed"]) == (len(expected), len(rows), len(failed))
+
+
+def assert_shard_images_embed_as_their_files(expected, embeddings, loose_uri):
+  """Each shard image's vector against the same image's, read as a loose file in the same run; its
+  sha256 is of the image bytes. Returns how many were compared."""
+  got = vectors(embeddings)
+  digests = dict(zip(embeddings.column("uri").to_pylist(), embeddings.column("sha256").to_pylist()))
+  compared = 0
+  for uri, want in expected.items():
+    if want[0] != "ok" or "#" not in uri:
+      continue
+    assert relative_l2(got[uri], got[loose_uri(want[1])]) < 1e-4, uri
+    assert digests[uri] == hashlib.sha256(jpeg(want[1])).hexdigest(), uri
+    compared += 1
+  return compared
+
+
+# --- several worker processes, local shards -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def multi_process_run(dataset, tmp_path_factory):
+  root, _ = dataset
+  return embed(_inputs(root), tmp_path_factory.mktemp("multi") / "out", *MULTI_PROCESS)
+
+
+def test_multi_process_run_accounts_for_every_image_once(dataset, multi_process_run):
+  _, expected = dataset
+  assert_accounted_for(expected, *multi_process_run)
+
+
+def test_multi_process_run_embeds_shard_images_as_their_files(dataset, multi_process_run):
+  root, expected = dataset
+  compared = assert_shard_images_embed_as_their_files(
+      expected, multi_process_run[0], lambda name: str(root / "loose" / f"{name}.jpg"))
+  # every sample in the whole tar, Parquet and TFRecord shards, two from each cut shard
+  assert compared == 3 * len(NAMES) + 4
+
+
+# --- gs:// on the GCS emulator ------------------------------------------------------------------
+
+def _put(uri, data):
+  with FileSystems.create(uri, compression_type="uncompressed") as f:
+    f.write(data)
+
+
+def _read_tables(output, prefix):
+  files = sorted(m.path for m in FileSystems.match([f"{output}/{prefix}-*.parquet"])[0].metadata_list)
+  assert files, f"no {prefix}-*.parquet in {output}"
+  tables = []
+  for path in files:
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+      tables.append(pq.read_table(pa.BufferReader(f.read())))
+  return pa.concat_tables(tables, promote_options="default")
+
+
+@pytest.fixture(scope="module")
+def gcs_run(dataset):
+  """The dataset's files flattened into gs://B/shards/ (one glob matches loose files and shards
+  alike), plus a Hugging Face style Parquet shard whose rows hold bytes, a relative path to one of
+  the loose objects, or a path to nothing. Output to gs:// too, two worker processes (they reach the
+  emulator through the environment). Yields (bucket, expected, (embeddings, errors, summary))."""
+  root, local_expected = dataset
+  with gcs_emulator("shards-bucket") as name:
+    bucket = f"gs://{name}"
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+      _put(f"{bucket}/shards/{path.name}", path.read_bytes())
+
+    def moved(uri):
+      path, sep, key = uri.partition("#")
+      return f"{bucket}/shards/{pathlib.PurePath(path).name}{sep}{key}"
+    expected = {moved(uri): want for uri, want in local_expected.items()}
+
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    hf = pa.table({"image": pa.array([{"bytes": jpeg(NAMES[0]), "path": None},
+                                      {"bytes": None, "path": f"{NAMES[1]}.jpg"},
+                                      {"bytes": None, "path": "gone.jpg"}], type=image),
+                   "label": pa.array([3, 1, 4], pa.int64())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(hf, sink)
+    shard = f"{bucket}/shards/hf-00000-of-00001.parquet"
+    _put(shard, sink.getvalue().to_pybytes())
+    expected.update({f"{shard}#0": ("ok", NAMES[0]), f"{shard}#1": ("ok", NAMES[1]),
+                     f"{shard}#2": ("error", "read")})
+
+    output = f"{bucket}/out"
+    status = run(["--input", f"{bucket}/shards/*", "--output", output, *SMALL_MODEL, *MULTI_PROCESS])
+    assert status == 0
+    yield bucket, expected, (_read_tables(output, "embeddings"), _read_tables(output, "errors"),
+                             read_summary(output))
+
+
+def test_gcs_run_accounts_for_every_image_once(gcs_run):
+  _, expected, outputs = gcs_run
+  assert_accounted_for(expected, *outputs)
+
+
+def test_gcs_run_embeds_shard_images_as_their_files(gcs_run):
+  bucket, expected, outputs = gcs_run
+  compared = assert_shard_images_embed_as_their_files(
+      expected, outputs[0], lambda name: f"{bucket}/shards/{name}.jpg")
+  assert compared == 3 * len(NAMES) + 4 + 2  # and the Hugging Face shard's bytes row and path row
+
+
+def test_gcs_run_names_the_damage_in_truncated_shards(gcs_run):
+  bucket, _, (_, errors, _) = gcs_run
+  messages = {row["uri"]: row["message"] for row in errors.to_pylist()}
+  for shard in ("00001.tar", "cut.tfrecord"):
+    assert "at byte" in messages[f"{bucket}/shards/{shard}"], messages[f"{bucket}/shards/{shard}"]
+
+
+def test_gcs_and_multi_process_runs_give_the_same_vectors(dataset, gcs_run, multi_process_run):
+  root, _ = dataset
+  bucket, _, outputs = gcs_run
+  on_gcs, local = vectors(outputs[0]), vectors(multi_process_run[0])
+  for uri, vector in local.items():
+    path, sep, key = uri.partition("#")
+    assert relative_l2(on_gcs[f"{bucket}/shards/{pathlib.PurePath(path).name}{sep}{key}"], vector) < 1e-4, uri
