@@ -5,7 +5,8 @@ dataset (loose files, WebDataset tars, Parquet, TFRecords, broken members, trunc
 through the two paths that it does not take: shard items crossing into worker processes (layouts
 and configuration pickled, shards opened there), and shards streamed from gs:// by Beam's GCS
 filesystem inside those workers, as Dataflow's workers read their own shards (a tar through
-`tarfile`'s stream mode, Parquet's seeks, a gzip TFRecord). Both runs use two SDK worker processes.
+`tarfile`'s stream mode, Parquet's seeks, a gzip TFRecord). Both runs use two SDK worker processes
+and read the Parquet shard in slices of its row groups; the gs:// run deduplicates too.
 """
 
 import hashlib
@@ -68,7 +69,8 @@ def assert_shard_images_embed_as_their_files(expected, embeddings, loose_uri):
 @pytest.fixture(scope="module")
 def multi_process_run(dataset, tmp_path_factory):
   root, _ = dataset
-  return embed(_inputs(root), tmp_path_factory.mktemp("multi") / "out", *MULTI_PROCESS)
+  # Parquet shards in slices of their row groups (the dataset's has three of four rows each).
+  return embed(_inputs(root), tmp_path_factory.mktemp("multi") / "out", *MULTI_PROCESS, "--parquet-part-rows", "2")
 
 
 def test_multi_process_run_accounts_for_every_image_once(dataset, multi_process_run):
@@ -131,7 +133,9 @@ def gcs_run(dataset):
                      f"{shard}#2": ("error", "read")})
 
     output = f"{bucket}/out"
-    status = run(["--input", f"{bucket}/shards/*", "--output", output, *SMALL_MODEL, *MULTI_PROCESS])
+    # --dedupe: every shard is read once more, on gs://, to hash its images with the files.
+    status = run(["--input", f"{bucket}/shards/*", "--output", output, *SMALL_MODEL, *MULTI_PROCESS, "--dedupe",
+                  "--parquet-part-rows", "2"])
     assert status == 0
     yield bucket, expected, (_read_tables(output, "embeddings"), _read_tables(output, "errors"),
                              read_summary(output))
@@ -163,3 +167,18 @@ def test_gcs_and_multi_process_runs_give_the_same_vectors(dataset, gcs_run, mult
   for uri, vector in local.items():
     path, sep, key = uri.partition("#")
     assert relative_l2(on_gcs[f"{bucket}/shards/{pathlib.PurePath(path).name}{sep}{key}"], vector) < 1e-4, uri
+
+
+def test_gcs_run_deduplicates_shard_images_and_files_alike(gcs_run):
+  _, expected, (embeddings, errors, summary) = gcs_run
+  copies = {}
+  for uri, want in expected.items():
+    if want[0] == "ok":
+      copies.setdefault(want[1], []).append(uri)
+  garbage = [uri for uri, want in expected.items() if want[:2] == ("error", "decode")]  # the same bytes, thrice
+  assert len(garbage) == 3
+  assert summary["counts"]["deduplicated"] == sum(len(uris) - 1 for uris in copies.values()) + len(garbage) - 1
+  got = vectors(embeddings)
+  for uris in copies.values():
+    assert all((got[uri] == got[uris[0]]).all() for uri in uris), uris  # one row, copied bit for bit
+  assert set(garbage) <= set(errors.column("uri").to_pylist())
