@@ -1,7 +1,7 @@
 """The same images as loose files and as shards (tar, Parquet, TFRecord): images/s and requests per image, locally and on gs://.
 
-    python benchmarks/shards.py [--n 1024] [--shard-size 256] [--latency-ms 30] [--repeats 1]
-                                [--rss-mb 400] [--skip local,gcs,rss]
+    python benchmarks/shards.py [--n 1024] [--large 3072] [--shard-size 256] [--latency-ms 30]
+                                [--repeats 1] [--rss-mb 400] [--skip local,gcs,rss]
 
 On the throughput benchmark's JPEGs (500x375, quality 90), in one run:
 
@@ -9,6 +9,9 @@ On the throughput benchmark's JPEGs (500x375, quality 90), in one run:
           process (start to exit), over N loose files, then over the same N images in WebDataset
           tars, single-row-group Parquet files (img2dataset's layout: `key` + `jpg`) and TFRecords
           of tf.train.Example (`image/encoded` + `image/filename`), --shard-size images a shard;
+          and again over --large images: a whole run at N is mostly start-up (imports, model
+          build, ~7 s here), so the marginal rate (large - N) / (t(large) - t(N)) is what says
+          how fast each format is read;
   gcs:    the same four inputs uploaded to the local GCS emulator and read through the latency
           proxy of benchmarks/gcs_reads.py (--latency-ms added to every request, which it counts by
           kind); the output is local, so the requests are the run's reads: listing, the launch's
@@ -131,7 +134,7 @@ def agreement(out, reference, n):
   """Max relative L2 of a run's vectors against the reference run's, by sha256; checks every image once."""
   import numpy as np
   got, rows, failed = read_vectors(out)
-  if rows != n or failed or len(got) != len(reference) or set(got) != set(reference):
+  if rows != n or failed or len(got) != n or not set(got) <= set(reference):
     raise SystemExit(f"{out}: {rows} rows, {failed} errors, {len(got)} distinct images; expected {n}")
   worst = 0.0
   for digest, vector in got.items():
@@ -140,71 +143,96 @@ def agreement(out, reference, n):
   return worst
 
 
-def pipeline_table(title, results, n, counted):
+def pipeline_table(title, results, sizes, counted):
+  """results: [(repeat, kind, {size: run})]; each repeat's loose run is the baseline of its ratios."""
+  n, large = sizes[0], sizes[-1]
   print(f"\n{title}")
-  head = f"  {'format':9s} {'objects':>7s} {'MB':>6s} {'wall s':>7s} {'cpu s':>6s} {'img/s':>7s} {'vs loose':>8s}"
+  head = (f"  {'format':9s} {'objects':>7s} {'MB':>6s} {'wall s':>7s} {'cpu s':>6s} {'img/s':>7s} "
+          f"{'vs loose':>8s}")
+  if large != n:
+    head += f" {f'wall s {large}':>11s} {'marginal':>8s} {'vs loose':>8s} {'cpu ms/img':>10s}"
   if counted:
-    head += f" {'requests':>8s} {'req/image':>9s}  requests by kind"
-  print(head + "  max rel. L2 vs loose")
-  for kind, r in results:
+    head += f" {'requests':>8s} {'req/image':>9s}"
+  print(head + "  max L2    requests by kind (at N)" if counted else head + "  max L2")
+  for _, kind, runs in results:
+    r = runs[n]
     if kind == "loose":  # each repeat starts with loose files: ratios within a repeat
-      loose = r["seconds"]
+      loose = runs
     line = (f"  {kind:9s} {r['objects']:7d} {r['mb']:6.1f} {r['seconds']:7.2f} {r['cpu']:6.1f} "
-            f"{n / r['seconds']:7.1f} {loose / r['seconds']:7.2f}x")
+            f"{n / r['seconds']:7.1f} {loose[n]['seconds'] / r['seconds']:7.2f}x")
+    if large != n:
+      marginal = (large - n) / (runs[large]["seconds"] - r["seconds"])
+      loose_marginal = (large - n) / (loose[large]["seconds"] - loose[n]["seconds"])
+      # CPU time moves less than wall time when other work shares the cores
+      cpu_ms = 1000 * (runs[large]["cpu"] - r["cpu"]) / (large - n)
+      line += f" {runs[large]['seconds']:11.2f} {marginal:8.0f} {marginal / loose_marginal:7.2f}x {cpu_ms:10.2f}"
     if counted:
-      kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
-      line += f" {r['requests']:8d} {r['requests'] / n:9.4f}  {kinds}"
-    print(line + f"  {r['l2']:.1e}")
+      line += f" {r['requests']:8d} {r['requests'] / n:9.4f}"
+    line += f"  {max(run['l2'] for run in runs.values()):.1e}"
+    if counted:
+      line += "   " + ", ".join(f"{k} {v}" for k, v in sorted(r["kinds"].items()))
+    print(line)
 
 
-def local_runs(datasets, n, repeats, work):
-  results, reference = [], None
+def measured_runs(datasets, sizes, repeats, work, where, pattern_of, env=None, counter=None):
+  """[(repeat, kind, {size: run})], formats interleaved within each repeat; each run's rows checked
+  against the first loose run's vectors (kept in datasets["reference"])."""
+  results = []
   for repeat in range(repeats):
     for kind in FORMATS:
-      folder, pattern = datasets[kind]
-      out = os.path.join(work, f"out-local-{kind}")
-      seconds, cpu = run_pipeline(os.path.join(folder, pattern), out)
-      if reference is None:
-        reference = read_vectors(out)[0]
-      results.append((kind, {"seconds": seconds, "cpu": cpu, "objects": len(os.listdir(folder)),
-                             "mb": folder_bytes(folder) / 1e6, "l2": agreement(out, reference, n)}))
-      print(f"  local {kind:9s} repeat {repeat + 1}: {seconds:6.2f} s", flush=True)
-  return results, reference
+      runs = {}
+      for size in sorted(sizes, reverse=True):  # the first run holds every image: the reference
+        folder, _ = datasets[size][kind]
+        out = os.path.join(work, f"out-{where}-{kind}-{size}")
+        if counter:
+          counter(reset=True)
+        seconds, cpu = run_pipeline(pattern_of(size, kind), out, env)
+        if "reference" not in datasets:
+          datasets["reference"] = read_vectors(out)[0]
+        run = {"seconds": seconds, "cpu": cpu, "objects": len(os.listdir(folder)),
+               "mb": folder_bytes(folder) / 1e6, "l2": agreement(out, datasets["reference"], size)}
+        if counter:
+          stats = counter()
+          run.update(requests=stats["requests"], kinds=stats.get("kinds", {}))
+        runs[size] = run
+        print(f"  {where:5s} {kind:9s} n={size:<6d} repeat {repeat + 1}: {seconds:6.2f} s"
+              + (f", {run['requests']} requests" if counter else ""), flush=True)
+      results.append((repeat, kind, runs))
+  return results
 
 
-def gcs_runs(datasets, n, repeats, latency_ms, work, reference):
+def local_runs(datasets, sizes, repeats, work):
+  def pattern_of(size, kind):
+    folder, pattern = datasets[size][kind]
+    return os.path.join(folder, pattern)
+  return measured_runs(datasets, sizes, repeats, work, "local", pattern_of)
+
+
+def gcs_runs(datasets, sizes, repeats, latency_ms, work):
   import logging
   logging.getLogger().setLevel(logging.ERROR)
   from apache_beam.io.filesystems import FileSystems
   from benchmarks.gcs_reads import LatencyProxy
   from tests.gcs_emulator import gcs_emulator
 
-  results = []
   with gcs_emulator("shards-bench") as bucket:
-    for kind in FORMATS:
-      folder, _ = datasets[kind]
-      for name in sorted(os.listdir(folder)):
-        with FileSystems.create(f"gs://{bucket}/{kind}/{name}", compression_type="uncompressed") as f:
-          with open(os.path.join(folder, name), "rb") as source:
-            f.write(source.read())
-    direct = os.environ["STORAGE_EMULATOR_HOST"]
-    proxy = LatencyProxy(direct, latency_ms)
+    for size in sizes:
+      for kind in FORMATS:
+        folder, _ = datasets[size][kind]
+        for name in sorted(os.listdir(folder)):
+          with FileSystems.create(f"gs://{bucket}/n{size}/{kind}/{name}", compression_type="uncompressed") as f:
+            with open(os.path.join(folder, name), "rb") as source:
+              f.write(source.read())
+
+    def pattern_of(size, kind):
+      return f"gs://{bucket}/n{size}/{kind}/{datasets[size][kind][1]}"
+    # Uploads went straight to the emulator; the runs go through the proxy, which counts them.
+    proxy = LatencyProxy(os.environ["STORAGE_EMULATOR_HOST"], latency_ms)
     try:
       env = dict(os.environ, STORAGE_EMULATOR_HOST=proxy.url)
-      for repeat in range(repeats):
-        for kind in FORMATS:
-          folder, pattern = datasets[kind]
-          out = os.path.join(work, f"out-gcs-{kind}")
-          proxy.stats(reset=True)
-          seconds, cpu = run_pipeline(f"gs://{bucket}/{kind}/{pattern}", out, env)
-          stats = proxy.stats()
-          results.append((kind, {"seconds": seconds, "cpu": cpu, "objects": len(os.listdir(folder)),
-                                 "mb": folder_bytes(folder) / 1e6, "requests": stats["requests"],
-                                 "kinds": stats.get("kinds", {}), "l2": agreement(out, reference, n)}))
-          print(f"  gcs   {kind:9s} repeat {repeat + 1}: {seconds:6.2f} s, {stats['requests']} requests", flush=True)
+      return measured_runs(datasets, sizes, repeats, work, "gcs", pattern_of, env, proxy.stats)
     finally:
       proxy.close()
-  return results
 
 
 # ---------------------------------------------------------------- peak RSS of streaming one shard
@@ -301,6 +329,8 @@ def rss_report(paths, megabytes, work):
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--n", type=int, default=1024, help="images")
+  parser.add_argument("--large", type=int, default=3072,
+                      help="a second, larger run per format for the marginal rate (0: none)")
   parser.add_argument("--shard-size", type=int, default=256, help="images per shard")
   parser.add_argument("--latency-ms", type=float, default=30.0, help="added to every gs:// request")
   parser.add_argument("--repeats", type=int, default=1, help="rounds over the four formats, interleaved")
@@ -310,26 +340,28 @@ def main(argv=None):
   args = parser.parse_args(argv)
   skip = {s for s in args.skip.split(",") if s}
   os.makedirs(args.cache_dir, exist_ok=True)
-  paths = make_images(args.n, args.cache_dir)
+  paths = make_images(max(args.n, args.large), args.cache_dir)
   work = tempfile.mkdtemp(prefix="shards-", dir=args.cache_dir)
   load = " ".join(f"{x:.2f}" for x in os.getloadavg())
   print(f"{args.n} JPEGs 500x375 q90, {args.shard_size} a shard; mobilenet_v3_small 32 px, weights random; "
         f"{os.cpu_count()} CPUs, load average at start {load}; work dir {work}")
-  datasets = build_datasets(paths, args.shard_size, work)
-
-  reference = None
-  if "local" not in skip or "gcs" not in skip:
-    local, reference = local_runs(datasets, args.n, args.repeats if "local" not in skip else 1, work)
-    if "local" not in skip:
-      pipeline_table("local disk: whole `python -m pipeline` processes (start to exit)", local, args.n, False)
+  sizes = [args.n] + ([args.large] if args.large > args.n else [])
+  datasets = {size: build_datasets(paths[:size], args.shard_size, os.path.join(work, f"n{size}")) for size in sizes}
+  scale = (f"; whole runs at N={args.n}" + (f" and {args.large}, marginal = {args.large - args.n} / "
+                                              f"(t({args.large}) - t({args.n})) img/s" if len(sizes) > 1 else ""))
+  if "local" not in skip:
+    results = local_runs(datasets, sizes, args.repeats, work)
+    pipeline_table(f"local disk: whole `python -m pipeline` processes (start to exit){scale}", results, sizes, False)
   if "gcs" not in skip:
-    results = gcs_runs(datasets, args.n, args.repeats, args.latency_ms, work, reference)
-    pipeline_table(f"gs:// on the GCS emulator, {args.latency_ms:g} ms added to every request "
-                   f"(output local; requests counted at the proxy)", results, args.n, True)
+    results = gcs_runs(datasets, sizes, args.repeats, args.latency_ms, work)
+    pipeline_table(f"gs:// on the GCS emulator, {args.latency_ms:g} ms added to every request, output local, "
+                   f"requests counted at the proxy{scale}", results, sizes, True)
   if "rss" not in skip:
     rss_report(paths, args.rss_mb, work)
-  print("\nvs loose = the same repeat's loose wall s / this wall s; max rel. L2: against the local "
-        "loose run's vector of the same image (by sha256)")
+  print("\nvs loose: against the same repeat's loose-file run (wall s: loose / this; marginal: this / loose). "
+        "max L2: largest relative L2 of a row's vector against the first loose run's vector of the same image "
+        "(matched by sha256), over both sizes; every run is checked to hold every image once, no error rows. "
+        "cpu ms/img: the process tree's marginal CPU time per image.")
 
 
 if __name__ == "__main__":
