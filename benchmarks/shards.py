@@ -312,7 +312,7 @@ def rss_report(paths, megabytes, work):
   print("  (- imports, / shard: peak RSS over the baseline, in MiB and as a multiple of the shard file's size; "
         "at 1st image: RSS over the baseline, MiB, once the first image was handed out)")
   rows = [("read_members, tar (tarfile stream mode)", "tar", big["tar"]),
-          ("read_members, Parquet (ParquetFile defaults, iter_batches 64)", "parquet", big["parquet"]),
+          ("read_members, Parquet (as transforms/shards.py opens it)", "parquet", big["parquet"]),
           ("pyarrow iter_batches 64, defaults (pre_buffer on)", "pyarrow", big["parquet"]),
           ("pyarrow iter_batches 64, pre_buffer=False", "pyarrow-nopre", big["parquet"]),
           ("pyarrow iter_batches 64, pre_buffer=False, buffer_size=1 MiB", "pyarrow-nopre-buffer", big["parquet"])]
