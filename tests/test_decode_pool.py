@@ -123,6 +123,27 @@ def test_a_group_in_one_round_trip_gives_each_file_its_own_result(plugin_env):
     pool.close()
 
 
+def test_a_reply_out_of_protocol_costs_its_file_and_the_process_not_a_hang(monkeypatch):
+  pool = DecodePool(1, None)
+  parse = decode_pool._parse_reply
+  replies = []
+
+  def garbled_once(reply):
+    replies.append(1)
+    if len(replies) == 2:
+      raise ValueError("not a reply")
+    return parse(reply)
+
+  monkeypatch.setattr(decode_pool, "_parse_reply", garbled_once)
+  try:
+    first = next(iter(pool._children)).pid
+    results = pool.decode_many([GOOD, GOOD, GOOD], spec())
+    assert [type(r).__name__ for r in results] == ["DecodedImage", "DecodeProcessError", "DecodedImage"]
+    assert results[1].error_type == "decoder_crashed" and not alive(first) and pool.replaced == 1
+  finally:
+    pool.close()
+
+
 def test_a_group_larger_than_the_request_bound_is_split(monkeypatch):
   monkeypatch.setattr(decode_pool, "_GROUP_BYTES", len(GOOD) + 1)  # one file a request
   pool = DecodePool(1, None)

@@ -270,8 +270,10 @@ class DecodePool:
               f"decoding took longer than {spec.name('timeout')}={spec.timeout:g}s; the decode "
               "process was killed and replaced"))
           return results
-        except (EOFError, OSError, pickle.UnpicklingError, struct.error, ValueError):
-          ending, child = self._replace(child, _Child.reap)
+        except Exception as e:
+          # Dead (EOF), or a reply out of protocol: either way the process can't be trusted with
+          # another file. One that may still live is killed before it is reaped.
+          ending, child = self._replace(child, _Child.reap if isinstance(e, EOFError) else _Child.kill)
           if child is None:
             return results + [_stopped()] * (len(datas) - len(results))
           results.append(DecodeProcessError(
@@ -342,6 +344,8 @@ def _parse_reply(reply: memoryview) -> tuple:
     size, = struct.unpack_from(">I", reply, offset)
     h, w, c = _ARRAY.unpack_from(reply, offset + 4)
     offset += 4 + _ARRAY.size
+    if offset + h * w * c > len(reply):
+      raise ValueError(f"a decode reply of {len(reply)} bytes announced a {h}x{w}x{c} array at {offset}")
     arrays[size] = np.frombuffer(reply, np.uint8, h * w * c, offset).reshape(h, w, c)
     offset += h * w * c
   if offset != len(reply):
