@@ -51,7 +51,7 @@ def forward_rate(n, size, backbone):
   import tensorflow as tf
   from transforms.embed import FusedModel
   from transforms.weights import BackboneSpec, resolve_weights
-  model = FusedModel([BackboneSpec(backbone, size, resolve_weights("random", backbone, size))], freeze="now")
+  model = FusedModel([BackboneSpec(backbone, size, resolve_weights("random", backbone, size))])
   batch = np.random.default_rng(0).integers(0, 256, (32, size, size, 3), dtype=np.uint8)
   model({size: batch})
   started, cpu = time.perf_counter(), time.process_time()

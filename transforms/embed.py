@@ -1,13 +1,11 @@
 """Embed stage: one fused Keras model per worker process, and the DoFn that reads, decodes and embeds files."""
 
-import atexit
 import collections
 import concurrent.futures
 import dataclasses
 import functools
 import logging
 import os
-import threading
 import time
 from typing import Optional
 
@@ -68,8 +66,7 @@ def l2_normalize(x):
 class FusedModel:
   """uint8 batches (one per input size) in, concatenated float32 pooled features out."""
 
-  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none",
-               freeze="background"):
+  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none"):
     import keras
     import tensorflow as tf
     configure_tensorflow(allow_tf32)
@@ -100,55 +97,12 @@ class FusedModel:
       return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
     self._forward = forward
-    self._frozen = None
-    self._freezing = None
-    if freeze not in ("background", "now", "never"):
-      raise ValueError(f"`freeze` must be one of 'background', 'now', 'never'; Received: freeze={freeze!r}")
-    if freeze == "now":
-      self._frozen = _freeze(forward, self.models)
-    elif freeze == "background" and _worth_freezing(self.models):
-      # Freezing MobileNetV2 and the frozen graph's first optimisation cost ~1.6 s more than the
-      # variables' first batch on two cores, and gain ~0.1 s a batch of 32: paid before the first
-      # batch, a run of a few hundred images ended later for it. So batches run on the variables'
-      # graph until the frozen one is ready. Traced here, so that no two threads trace it at once.
-      forward.get_concrete_function()
-      self._freezing = threading.Thread(target=self._freeze_in_background, name="freeze-model", daemon=True)
-      _FREEZING.add(self)
-      self._freezing.start()
-
-  def _freeze_in_background(self):
-    try:
-      frozen = _freeze(self._forward, self.models)
-      if frozen is not None:
-        # Grappler optimises a function at its first call: here, not in a batch's time.
-        frozen(*[np.zeros((1, s, s, 3), np.uint8) for s in self.sizes])
-        self._frozen = frozen
-    except Exception as e:  # the variables' graph computes the same
-      _LOG.warning("running the model with variables, could not freeze its weights: %s", e)
-    finally:
-      _FREEZING.discard(self)
-
-  def wait_frozen(self):
-    """Waits for a background freeze to end (benchmarks time the model as it runs in the long run)."""
-    if self._freezing is not None:
-      self._freezing.join()
+    self._frozen = _freeze(forward, self.models)
 
   def __call__(self, images: dict) -> np.ndarray:
-    frozen = self._frozen
-    if frozen is not None:
-      return frozen(*[images[s] for s in self.sizes])[0].numpy()
+    if self._frozen is not None:
+      return self._frozen(*[images[s] for s in self.sizes])[0].numpy()
     return self._forward(*[images[s] for s in self.sizes]).numpy()
-
-
-# Models whose freeze is under way. A thread inside TensorFlow while the interpreter exits can
-# crash the exit, so a process waits for them (as long as the synchronous freeze took before).
-_FREEZING = set()
-
-
-@atexit.register
-def _wait_for_freezes():
-  for model in list(_FREEZING):
-    model.wait_frozen()
 
 
 # Freezing holds the weights in graph protos many times over (RSS grows by ~20x the weights'
@@ -167,7 +121,11 @@ def _freeze(forward, models):
   Backbones without BatchNormalization (VGG, ConvNeXt) gain nothing and would only pay the
   freeze at start-up.
   """
-  if not _worth_freezing(models):
+  import keras
+  if not any(isinstance(layer, keras.layers.BatchNormalization) for m in models for layer in _all_layers(m)):
+    return None
+  size = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for m in models for w in m.weights)
+  if size > _FREEZE_MAX_WEIGHT_BYTES:
     return None
   try:
     import tensorflow as tf
@@ -181,14 +139,6 @@ def _freeze(forward, models):
   except Exception as e:  # an internal API; the variables' graph computes the same
     _LOG.warning("running the model with variables, could not freeze its weights: %s", e)
     return None
-
-
-def _worth_freezing(models) -> bool:
-  import keras
-  if not any(isinstance(layer, keras.layers.BatchNormalization) for m in models for layer in _all_layers(m)):
-    return False
-  size = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for m in models for w in m.weights)
-  return size <= _FREEZE_MAX_WEIGHT_BYTES
 
 
 def _all_layers(model):
