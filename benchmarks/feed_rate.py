@@ -1,6 +1,6 @@
 """The CPU side's feed rate: the pipeline with a near-free model against the serial limit of decode + forward.
 
-    python benchmarks/feed_rate.py [--n 3072] [--size 32] [--backbone mobilenet_v3_small] [--repeats 2]
+    python benchmarks/feed_rate.py [--n 3072] [--size 32] [--backbone mobilenet_v3_small] [--repeats 2] [--wait-quiet 60]
                                    [-- extra embed-images options, e.g. --direct_num_workers 2 ...]
 
 On the throughput benchmark's JPEGs (500x375; N made once, 4N as links to them), in one run:
@@ -32,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-from benchmarks.throughput import make_images, run_child  # noqa: E402
+from benchmarks.throughput import make_images, run_child, wait_for_quiet  # noqa: E402
 
 
 def decode_rate(paths, size):
@@ -79,6 +79,9 @@ def main(argv=None):
   parser.add_argument("--size", type=int, default=32)
   parser.add_argument("--backbone", default="mobilenet_v3_small")
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--wait-quiet", type=float, default=0,
+                      help="before each measurement, wait up to this many seconds for other processes to use "
+                           "under a quarter of a core (0: don't wait)")
   parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "embed-images-bench"))
   args, extra = parser.parse_known_args(argv)
   extra = [a for a in extra if a != "--"]
@@ -93,13 +96,22 @@ def main(argv=None):
       os.symlink(path, os.path.join(large, f"{k}-{i:06d}.jpg"))
   print(f"machine: {os.cpu_count()} cores; {args.backbone} at {args.size} px; N={args.n}, 4N={4 * args.n}; "
         f"best of {args.repeats}; pipeline options: {' '.join(extra) or '(defaults)'}")
-  decode, decode_cpu = max(decode_rate(paths, args.size) for _ in range(args.repeats))
-  forward, forward_cpu = max(forward_rate(args.n, args.size, args.backbone) for _ in range(args.repeats))
+  def quiet():
+    if args.wait_quiet:
+      wait_for_quiet(args.wait_quiet)
+
+  def quietly(measure, *a):
+    quiet()
+    return measure(*a)
+
+  decode, decode_cpu = max(quietly(decode_rate, paths, args.size) for _ in range(args.repeats))
+  forward, forward_cpu = max(quietly(forward_rate, args.n, args.size, args.backbone) for _ in range(args.repeats))
   limit = 1 / (1 / decode + 1 / forward)
   # Interleaved, N then 4N in each repeat: a slow spell of the shared host falls on both sizes.
   runs = {"n": [], "4n": []}
   for r in range(args.repeats):
     for name, folder in (("n", small), ("4n", large)):
+      quiet()
       runs[name].append(pipeline_run(folder, os.path.join(work, f"out-{name}-{r}"), args, extra))
   (t_small, c_small), (t_large, c_large) = min(runs["n"]), min(runs["4n"])
   marginal = 3 * args.n / (t_large - t_small)
