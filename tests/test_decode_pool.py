@@ -103,6 +103,60 @@ def test_a_crashing_codec_costs_its_file_and_the_process_is_replaced(plugin_env)
     pool.close()
 
 
+def test_a_group_in_one_round_trip_gives_each_file_its_own_result(plugin_env):
+  # One request of five files; the crash in the middle costs its own file only: those after it
+  # go to the replacement process, and every result is that of the file in its position.
+  pool = DecodePool(1, None)
+  try:
+    truncated = GOOD[: len(GOOD) // 2]
+    datas = [GOOD, truncated, hostile.plugin_file(hostile.ABORT_MAGIC), (SAMPLES / "coffee.jpg").read_bytes(), GOOD]
+    results = pool.decode_many(datas, spec())
+    assert [type(r).__name__ for r in results] == [
+        "DecodedImage", "DecodeError", "DecodeProcessError", "DecodedImage", "DecodedImage"]
+    assert results[1].error_type == "truncated_image" and results[2].error_type == "decoder_crashed"
+    for data, result in zip(datas, results):
+      if not isinstance(result, Exception):
+        want = decode_and_resize(data, (32, 48))
+        assert all(np.array_equal(result.arrays[s], want.arrays[s]) for s in (32, 48))
+    assert (pool.started, pool.replaced) == (2, 1)
+  finally:
+    pool.close()
+
+
+def test_a_reply_out_of_protocol_costs_its_file_and_the_process_not_a_hang(monkeypatch):
+  pool = DecodePool(1, None)
+  parse = decode_pool._parse_reply
+  replies = []
+
+  def garbled_once(reply):
+    replies.append(1)
+    if len(replies) == 2:
+      raise ValueError("not a reply")
+    return parse(reply)
+
+  monkeypatch.setattr(decode_pool, "_parse_reply", garbled_once)
+  try:
+    first = next(iter(pool._children)).pid
+    results = pool.decode_many([GOOD, GOOD, GOOD], spec())
+    assert [type(r).__name__ for r in results] == ["DecodedImage", "DecodeProcessError", "DecodedImage"]
+    assert results[1].error_type == "decoder_crashed" and not alive(first) and pool.replaced == 1
+  finally:
+    pool.close()
+
+
+def test_a_group_larger_than_the_request_bound_is_split(monkeypatch):
+  monkeypatch.setattr(decode_pool, "_GROUP_BYTES", len(GOOD) + 1)  # one file a request
+  pool = DecodePool(1, None)
+  sent = []
+  original = decode_pool._Child.send
+  monkeypatch.setattr(decode_pool._Child, "send", lambda child, payload: sent.append(1) or original(child, payload))
+  try:
+    assert [r.width for r in pool.decode_many([GOOD] * 3, spec())] == [500] * 3
+    assert len(sent) == 3
+  finally:
+    pool.close()
+
+
 def test_a_decode_past_its_deadline_is_killed_on_the_injected_clock(plugin_env):
   clock = FakeClock()
   pool = DecodePool(1, None, clock=clock)
@@ -127,6 +181,34 @@ def test_a_decode_past_its_deadline_is_killed_on_the_injected_clock(plugin_env):
     assert "--decode-timeout=5s" in str(outcome["error"])
     assert not alive(blocked)  # stopped, not left decoding in the background
     assert pool.decode(GOOD, spec()).width == 500 and pool.replaced == 1
+  finally:
+    pool.close()
+
+
+def test_in_a_group_each_file_has_its_own_deadline_from_the_reply_before_it(plugin_env, monkeypatch):
+  clock = FakeClock()
+  pool = DecodePool(1, None, clock=clock)
+  deadlines = []
+  receive = decode_pool._Child.receive
+  monkeypatch.setattr(decode_pool._Child, "receive",
+                      lambda child, deadline, clock: deadlines.append(deadline) or receive(child, deadline, clock))
+  try:
+    outcome = {}
+
+    def decode_group():
+      outcome["results"] = pool.decode_many([GOOD, hostile.plugin_file(hostile.BLOCK_MAGIC), GOOD], spec(timeout=5))
+
+    thread = threading.Thread(target=decode_group)
+    thread.start()
+    wait_for(lambda: any(plugin_env.iterdir()), "the second file's decode to block")
+    wait_for(lambda: len(deadlines) >= 3, "the second file's deadline")  # ready, first file, second
+    clock.now += 4.9
+    assert thread.is_alive()
+    clock.now += 0.2
+    thread.join(60)
+    first, blocked, last = outcome["results"]
+    assert first.width == 500 and last.width == 500  # the last one decoded by the replacement
+    assert blocked.error_type == "decode_timeout" and pool.replaced == 1
   finally:
     pool.close()
 

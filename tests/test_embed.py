@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from tests.recipe import keras_preprocess_input, relative_l2
 from transforms.decode import DecodeSpec
-from transforms.embed import FusedModel, ReadAhead, embed_robust, load_file
+from transforms.embed import FusedModel, ReadAhead, embed_robust, load_file, load_files
 from transforms.weights import BackboneSpec, load_backbone, resolve_weights
 
 
@@ -140,3 +140,62 @@ def test_read_ahead_hands_items_back_in_submission_order_whatever_finishes_first
   executor.run(1)
   assert [ahead.next(), ahead.next()] == [("item1", 10), ("item2", 20)]
   assert len(ahead) == 0
+
+
+def test_read_ahead_in_groups_sends_full_groups_and_the_rest_when_wanted():
+  executor = _ManualExecutor()
+  ahead = ReadAhead(None, executor, lambda group: [x * 10 for (x,) in group], group=2)
+  for i in range(3):
+    ahead.submit(f"item{i}", i)
+  assert len(ahead) == 3 and len(executor.queued) == 1  # the third waits for a partner
+  executor.run(0)
+  assert [ahead.next(), ahead.next()] == [("item0", 0), ("item1", 10)]
+  assert len(executor.queued) == 1
+  executor.submit = lambda fn, *args: _done(fn(*args))
+  assert ahead.next() == ("item2", 20)  # wanted: sent alone
+  assert len(ahead) == 0
+
+
+def _done(value):
+  import concurrent.futures
+  future = concurrent.futures.Future()
+  future.set_result(value)
+  return future
+
+
+def test_load_files_decodes_a_pools_files_in_one_call_and_matches_load_file(tmp_path):
+  from PIL import Image
+  from transforms.decode_pool import DecodePool
+  from transforms.read import sha256_hex
+  Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+  Image.new("L", (20, 50), 90).save(tmp_path / "b.png")
+  (tmp_path / "c.jpg").write_text("<html>not an image</html>")
+  spec = DecodeSpec(sizes=(32,))
+  pool = DecodePool(1, None)
+  calls = []
+  decode_many = pool.decode_many
+
+  class Counting:  # decode_many's pool as load_files finds it, counting round trips
+    decode = pool.decode
+
+    def decode_many(self, datas, spec):
+      calls.append(len(datas))
+      return decode_many(datas, spec)
+
+  counting = Counting()
+  try:
+    paths = [str(tmp_path / n) for n in ("a.png", "gone.jpg", "b.png", "c.jpg", "a.png")]
+    previous = sha256_hex((tmp_path / "a.png").read_bytes())
+    requests = [(p, spec, pool.decode, previous if i == 4 else None, None) for i, p in enumerate(paths)]
+    got = load_files(requests, counting.decode_many)
+    assert calls == [3]  # a, b and c in one round trip; gone unread, the last a carried over
+    want = [load_file(*r) for r in requests]
+    for g, w in zip(got, want):
+      assert (g.uri, g.sha256, g.error, g.carried) == (w.uri, w.sha256, w.error, w.carried)
+      assert (g.image is None) == (w.image is None)
+      if g.image is not None:
+        assert (g.image.width, g.image.height) == (w.image.width, w.image.height)
+        assert np.array_equal(g.image.arrays[32], w.image.arrays[32])
+    assert [g.error["error_type"] for g in got if g.error] == ["FileNotFoundError", "unidentified_image"]
+  finally:
+    pool.close()

@@ -30,6 +30,11 @@ def read_bytes(uri: str) -> bytes:
         # GCS would otherwise gunzip on the fly; the download's crc32c is still checked.
         return storage_client.bucket(bucket).blob(name).download_as_bytes(
             raw_download=True, retry=retry)
+  if FileSystems.get_scheme(uri) is None:
+    # A local path: what Beam's LocalFileSystem does in the end, without its per-call lookups of
+    # the filesystem and compression (~0.05 ms a file, under the GIL the model's thread needs).
+    with open(uri, "rb") as f:
+      return f.read()
   return _read_through_filesystems(uri)
 
 
