@@ -473,7 +473,11 @@ def _serve(parent: int, ceiling: int):
     print("embed-images decode process: could not set a memory ceiling on this platform", file=sys.stderr)
 
   def reply(*parts):
-    replies.write(b"".join([_HEADER.pack(sum(map(len, parts))), *parts]))
+    # A raw write may write less than asked (a signal arriving mid-write): what is left must follow,
+    # or the parent reads the next reply out of step.
+    data = memoryview(b"".join([_HEADER.pack(sum(map(len, parts))), *parts]))
+    while data:
+      data = data[replies.write(data):]
 
   def read_exactly(n):
     chunks = []
