@@ -126,6 +126,10 @@ def main(argv=None):
   print(f"pipeline / serial limit             {marginal / limit:8.2f}   (issue 16's target: >= 0.85)")
   print(f"CPU: (decode + forward) / pipeline  {(decode_cpu + forward_cpu) / marginal_cpu:8.2f}   "
         "(the share of the pipeline's CPU an image that decode and forward need)")
+  # On a GPU worker the forward pass leaves the CPU; the rest of the pipeline's CPU stays there.
+  side = marginal_cpu - forward_cpu
+  print(f"CPU side (pipeline - forward)      {1000 * side:8.3f} ms CPU/img  ->  {1 / side:6.0f} img/s per vCPU "
+        "(what one vCPU of a GPU worker feeds; README: vCPUs per GPU)")
 
 
 if __name__ == "__main__":
