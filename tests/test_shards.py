@@ -433,3 +433,17 @@ def test_a_parquet_shard_of_many_row_groups_is_read_in_slices(tmp_path):
   assert all(relative_l2(a[u], b[u]) < 1e-5 for u in a)
   rows = {row["uri"]: row["n"] for row in parts[0].to_pylist()}
   assert rows == {f"{shard}#{i}": i for i in range(len(NAMES))}
+
+
+def test_label_from_dir_labels_shard_images_by_the_shards_folder(tmp_path):
+  for label, names in (("cats", NAMES[:2]), ("dogs", NAMES[2:4])):
+    (tmp_path / "in" / label).mkdir(parents=True)
+    write_webdataset(tmp_path / "in" / label / "00000.tar",
+                     [(f"{i:04d}", {"jpg": jpeg(name)}) for i, name in enumerate(names)])
+  shutil.copy(SAMPLES / f"{NAMES[4]}.jpg", tmp_path / "in" / "dogs" / "loose.jpg")
+  embeddings, _, summary = embed([f"{tmp_path}/in/*/*"], tmp_path / "out", "--label-from-dir")
+  labels = dict(zip(embeddings.column("uri").to_pylist(), embeddings.column("label").to_pylist()))
+  assert labels == {f"{tmp_path}/in/cats/00000.tar#0000": "cats", f"{tmp_path}/in/cats/00000.tar#0001": "cats",
+                    f"{tmp_path}/in/dogs/00000.tar#0000": "dogs", f"{tmp_path}/in/dogs/00000.tar#0001": "dogs",
+                    f"{tmp_path}/in/dogs/loose.jpg": "dogs"}
+  assert summary["counts"]["matched"] == 5
