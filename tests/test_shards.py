@@ -195,19 +195,25 @@ def test_broken_members_and_damaged_shards_are_error_rows(dataset, mixed_run):
       assert f"at byte {want[3]}:" in row["message"], row  # the TFRecord's first lost record
 
 
-def test_shard_images_embed_as_their_loose_files_do(dataset, mixed_run):
-  root, expected = dataset
-  embeddings, _, _ = mixed_run
+def assert_shard_images_embed_as_their_files(expected, embeddings, loose_uri):
+  """Each shard image's vector against the same image's, read as a loose file in the same run; its
+  sha256 is of the image bytes. Returns how many were compared."""
   got = vectors(embeddings)
   digests = dict(zip(embeddings.column("uri").to_pylist(), embeddings.column("sha256").to_pylist()))
   compared = 0
   for uri, want in expected.items():
     if want[0] != "ok" or "#" not in uri:
       continue
-    loose = str(root / "loose" / f"{want[1]}.jpg")
-    assert relative_l2(got[uri], got[loose]) < 1e-4, uri
-    assert digests[uri] == hashlib.sha256(jpeg(want[1])).hexdigest()
+    assert relative_l2(got[uri], got[loose_uri(want[1])]) < 1e-4, uri
+    assert digests[uri] == hashlib.sha256(jpeg(want[1])).hexdigest(), uri
     compared += 1
+  return compared
+
+
+def test_shard_images_embed_as_their_loose_files_do(dataset, mixed_run):
+  root, expected = dataset
+  compared = assert_shard_images_embed_as_their_files(
+      expected, mixed_run[0], lambda name: str(root / "loose" / f"{name}.jpg"))
   assert compared == 3 * len(NAMES) + 4
 
 

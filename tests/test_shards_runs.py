@@ -9,7 +9,6 @@ filesystem inside those workers, as Dataflow's workers read their own shards (a 
 and read the Parquet shard in slices of its row groups; the gs:// run deduplicates too.
 """
 
-import hashlib
 import pathlib
 
 import pyarrow as pa
@@ -20,7 +19,8 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.main import run
 from tests.gcs_emulator import gcs_emulator
 from tests.recipe import relative_l2
-from tests.test_shards import NAMES, SMALL_MODEL, dataset, embed, jpeg, vectors  # noqa: F401 (dataset: fixture)
+from tests.test_shards import (NAMES, SMALL_MODEL, assert_shard_images_embed_as_their_files, dataset,  # noqa: F401
+                                embed, jpeg, vectors)  # (dataset: a fixture)
 from transforms.write import read_summary
 
 MULTI_PROCESS = ("--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
@@ -47,21 +47,6 @@ def assert_accounted_for(expected, embeddings, errors, summary):
   assert summary["status"] == "ok"
   assert counts["matched"] == counts["embedded"] + counts["failed"]
   assert (counts["matched"], counts["embedded"], counts["failed"]) == (len(expected), len(rows), len(failed))
-
-
-def assert_shard_images_embed_as_their_files(expected, embeddings, loose_uri):
-  """Each shard image's vector against the same image's, read as a loose file in the same run; its
-  sha256 is of the image bytes. Returns how many were compared."""
-  got = vectors(embeddings)
-  digests = dict(zip(embeddings.column("uri").to_pylist(), embeddings.column("sha256").to_pylist()))
-  compared = 0
-  for uri, want in expected.items():
-    if want[0] != "ok" or "#" not in uri:
-      continue
-    assert relative_l2(got[uri], got[loose_uri(want[1])]) < 1e-4, uri
-    assert digests[uri] == hashlib.sha256(jpeg(want[1])).hexdigest(), uri
-    compared += 1
-  return compared
 
 
 # --- several worker processes, local shards -----------------------------------------------------
