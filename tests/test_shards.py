@@ -166,16 +166,28 @@ def mixed_run(dataset, tmp_path_factory):
                tmp_path_factory.mktemp("out") / "out")
 
 
-def test_every_image_of_files_and_shards_is_accounted_for_once(dataset, mixed_run):
-  _, expected = dataset
-  embeddings, errors, summary = mixed_run
+def assert_accounted_for(expected, embeddings, errors, summary):
+  """Every expected uri in exactly one output, once; the error rows' stages and types as expected;
+  _SUCCESS.json's counts agreeing with the rows read back."""
   rows, failed = embeddings.column("uri").to_pylist(), errors.column("uri").to_pylist()
-  assert len(rows) == len(set(rows)) and len(failed) == len(set(failed))
+  assert len(rows) == len(set(rows)), sorted(u for u in rows if rows.count(u) > 1)
+  assert len(failed) == len(set(failed)), sorted(u for u in failed if failed.count(u) > 1)
+  assert not set(rows) & set(failed)
   assert set(rows) == {u for u, e in expected.items() if e[0] == "ok"}
   assert set(failed) == {u for u, e in expected.items() if e[0] == "error"}
+  by_uri = {row["uri"]: row for row in errors.to_pylist()}
+  for uri, want in expected.items():
+    if want[0] == "error":
+      assert (by_uri[uri]["stage"], by_uri[uri]["error_type"])[:len(want) - 1] == want[1:3], (uri, by_uri[uri])
   counts = summary["counts"]
   assert summary["status"] == "ok"
+  assert counts["matched"] == counts["embedded"] + counts["failed"]
   assert (counts["matched"], counts["embedded"], counts["failed"]) == (len(expected), len(rows), len(failed))
+
+
+def test_every_image_of_files_and_shards_is_accounted_for_once(dataset, mixed_run):
+  _, expected = dataset
+  assert_accounted_for(expected, *mixed_run)
 
 
 def test_broken_members_and_damaged_shards_are_error_rows(dataset, mixed_run):

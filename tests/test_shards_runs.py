@@ -19,8 +19,8 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.main import run
 from tests.gcs_emulator import gcs_emulator
 from tests.recipe import relative_l2
-from tests.test_shards import (NAMES, SMALL_MODEL, assert_shard_images_embed_as_their_files, dataset,  # noqa: F401
-                                embed, jpeg, vectors)  # (dataset: a fixture)
+from tests.test_shards import (NAMES, SMALL_MODEL, assert_accounted_for, assert_shard_images_embed_as_their_files,
+                                dataset, embed, jpeg, vectors)  # noqa: F401 (dataset: a fixture)
 from transforms.write import read_summary
 
 MULTI_PROCESS = ("--direct_num_workers", "2", "--direct_running_mode", "multi_processing")
@@ -28,25 +28,6 @@ MULTI_PROCESS = ("--direct_num_workers", "2", "--direct_running_mode", "multi_pr
 
 def _inputs(root):
   return [f"{root}/loose/*.jpg", f"{root}/web/*.tar", f"{root}/pq/*.parquet", f"{root}/tf/*"]
-
-
-def assert_accounted_for(expected, embeddings, errors, summary):
-  """Every expected uri in exactly one output, once; the error rows' stages and types as expected;
-  _SUCCESS.json's counts agreeing with the rows read back."""
-  rows, failed = embeddings.column("uri").to_pylist(), errors.column("uri").to_pylist()
-  assert len(rows) == len(set(rows)), sorted(u for u in rows if rows.count(u) > 1)
-  assert len(failed) == len(set(failed)), sorted(u for u in failed if failed.count(u) > 1)
-  assert not set(rows) & set(failed)
-  assert set(rows) == {u for u, e in expected.items() if e[0] == "ok"}
-  assert set(failed) == {u for u, e in expected.items() if e[0] == "error"}
-  by_uri = {row["uri"]: row for row in errors.to_pylist()}
-  for uri, want in expected.items():
-    if want[0] == "error":
-      assert (by_uri[uri]["stage"], by_uri[uri]["error_type"])[:len(want) - 1] == want[1:3], (uri, by_uri[uri])
-  counts = summary["counts"]
-  assert summary["status"] == "ok"
-  assert counts["matched"] == counts["embedded"] + counts["failed"]
-  assert (counts["matched"], counts["embedded"], counts["failed"]) == (len(expected), len(rows), len(failed))
 
 
 # --- several worker processes, local shards -----------------------------------------------------

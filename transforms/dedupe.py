@@ -53,19 +53,15 @@ class HashShardsDoFn(beam.DoFn):
   to the embed stage, which reads the shard again and reports them."""
 
   def __init__(self, layouts, extra_fields):
-    self._layouts = {layout.format: layout for layout in layouts}
-    self._extra_fields = extra_fields
+    self._layouts, self._extra_fields = layouts, extra_fields
 
   def process(self, shard: Item):
-    layout = self._layouts.get(shard.shard_format) or shards.ShardLayout(shard.shard_format)
-    for member in shards.read_members(shard.uri, layout):
-      if member.key is None or member.error is not None:
+    for member, uri, columns in shards.shard_images(shard, self._layouts, self._extra_fields):
+      if uri is None or member.error is not None:
         continue
       digest = _digest(member.source) if member.data is None else sha256_hex(member.data)
       if digest is None:
         continue
-      uri = f"{shard.uri}#{member.key}"
-      columns = dict(shard.columns, **shards.conform(member.columns, self._extra_fields))
       yield digest, (shard.uri, Item(uri, columns=columns, previous_sha256=shard.previous_members.get(uri),
                                      resume_sha256=shard.resume_members.get(uri)))
 

@@ -419,19 +419,15 @@ class EmbedFilesDoFn(beam.DoFn):
       yield from self._embed_next_batch()
 
   def _process_shard(self, shard: Item):
-    layouts = {layout.format: layout for layout in self._config.shard_layouts}
-    layout = layouts.get(shard.shard_format) or shards.ShardLayout(shard.shard_format)
     found = previous_seen = 0
-    for member in shards.read_members(shard.uri, layout, shard.row_groups):
+    for member, uri, columns in shards.shard_images(shard, self._config.shard_layouts, self._config.extra_fields):
       found += 1
-      if member.key is None:  # the shard itself: unopenable, or damaged past this point
+      if uri is None:  # the shard itself: unopenable, or damaged past this point
         yield from self._failures(shard.replace(duplicates=()), member.error)
         continue
-      uri = f"{shard.uri}#{member.key}"
       previous_seen += uri in shard.previous_members
       if uri in shard.skip_members:  # --dedupe: another input with the same bytes makes its row
         continue
-      columns = dict(shard.columns, **shards.conform(member.columns, self._config.extra_fields))
       item = Item(uri, columns=columns, duplicates=shard.member_duplicates.get(uri, ()))
       if member.error is not None:
         yield from self._failures(item, member.error)

@@ -112,6 +112,19 @@ def read_members(uri: str, layout: ShardLayout, row_groups: Optional[tuple] = No
       yield from {"tar": _tar_members, "tfrecord": _tfrecord_members}[layout.format](uri, handle, layout)
 
 
+def shard_images(shard, layouts, extra_fields):
+  """(Member, its uri `SHARD#KEY`, the columns of its row) for each member of the shard (or slice of
+  one) that the Item `shard` names, streamed by `read_members`: the row's columns are the shard
+  item's and the member's own, conformed to `extra_fields`. A member about the shard itself (no
+  key) comes with None, None."""
+  layout = next((l for l in layouts if l.format == shard.shard_format), None) or ShardLayout(shard.shard_format)
+  for member in read_members(shard.uri, layout, shard.row_groups):
+    if member.key is None:
+      yield member, None, None
+    else:
+      yield member, f"{shard.uri}#{member.key}", dict(shard.columns, **conform(member.columns, extra_fields))
+
+
 def parquet_parts(uri: str, rows_per_part: int) -> list:
   """Slices of a Parquet shard to read apart, [(first row group, stop, first row)], each of whole row
   groups and at least `rows_per_part` rows (the last may hold fewer); [] to read it whole: one row
