@@ -49,7 +49,7 @@ def decode_rate(paths, size):
 def forward_rate(n, size, backbone):
   import numpy as np
   import tensorflow as tf
-  from transforms.embed import FusedModel
+  from transforms.fused import FusedModel
   from transforms.weights import BackboneSpec, resolve_weights
   model = FusedModel([BackboneSpec(backbone, size, resolve_weights("random", backbone, size))])
   batch = np.random.default_rng(0).integers(0, 256, (32, size, size, 3), dtype=np.uint8)

@@ -43,7 +43,7 @@ import numpy as np, PIL.Image; lap("import numpy, Pillow")
 import apache_beam; lap("import apache_beam")
 import tensorflow, keras; lap("import tensorflow, keras")
 import pipeline.main; lap("import pipeline.main (the rest of ours)")
-from transforms import embed
+from transforms import fused as embed
 from transforms.weights import BackboneSpec, resolve_weights
 name, size, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 spec = BackboneSpec(name, size, resolve_weights("random", name, size))

@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from tests.recipe import keras_preprocess_input, relative_l2
 from transforms.decode import DecodeSpec
-from transforms.embed import FusedModel, ReadAhead, embed_robust, load_file, load_files
+from transforms.embed import ReadAhead, load_file, load_files
+from transforms.fused import FusedModel, embed_robust
 from transforms.weights import BackboneSpec, load_backbone, resolve_weights
 
 

@@ -247,7 +247,7 @@ def test_cli_default_decode_processes_are_the_usable_cores_and_no_bars_off_a_ter
 def test_fused_model_builds_mixed_float16_backbones_and_tf32_without_leaking_the_global_policy():
   import keras
   import tensorflow as tf
-  from transforms.embed import FusedModel
+  from transforms.fused import FusedModel
   policy = keras.mixed_precision.global_policy().name
   tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
   tf.config.experimental.enable_tensor_float_32_execution(False)
@@ -272,14 +272,14 @@ def test_gpu_math_flags_reach_the_model_and_leave_the_process_as_it_was(tmp_path
   import inspect
   import keras
   import tensorflow as tf
-  from transforms import embed
-  built, real = [], embed.FusedModel
+  from transforms import fused
+  built, real = [], fused.FusedModel
 
   def recorded(*args, **kwargs):
     built.append(inspect.signature(real).bind(*args, **kwargs).arguments)
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(embed, "FusedModel", recorded)
+  monkeypatch.setattr(fused, "FusedModel", recorded)
   policy = keras.mixed_precision.global_policy().name
   tf32 = tf.config.experimental.tensor_float_32_execution_enabled()
   tf.config.experimental.enable_tensor_float_32_execution(False)  # TensorFlow's default is on

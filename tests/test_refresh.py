@@ -51,14 +51,14 @@ def test_unchanged_refresh_embeds_nothing_and_gives_the_same_rows(bucket, tmp_pa
 
 
 def test_unchanged_refresh_builds_no_model(bucket, tmp_path, monkeypatch):
-  from transforms import embed
-  built, real = [], embed.FusedModel
+  from transforms import fused
+  built, real = [], fused.FusedModel
 
   def counted(*args, **kwargs):
     built.append(args)
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(embed, "FusedModel", counted)
+  monkeypatch.setattr(fused, "FusedModel", counted)
   assert _run(bucket, tmp_path / "day1") == 0
   assert len(built) == 1
   assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0

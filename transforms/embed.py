@@ -16,12 +16,10 @@ from apache_beam.metrics import Metrics
 from apache_beam.transforms import window
 from apache_beam.utils import shared
 
-from transforms import checkpoint, decode, decode_pool, shards
-from transforms.backbones import preprocess
+from transforms import checkpoint, decode, decode_pool, fused, shards
 from transforms.decode_pool import DecodeProcessError
 from transforms.item import Item
 from transforms.read import read_bytes, sha256_hex
-from transforms.models import load_features
 from transforms.write import error_row, package_versions, rows_to_table
 
 _LOG = logging.getLogger(__name__)
@@ -37,161 +35,6 @@ DECODE_GROUP = 8
 # Per shard (or slice of one): (path, inputs it held (images and a damage row): `matched`, how many
 # of them --previous has rows for).
 SHARD_COUNT_TAG = "shard_count"
-
-
-def configure_tensorflow(allow_tf32=False):
-  """Must run before the first TensorFlow op: GPU memory growth can't change later."""
-  import tensorflow as tf
-  for gpu in tf.config.list_physical_devices("GPU"):
-    try:
-      tf.config.experimental.set_memory_growth(gpu, True)
-    except RuntimeError as e:  # already initialised in this process: keep going
-      _LOG.warning("could not set GPU memory growth: %s", e)
-  # TF32 matmuls/convs move results by ~1e-3 on Ampere+: off unless asked for. Process-wide:
-  # pipeline.main puts the previous setting back after a run.
-  tf.config.experimental.enable_tensor_float_32_execution(bool(allow_tf32))
-
-
-def l2_normalize(x):
-  """Row-wise unit L2 norm; all-zero rows stay zero.
-
-  Rescaled by the largest magnitude first: tf.math.l2_normalize clamps the sum of squares at
-  1e-12, so rows of tiny features (norms below 1e-6, as random or dead backbones give) would
-  come out short of unit length.
-  """
-  import tensorflow as tf
-  scale = tf.reduce_max(tf.abs(x), axis=1, keepdims=True)
-  x = tf.math.divide_no_nan(x, scale)
-  return tf.math.l2_normalize(x, axis=1)
-
-
-class FusedModel:
-  """uint8 batches (one per input size) in, concatenated float32 pooled features out."""
-
-  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none"):
-    import keras
-    import tensorflow as tf
-    configure_tensorflow(allow_tf32)
-    self.backbones = tuple(backbones)
-    self.sizes = tuple(sorted({b.size for b in self.backbones}))
-    # Keras's dtype policy is read when layers are built, and is process-wide: set it for the
-    # build only, so nothing else in this process (another run, the user's code) inherits it.
-    policy = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed_precision else "float32")
-    try:
-      # A registry backbone at its pooled output is keras.applications' own model; a layer or a
-      # user's model is cut and pooled by transforms/models.py: either way [N, dim] out.
-      self.models = [load_features(b, pooling) for b in self.backbones]
-    finally:
-      keras.mixed_precision.set_global_policy(policy)
-    self.dim = sum(b.dim for b in self.backbones)
-    modes = [b.preprocessing for b in self.backbones]
-    position = {size: i for i, size in enumerate(self.sizes)}
-
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes])
-    def forward(*images):
-      parts = []
-      for spec, mode, model in zip(self.backbones, modes, self.models):
-        x = preprocess(tf.cast(images[position[spec.size]], tf.float32), mode)
-        part = tf.cast(model(x, training=False), tf.float32)
-        # Per backbone, so backbones with different feature scales weigh alike in a search.
-        parts.append(l2_normalize(part) if normalize == "l2" else part)
-      return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
-
-    self._forward = forward
-    self._frozen = _freeze(forward, self.models)
-
-  def __call__(self, images: dict) -> np.ndarray:
-    if self._frozen is not None:
-      return self._frozen(*[images[s] for s in self.sizes])[0].numpy()
-    return self._forward(*[images[s] for s in self.sizes]).numpy()
-
-
-# Freezing holds the weights in graph protos many times over (RSS grows by ~20x the weights'
-# bytes: +190 MB for MobileNetV2's 8.6 MiB, +1.8 GB for ResNet50's 90 MiB): worth it for the
-# small backbones, where folding gains most, not for ResNet50's ~10%.
-_FREEZE_MAX_WEIGHT_BYTES = 16 << 20
-
-
-def _freeze(forward, models):
-  """`forward` with the weights as constants, or None where that gains nothing, costs too much
-  memory, or fails.
-
-  With constant weights Grappler folds each inference-mode BatchNormalization into the
-  convolution before it, which it cannot do through variables: on CPU, MobileNetV2 needs ~25%
-  less time per image, EfficientNetB0 ~20% (relative L2 change ~3e-7; benchmarks/README.md).
-  Backbones without BatchNormalization (VGG, ConvNeXt) gain nothing and would only pay the
-  freeze at start-up.
-  """
-  import keras
-  if not any(isinstance(layer, keras.layers.BatchNormalization) for m in models for layer in _all_layers(m)):
-    return None
-  size = sum(int(np.prod(w.shape)) * np.dtype(w.dtype).itemsize for m in models for w in m.weights)
-  if size > _FREEZE_MAX_WEIGHT_BYTES:
-    return None
-  try:
-    import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-    frozen = convert_variables_to_constants_v2(forward.get_concrete_function())
-    # The frozen function has no structured signature: called directly, every call first fails to
-    # bind its arguments to one and formats the whole batch into that error's text before it falls
-    # back to the flat signature (~2.4 ms a batch of 32 at 32 px, ~20% of a near-free model's
-    # forward). Called from inside a function of its own signature, that happens once, at tracing.
-    return tf.function(frozen, input_signature=forward.input_signature, autograph=False).get_concrete_function()
-  except Exception as e:  # an internal API; the variables' graph computes the same
-    _LOG.warning("running the model with variables, could not freeze its weights: %s", e)
-    return None
-
-
-def _all_layers(model):
-  """A model's layers, those of nested models (a fine-tuned model's backbone) included."""
-  for layer in getattr(model, "layers", ()):
-    yield layer
-    yield from _all_layers(layer)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-  try:
-    import tensorflow as tf
-    if isinstance(error, tf.errors.ResourceExhaustedError):
-      return True
-  except ImportError:
-    pass
-  return isinstance(error, MemoryError) or "out of memory" in str(error).lower()
-
-
-def embed_robust(model, images: dict, max_batch: int):
-  """Runs `model` over the batch in chunks of at most `max_batch`.
-
-  An out-of-memory error halves the chunk and retries; any other error splits
-  the chunk until the one image to blame is found. Returns (embeddings of the
-  images that worked, their indices, [(index, exception)] of those that failed,
-  the chunk size that worked), so one bad image never takes its neighbours down.
-  """
-  n = len(next(iter(images.values())))
-  results, failures = {}, []
-  stack = [(start, min(start + max_batch, n)) for start in range(0, n, max_batch)][::-1]
-  while stack:
-    start, stop = stack.pop()
-    chunk = {s: a[start:stop] for s, a in images.items()}
-    try:
-      out = model(chunk)
-    except Exception as e:  # classified below; a chunk of one is the image to blame
-      if stop - start == 1:
-        failures.append((start, e))
-        continue
-      if is_out_of_memory(e):
-        max_batch = max(1, (stop - start) // 2)
-        _LOG.warning("out of memory on a batch of %d: retrying in batches of %d", stop - start, max_batch)
-      middle = (start + stop) // 2
-      stack.extend([(middle, stop), (start, middle)])
-      continue
-    for i in range(start, stop):
-      results[i] = out[i - start]
-  order = sorted(results)
-  dim = len(results[order[0]]) if order else 0
-  embeddings = np.stack([results[i] for i in order]) if order else np.zeros((0, dim), np.float32)
-  return embeddings, order, failures, max_batch
 
 
 @dataclasses.dataclass
@@ -387,7 +230,7 @@ class EmbedFilesDoFn(beam.DoFn):
       key = repr((config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
                   config.normalize))
       self._model = self._shared.acquire(
-          lambda: FusedModel(config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
+          lambda: fused.FusedModel(config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
                              config.normalize),
           tag=key)
     return self._model
@@ -489,7 +332,7 @@ class EmbedFilesDoFn(beam.DoFn):
       return
     images = {s: np.stack([result.image.arrays[s] for _, result in loaded]) for s in config.sizes}
     started = time.perf_counter()
-    embeddings, ok, failures, self._max_batch = embed_robust(self._fused_model(), images, self._max_batch)
+    embeddings, ok, failures, self._max_batch = fused.embed_robust(self._fused_model(), images, self._max_batch)
     self._latency.update(int((time.perf_counter() - started) * 1e6))
     self._inferences.inc(len(ok))
     for index, error in failures:
