@@ -7,6 +7,7 @@ setuptools.setup(
     version="0.1.0",
     description="Batch image embeddings with frozen keras.applications backbones on Apache Beam",
     packages=["pipeline", "transforms"],
+    py_modules=["embed_images"],
     python_requires=">=3.10",
     install_requires=[
         # Upper bounds: the next minor after the versions tested (constraints.txt pins those).

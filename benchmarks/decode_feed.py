@@ -31,8 +31,8 @@ from benchmarks.throughput import make_images  # noqa: E402
 
 
 def feed_rate(paths, spec, workers, pool=None):
-  from transforms.embed import decode_in_process, load_file
-  decoder = pool.decode if pool is not None else decode_in_process
+  from transforms.load import load_file
+  decoder = pool
   with concurrent.futures.ThreadPoolExecutor(workers if pool is None else max(workers, 4)) as threads:
     list(threads.map(lambda p: load_file(p, spec, decoder), paths[:8]))  # warm: caches, processes started
     started = time.perf_counter()

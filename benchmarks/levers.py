@@ -135,7 +135,7 @@ def child_overlap(v, images):
   """The DoFn's schedule without Beam: batch i+1 is read+decoded in a pool while batch i runs."""
   import concurrent.futures
   import numpy as np
-  from transforms.embed import load_file
+  from transforms.load import load_file
   tf = _configure(v)
   forward = _model_fn(tf, v)
   paths = _bench_files(images)
@@ -188,7 +188,7 @@ def child_overlap(v, images):
 
 
 def child_decode(images):
-  from transforms.embed import load_file
+  from transforms.load import load_file
   import keras
   paths = _bench_files(images)
   out = {}

@@ -43,13 +43,14 @@ if REPO not in sys.path:
 IMAGE_SIZE = (500, 375)
 JPEG_QUALITY = 90
 IMAGE_SEED = 20240605
-MODES = ("bare", "keras", "runinference", "pipeline")
+MODES = ("bare", "keras", "runinference", "pipeline", "library")
 TITLES = {
     "bare": "1 bare forward (tf.function, uint8 batches)",
     "bare-frozen": "1f bare forward, weights frozen",
     "keras": "2 plain Keras (load_img..predict)",
     "runinference": "3 Beam RunInference + WriteToParquet",
     "pipeline": "4 embed-images (this pipeline)",
+    "library": "5 EmbedImages in a user's own pipeline",
 }
 
 
@@ -291,6 +292,29 @@ def child_runinference(args):
   _result(images=len(list_images(args.images)), dim=dim)
 
 
+def child_library(args):
+  """A user's own pipeline: beam.Create of uris, EmbedImages, WriteToParquet."""
+  import apache_beam as beam
+  import pyarrow as pa
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+  from embed_images import EmbedImages
+
+  embed = EmbedImages(args.backbones, weights="random", image_size=args.image_size, pooling=args.pooling,
+                      batch_size=args.batch_size)
+  schema = pa.schema([("uri", pa.string()), ("embedding", pa.list_(pa.float32(), embed.layout["dim"]))])
+  uris = list_images(args.images)
+  with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([])) as p:
+    _ = (p
+         | beam.Create(uris)
+         | beam.Reshuffle()
+         | embed
+         | beam.Map(lambda e: {"uri": e.uri, "embedding": e.embedding})
+         | beam.io.WriteToParquet(os.path.join(args.out, "embeddings"), schema, file_name_suffix=".parquet"))
+  _result(images=len(uris), dim=embed.layout["dim"])
+
+
 def child_pipeline_sink(args):
   """embed-images in this process, with the Parquet sink's methods and the Arrow tables timed."""
   import transforms.embed
@@ -327,7 +351,7 @@ def child_pipeline_sink(args):
 
 
 CHILDREN = {"bare": child_bare, "keras": child_keras, "prepare": child_prepare,
-            "runinference": child_runinference, "pipeline-sink": child_pipeline_sink}
+            "runinference": child_runinference, "pipeline-sink": child_pipeline_sink, "library": child_library}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,6 +698,7 @@ def orchestrate(args):
     lines += [(f"4/{number} pipeline / {other}, whole run at N", ratio("pipeline", other, "whole_n"), target),
               (f"4/{number} pipeline / {other}, whole run at 2N", ratio("pipeline", other, "whole_2n"), target),
               (f"4/{number} pipeline / {other}, marginal", ratio("pipeline", other, "marginal"), None)]
+  lines.append(("5/4 library (EmbedImages) / pipeline, marginal", ratio("library", "pipeline", "marginal"), 0.90))
   for label, value, target in lines:
     if value is not None:
       verdict = "" if target is None else f"  target >= {target:.2f}: {'met' if value[0] >= target else 'NOT met'}"

@@ -3,8 +3,8 @@
 import dataclasses
 from typing import Optional
 
-from transforms import decode
-from transforms.write import package_versions
+from transforms import decode, specs
+from transforms.specs import ModelSpec
 
 # How the stages' argument names read on the command line, for the messages of error rows.
 OPTION_NAMES = (("max_pixels", "--max-pixels"), ("timeout", "--decode-timeout"), ("memory", "--decode-memory"),
@@ -66,32 +66,10 @@ class RunConfig:
                              option_names=OPTION_NAMES)
 
 
+def model_spec(config: RunConfig) -> ModelSpec:
+  return ModelSpec(config.backbones, config.pooling, config.normalize, config.allow_tf32, config.mixed_precision)
+
+
 def model_layout(config: RunConfig) -> dict:
   """What a reader needs to interpret the vector, in Parquet metadata and _SUCCESS.json."""
-  entries, offset = [], 0
-  for spec in config.backbones:
-    entries.append({
-        "name": spec.name,
-        "offset": offset,
-        "dim": spec.dim,
-        "input_size": spec.size,
-        "preprocessing": spec.preprocessing,
-        "weights": spec.weights.kind,
-        "weights_fingerprint": spec.weights.fingerprint,
-        "source": spec.model.uri if spec.model else spec.base,  # a model's path, or the registry name
-        "layer": spec.layer,
-        "model_sha256": spec.model.sha256 if spec.model else None,
-        "model_output": spec.model.output if spec.model else None,
-    })
-    offset += spec.dim
-  return {
-      "dim": offset,
-      "backbones": entries,
-      "pooling": config.pooling,
-      "normalize": config.normalize,
-      "resize": config.resize,
-      "fast_decode": config.fast_decode,
-      "mixed_precision": config.mixed_precision,
-      "allow_tf32": config.allow_tf32,
-      "versions": package_versions(),
-  }
+  return specs.model_layout(model_spec(config), config.resize, config.fast_decode)

@@ -8,13 +8,15 @@ from apache_beam.pvalue import AsDict, AsSingleton
 from transforms.dedupe import DedupeWithShards
 from transforms import checkpoint
 from transforms.decode_pool import own_peak_rss
-from transforms.embed import CARRIED_TAG, ERRORS_TAG, RESUMED_TAG, SHARD_COUNT_TAG, WORKER_STATS_TAG, ReadDecodeEmbed
+from pipeline.config import OPTION_NAMES
+from transforms.checkpoint import CommitRows
+from transforms.embed import EmbedImages
 from transforms.item import Item
 from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
 from transforms.refresh import CarryOver, PreviousIndex, attach_previous, removed_uri
 from transforms import shards
-from transforms.shards import shard_format
+from transforms.shards import ExpandShards, shard_format
 from transforms.write import (ERRORS_SCHEMA, ParquetTableSink, embeddings_schema, errors_to_table,
                               summarize, write_summary)
 
@@ -26,6 +28,56 @@ def resource_hints(config) -> dict:
   if config.embed_min_ram:
     hints["min_ram"] = config.embed_min_ram
   return hints
+
+
+def reuse_digests(item) -> tuple:
+  """The digests of rows already made for an item's bytes: an interrupted run's, the previous run's."""
+  return item.resume_sha256, item.previous_sha256
+
+
+def embed_images(config) -> EmbedImages:
+  """The library's transform as this run's options configure it."""
+  return EmbedImages(
+      config.backbones, pooling=config.pooling, resize=config.resize, batch_size=config.batch_size,
+      normalize=config.normalize, fast_decode=config.fast_decode, max_pixels=config.max_pixels,
+      decode_timeout=config.decode_timeout, decode_memory=config.decode_memory,
+      decode_processes=config.decode_threads, read_threads=config.read_threads, allow_tf32=config.allow_tf32,
+      mixed_precision=config.mixed_precision, known_digests=reuse_digests, option_names=OPTION_NAMES)
+
+
+class ReadDecodeEmbed(beam.PTransform):
+  """The one stage that runs on accelerator workers: items in; Arrow tables of rows, error rows,
+  rows to reuse, shard counts and worker stats out. Shards open into their images, `EmbedImages`
+  embeds, and the rows are committed as checkpoints in the same fused stage, so only paths cross
+  the shuffle into it and rows are durable as they are made."""
+
+  def __init__(self, config):
+    super().__init__()
+    self._config = config
+
+  def expand(self, items):
+    config = self._config
+    expanded = items | "ExpandShards" >> beam.ParDo(ExpandShards(config.shard_layouts, config.extra_fields)).with_outputs(
+        ExpandShards.ERRORS_TAG, ExpandShards.SHARD_COUNT_TAG, main="images")
+    embedded = expanded.images | "EmbedImages" >> embed_images(config).batches().as_one_output()
+    # Under this composite's resource hints too (Beam fuses only steps of the same hints), and
+    # straight after the model, with no Flatten between (the local runner would materialize it):
+    # the commits run where and when the rows are made.
+    commit = beam.ParDo(CommitRows(config.output, config.started_at, config.checkpoint_every, config.extra_fields,
+                                   config.progress))
+    results = embedded | "CommitRows" >> commit.with_outputs(
+        CommitRows.ERRORS_TAG, CommitRows.CARRIED_TAG, CommitRows.RESUMED_TAG, CommitRows.WORKER_STATS_TAG,
+        main="embeddings")
+    return {"embeddings": results.embeddings, "errors": results[CommitRows.ERRORS_TAG],
+            "shard_errors": expanded[ExpandShards.ERRORS_TAG],
+            "carried": results[CommitRows.CARRIED_TAG], "resumed": results[CommitRows.RESUMED_TAG],
+            "worker_stats": results[CommitRows.WORKER_STATS_TAG],
+            "shard_count": expanded[ExpandShards.SHARD_COUNT_TAG]}
+
+
+def _error_rows(item, error):
+  for each in item.items():
+    yield dict(error.row(), uri=each.uri)
 
 
 class MatchInputs(beam.PTransform):
@@ -208,9 +260,12 @@ def build_graph(p: beam.Pipeline, config):
     # listing and writing stay on ordinary ones.
     embed = embed.with_resource_hints(**hints)
   results = items | "Reshuffle" >> beam.Reshuffle() | "ReadDecodeEmbed" >> embed
-  embeddings, errors, carried = results.embeddings, results[ERRORS_TAG], results[CARRIED_TAG]
-  workers = results[WORKER_STATS_TAG] | "WorkerStats" >> beam.combiners.ToList()
-  shard_counts = results[SHARD_COUNT_TAG]
+  embeddings, carried = results["embeddings"], results["carried"]
+  # A shard's damage has no digest: never committed (a resume reads the shard again).
+  errors = ((results["errors"], results["shard_errors"] | "ShardErrorRows" >> beam.FlatMapTuple(_error_rows))
+            | "AllErrors" >> beam.Flatten())
+  workers = results["worker_stats"] | "WorkerStats" >> beam.combiners.ToList()
+  shard_counts = results["shard_count"]
   matched = ((matched_files, shard_counts | "FoundInShards" >> beam.MapTuple(lambda _, found, seen: found))
              | "FilesAndShardImages" >> beam.Flatten()
              | "CountAllMatched" >> beam.CombineGlobally(sum))
@@ -227,7 +282,7 @@ def build_graph(p: beam.Pipeline, config):
     tables = (embeddings, carried_tables) | "AllRows" >> beam.Flatten()
   resumed_count = None
   if config.resume:
-    resumed = (resumed_direct, results[RESUMED_TAG]) | "AllResumed" >> beam.Flatten()
+    resumed = (resumed_direct, results["resumed"]) | "AllResumed" >> beam.Flatten()
     resumed_tables, resumed_errors = resumed | "Resume" >> checkpoint.Resume(config.output, config.extra_fields)
     tables = (tables, resumed_tables) | "WithResumed" >> beam.Flatten()
     errors = (errors, resumed_errors) | "WithResumedErrors" >> beam.Flatten()

@@ -44,7 +44,10 @@ ACCELERATOR = "type:nvidia-l4;count:1;install-nvidia-driver"
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
 MIN_RAM_URN = "beam:resources:min_ram_bytes:v1"
 HINTS = {ACCELERATOR_URN: ACCELERATOR.encode(), MIN_RAM_URN: str(16 * 2**30).encode()}  # 16GiB: binary
-EMBED_LEAF = "ReadDecodeEmbed/EmbedFiles/ParDo(EmbedFilesDoFn)"
+EMBED_LEAF = "ReadDecodeEmbed/EmbedImages/ReadDecodeEmbed/ParDo(_EmbedDoFn)"
+# Shards open into images, EmbedImages embeds, the rows are committed: one fused stage on GPU workers.
+EMBED_LEAVES = {"ReadDecodeEmbed/ExpandShards/ParDo(ExpandShards)", EMBED_LEAF,
+                "ReadDecodeEmbed/CommitRows/ParDo(CommitRows)"}
 
 
 def dataflow_args(bucket):
@@ -122,9 +125,11 @@ def test_dataflow_graph_has_the_gpu_hint_on_read_decode_embed_alone(photos, laun
   by_name = {t.unique_name: t for t in proto.components.transforms.values()}
 
   hinted = {name: hints for name, hints in resource_hints_by_transform(proto).items() if hints}
-  assert hinted == {"ReadDecodeEmbed": HINTS, "ReadDecodeEmbed/EmbedFiles": HINTS, EMBED_LEAF: HINTS}
+  assert hinted == {"ReadDecodeEmbed": HINTS, "ReadDecodeEmbed/EmbedImages": HINTS,
+                    "ReadDecodeEmbed/EmbedImages/ReadDecodeEmbed": HINTS, "ReadDecodeEmbed/ExpandShards": HINTS,
+                    "ReadDecodeEmbed/CommitRows": HINTS, **{leaf: HINTS for leaf in EMBED_LEAVES}}
   dataflow = leaves(proto)
-  assert {n for n, h in dataflow.items() if h} == {EMBED_LEAF}
+  assert {n for n, h in dataflow.items() if h} == EMBED_LEAVES
   for name in ("MatchInputs/Match/ParDo(_MatchAllFn)", "Reshuffle/ReshufflePerKey/GroupByKey",
                "WriteEmbeddings/WriteImpl/WriteBundles", "WriteErrors/WriteImpl/WriteBundles",
                "WriteSummary", "CountMatched/CombineGlobally(CountCombineFn)/KeyWithVoid"):
@@ -145,11 +150,11 @@ def test_dataflow_graph_has_the_gpu_hint_on_read_decode_embed_alone(photos, laun
   # options round trip does to hyphenated flags.
   payload = beam_runner_api_pb2.ParDoPayload.FromString(by_name[EMBED_LEAF].spec.payload)
   assert by_name[EMBED_LEAF].spec.urn == common_urns.primitives.PAR_DO.urn
-  config = pickler.loads(payload.do_fn.payload)[0]._config
-  assert config.inputs == (f"{bucket}/photos/**",)
-  assert config.output == f"{bucket}/out"
-  assert [b.name for b in config.backbones] == ["mobilenet_v2"]
-  assert (config.accelerator, config.embed_min_ram) == (ACCELERATOR, "16GiB")
+  model = pickler.loads(payload.do_fn.payload)[0]._model_spec
+  assert [b.name for b in model.backbones] == ["mobilenet_v2"]
+  commit = by_name["ReadDecodeEmbed/CommitRows/ParDo(CommitRows)"]
+  assert pickler.loads(beam_runner_api_pb2.ParDoPayload.FromString(commit.spec.payload).do_fn.payload)[0]._output == (
+      f"{bucket}/out")
 
 
 def test_local_graph_differs_only_by_pass_through_composites(photos):
@@ -246,7 +251,7 @@ def test_dataflow_graph_with_previous_keeps_the_hint_on_read_decode_embed_alone(
   # The previous run's rows really are reused (same model), so the refresh branch is in the graph.
   assert any(name.startswith("PreviousIndex/") for name in dataflow)
   assert any(name.startswith("CarryOver/") for name in dataflow)
-  assert {n for n, h in dataflow.items() if h} == {EMBED_LEAF}
+  assert {n for n, h in dataflow.items() if h} == EMBED_LEAVES
   assert dataflow == leaves(local_proto([*embed_args(bucket, output="elsewhere"), *extra]))
 
 
@@ -374,9 +379,9 @@ def test_readme_launch_line_builds_the_job(photos, launched):
             for e in proto.components.environments.values()}
   assert images == {"us-central1-docker.pkg.dev/my-project/embed/embed-images:0.1.0"}
   hinted = {n: h for n, h in leaves(proto).items() if h}
-  assert hinted == {EMBED_LEAF: {
+  assert hinted == {leaf: {
       ACCELERATOR_URN: b"type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver",
-      MIN_RAM_URN: b"16000000000"}}
+      MIN_RAM_URN: b"16000000000"} for leaf in EMBED_LEAVES}
   options = launched[0].job.options.get_all_options()
   assert "no_use_multiple_sdk_containers" in options["experiments"]
   assert (options["machine_type"], options["max_num_workers"]) == ("n2-standard-4", 20)

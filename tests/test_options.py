@@ -100,4 +100,4 @@ def test_decode_memory_default_follows_max_pixels_and_holds_without_it(images, t
 def test_decode_threads_zero_is_left_for_the_worker_to_count(images, tmp_path):
   config = _config("--input", f"{images}/*.jpg", "--output", str(tmp_path / "o"), "--weights", "random",
                    "--backbones", "mobilenet_v2")
-  assert config.decode_threads == 0  # resolved by EmbedFilesDoFn.setup on the worker, not here
+  assert config.decode_threads == 0  # resolved by the embed DoFn's setup on the worker, not here

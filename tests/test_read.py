@@ -8,7 +8,7 @@ import pytest
 
 from transforms import read
 from transforms.decode import DecodeSpec
-from transforms.embed import load_file
+from transforms.load import load_file
 from transforms.read import read_bytes, sha256_hex
 
 SPEC = DecodeSpec(sizes=(32,), max_pixels=None)

@@ -19,6 +19,7 @@ reuse), and a resumed run never overwrites the files of the run it resumes.
 
 import hashlib
 import io
+import os
 import json
 import time
 import uuid
@@ -29,8 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
-from transforms.write import ERRORS_SCHEMA, embedding_matrix, rows_table
+from transforms import decode_pool
+from transforms.results import EmbeddingBatch, Reused
+from transforms.write import ERRORS_SCHEMA, embedding_matrix, package_versions, rows_to_table, rows_table
 
 DIRECTORY = "_checkpoints"
 LAYOUT_FILE = "_layout.json"
@@ -146,6 +150,100 @@ class CheckpointWriter:
     self.commits += 1
     self._tables, self._errors, self._rows = [], [], 0
     self._last = self._clock()
+
+
+# --- the command line's step after the model ---------------------------------------
+
+def batch_table(batch: EmbeddingBatch, extra_fields) -> pa.Table:
+  """An EmbeddingBatch keyed by Items as output rows: each item's duplicates (--dedupe) get its
+  vector, every row its item's extra columns and, for checkpoints, its listing (size, mtime)."""
+  uris, shas, widths, heights, index, sizes, mtimes = [], [], [], [], [], [], []
+  extra = {f.name: [] for f in extra_fields}
+  for i, item in enumerate(batch.keys):
+    for each in item.items():
+      uris.append(each.uri)
+      shas.append(batch.sha256s[i])
+      widths.append(batch.widths[i])
+      heights.append(batch.heights[i])
+      index.append(i)
+      sizes.append(each.size)
+      mtimes.append(each.mtime)
+      for name in extra:
+        extra[name].append(each.columns.get(name))
+  embeddings = batch.embeddings if len(index) == len(batch) else batch.embeddings[index]
+  table = rows_to_table(uris, shas, widths, heights, embeddings, extra, extra_fields)
+  return (table.append_column(LISTING_FIELDS[0], pa.array(sizes, pa.int64()))
+          .append_column(LISTING_FIELDS[1], pa.array(mtimes, pa.float64())))
+
+
+class CommitRows(beam.DoFn):
+  """After the model, in the same stage: `EmbeddingBatch`es, `(Item, ImageError)`s and
+  `(Item, Reused)`s in (EmbedImages.as_one_output()); Arrow tables of output rows (main), error rows (`errors`), and the rows to
+  reuse from --previous (`carried`) or an interrupted run (`resumed`) as (sha256, (uri, columns))
+  out, each item's --dedupe duplicates included. Rows and decode/embed errors are committed under
+  `<output>/_checkpoints/` as they pass (with `every_seconds`); per bundle, the worker's decode
+  processes and package versions are tagged `worker_stats`."""
+
+  ERRORS_TAG, CARRIED_TAG, RESUMED_TAG, WORKER_STATS_TAG = "errors", "carried", "resumed", "worker_stats"
+
+  def __init__(self, output, run_started_at, every_seconds, extra_fields, progress=False):
+    self._output, self._run = output, f"{int(run_started_at * 1000):x}"
+    self._every_seconds, self._extra_fields, self._progress_on = every_seconds, extra_fields, progress
+    self._embedded = beam.metrics.Metrics.counter("embed", "num_embedded")
+    self._carried = beam.metrics.Metrics.counter("embed", "num_carried_over")
+
+  def setup(self):
+    self._versions = package_versions()
+    self._progress = None
+    if self._progress_on:
+      from transforms.progress import progress_bar
+      self._progress = progress_bar("embedded")
+
+  def start_bundle(self):
+    self._writer = None
+    if self._every_seconds:
+      self._writer = CheckpointWriter(self._output, self._run, self._every_seconds)
+    self._first = True
+
+  def process(self, element):
+    if isinstance(element, EmbeddingBatch):
+      self._started(element.keys[0].uri)
+      table = batch_table(element, self._extra_fields)
+      if self._writer is not None:
+        self._writer.add(table)
+      self._embedded.inc(table.num_rows)
+      if self._progress is not None:
+        self._progress.update(table.num_rows)
+      yield table.drop_columns([f.name for f in LISTING_FIELDS])
+      return
+    item, value = element
+    self._started(item.uri)
+    if isinstance(value, Reused):  # the bytes hash as a committed row's
+      tag = self.RESUMED_TAG if value.sha256 == item.resume_sha256 else self.CARRIED_TAG
+      for uri, columns in item.rows():
+        if tag == self.CARRIED_TAG:
+          self._carried.inc()
+        yield beam.pvalue.TaggedOutput(tag, (value.sha256, (uri, columns)))
+      return
+    committed = []
+    for each in item.items():
+      row = dict(value.row(), uri=each.uri)
+      yield beam.pvalue.TaggedOutput(self.ERRORS_TAG, row)
+      if value.sha256 is not None:  # read errors have none, and are retried by a resume
+        committed.append(dict(row, sha256=value.sha256, size=each.size, mtime=each.mtime))
+    if committed and self._writer is not None:
+      self._writer.add(None, committed)
+
+  def _started(self, uri):
+    if self._first and self._writer is not None:
+      self._writer.start_bundle(uri)  # names a retry of this bundle repeats
+    self._first = False
+
+  def finish_bundle(self):
+    if self._writer is not None:
+      self._writer.commit()
+    stats = dict(decode_pool.process_stats(), versions=self._versions, own_peak_rss=decode_pool.own_peak_rss())
+    yield beam.pvalue.TaggedOutput(self.WORKER_STATS_TAG, GlobalWindows.windowed_value((os.getpid(), stats)))
 
 
 # --- reuse ------------------------------------------------------------------------

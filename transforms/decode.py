@@ -184,6 +184,21 @@ def _decode(data, targets, resize, max_pixels, fast, max_pixels_name):
   return DecodedImage(width=width, height=height, arrays=arrays)
 
 
+def resize_array(array: np.ndarray, sizes, resize: str = "squash") -> dict:
+  """A decoded uint8 HxWx3 (RGB) or HxW (grey) array at each size, as `decode_and_resize` resizes
+  the image it decodes: {size: uint8 (size, size, 3)}."""
+  array = np.asarray(array)
+  if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+    raise ValueError(f"an image must be a uint8 array of shape (H, W, 3) or (H, W); received: "
+                     f"{array.dtype} {array.shape}")
+  work = Image.fromarray(np.ascontiguousarray(array), "L" if array.ndim == 2 else "RGB")
+  arrays = {}
+  for size in sizes:
+    resized = _resize(work, size, resize)
+    arrays[size] = np.asarray(resized if resized.mode == "RGB" else resized.convert("RGB"))
+  return arrays
+
+
 def _transpose_for_exif(img) -> bool:
   """Applies EXIF orientation in place; True when it swapped width and height."""
   try:

@@ -384,6 +384,15 @@ def release_pool(pool: DecodePool):
   pool.close()
 
 
+def process_stats() -> dict:
+  """This process's decode processes: their peak RSS (max and sum), started and replaced."""
+  with _pools_lock:
+    pools = [entry[0] for entry in _pools.values()]
+  peaks = [pool.peak_rss() for pool in pools]
+  return {"peak_rss": {"max": max((p["max"] for p in peaks), default=0), "sum": sum(p["sum"] for p in peaks)},
+          "started": sum(pool.started for pool in pools), "replaced": sum(pool.replaced for pool in pools)}
+
+
 def close_all_pools():
   """Stops every decode process of this process: for a run that is interrupted."""
   with _pools_lock:

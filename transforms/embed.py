@@ -1,360 +1,33 @@
-"""Embed stage: one fused Keras model per worker process, and the DoFn that reads, decodes and embeds files."""
+"""The library's transform: `EmbedImages`, images in (uris or bytes, keyed or not), one vector each out, in their own windows."""
 
-import collections
 import concurrent.futures
+import copy
 import dataclasses
-import functools
 import logging
 import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 from apache_beam.metrics import Metrics
-from apache_beam.transforms import window
 from apache_beam.utils import shared
+from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import checkpoint, decode, decode_pool, fused, shards
-from transforms.decode_pool import DecodeProcessError
-from transforms.item import Item
-from transforms.read import read_bytes, sha256_hex
-from transforms.write import error_row, package_versions, rows_to_table
+from transforms import decode, decode_pool, fused
+from transforms.load import LoadRequest, Loader, ReadAhead
+from transforms.results import Embedding, EmbeddingBatch, ImageError, ImageFailed, Reused
+from transforms.specs import ModelSpec, model_layout, resolve_backbones
+from transforms.write import error_row
 
 _LOG = logging.getLogger(__name__)
-ERRORS_TAG = "errors"
-CARRIED_TAG = "carried"
-RESUMED_TAG = "resumed"
-WORKER_STATS_TAG = "worker_stats"
+MAIN_TAG, ERRORS_TAG, REUSED_TAG = "embeddings", "errors", "reused"
 # Files a read-ahead task reads and sends to a decode process at once. Per file, a task and a
 # decode round trip cost the worker's GIL ~0.1 ms, the model's thread's time with a small model;
 # per 8 files, an eighth of that. A batch of 32 still spans four tasks, so two decode processes
 # stay busy while the model runs.
 DECODE_GROUP = 8
-# Per shard (or slice of one): (path, inputs it held (images and a damage row): `matched`, how many
-# of them --previous has rows for).
-SHARD_COUNT_TAG = "shard_count"
-
-
-@dataclasses.dataclass
-class Loaded:
-  uri: str
-  sha256: Optional[str] = None
-  image: Optional[decode.DecodedImage] = None
-  error: Optional[dict] = None
-  carried: bool = False  # bytes unchanged since the previous run: its row is reused
-  resumed: bool = False  # bytes unchanged since an interrupted run of this output committed its row
-
-
-def decode_in_process(data, spec: decode.DecodeSpec) -> decode.DecodedImage:
-  """`decode_and_resize` in this process, without isolation: for trusted files and tests."""
-  return decode.decode_and_resize(data, spec.sizes, resize=spec.resize, max_pixels=spec.max_pixels,
-                                  fast=spec.fast, option_names=dict(spec.option_names))
-
-
-def load_file(uri, spec: decode.DecodeSpec, decoder=decode_in_process, previous_sha256=None,
-              resume_sha256=None, data=None, source=None) -> Loaded:
-  """Read + hash + decode one file; every failure becomes an error row, never an exception.
-
-  `decoder(data, spec)` is `DecodePool.decode` in a run. A file whose digest equals
-  `resume_sha256` (a row an interrupted run committed) or `previous_sha256` (the previous run's
-  row) is not decoded: that row stands. `data`: the bytes, already read (a shard's member);
-  `source`: where to read them when that is not `uri` (a Parquet row's image path).
-  """
-  loaded, data = _read_and_hash(uri, previous_sha256, resume_sha256, data, source)
-  if loaded.sha256 is None or loaded.error is not None or loaded.resumed or loaded.carried:
-    return loaded
-  try:
-    image = decoder(data, spec)
-  except Exception as e:  # mapped as load_files maps the results of DecodePool.decode_many
-    image = e
-  return _decoded(loaded, image)
-
-
-def load_files(requests, decode_many=None) -> list:
-  """`load_file(*request)` for each request, in order, with the decodes of those whose decoder is
-  `decode_many`'s pool's `decode` made in one `decode_many` call (one round trip)."""
-  pool = getattr(decode_many, "__self__", None)
-  batched = [pool is not None and len(r) > 2 and r[2] == pool.decode for r in requests]
-  if not any(batched):
-    return [load_file(*request) for request in requests]
-  results, pending = [], []
-  for request, in_batch in zip(requests, batched):
-    if not in_batch:
-      results.append(load_file(*request))
-      continue
-    uri, spec, _, *rest = request
-    loaded, data = _read_and_hash(uri, *rest)
-    results.append(loaded)
-    if loaded.sha256 is not None and loaded.error is None and not (loaded.resumed or loaded.carried):
-      pending.append((len(results) - 1, data, spec))
-  specs = {spec for _, _, spec in pending}
-  for spec in specs:
-    group = [(i, data) for i, data, s in pending if s == spec]
-    for (i, _), image in zip(group, decode_many([data for _, data in group], spec)):
-      results[i] = _decoded(results[i], image)
-  return results
-
-
-def _read_and_hash(uri, previous_sha256=None, resume_sha256=None, data=None, source=None):
-  """(Loaded, the bytes): the Loaded is final when it holds an error or reuses a row."""
-  if data is None:
-    try:
-      data = read_bytes(source or uri)
-    except Exception as e:  # vanished, unreadable, permission: the file's own fault
-      return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}")), None
-  digest = sha256_hex(data)
-  if resume_sha256 is not None and digest == resume_sha256:
-    return Loaded(uri, digest, resumed=True), None
-  if previous_sha256 is not None and digest == previous_sha256:
-    return Loaded(uri, digest, carried=True), None
-  return Loaded(uri, digest), data
-
-
-def _decoded(loaded: Loaded, image) -> Loaded:
-  """`loaded` with its image, or with a decode error row where `image` is an exception."""
-  uri, digest = loaded.uri, loaded.sha256
-  if isinstance(image, (decode.DecodeError, DecodeProcessError)):
-    return Loaded(uri, digest, error=error_row(uri, "decode", image.error_type, str(image)))
-  if isinstance(image, BaseException):  # decode_and_resize maps bad data itself; this is a last guard
-    return Loaded(uri, digest, error=error_row(uri, "decode", type(image).__name__, str(image)))
-  return Loaded(uri, digest, image=image)
-
-
-class ReadAhead:
-  """Loads items in `executor` ahead of their use and hands them back in submission order.
-
-  The model runs on one batch while the executor's threads read and decode the next ones. Every
-  limit on a single file (its decode's memory and time) is enforced inside `load`, so waiting
-  for the oldest item always ends.
-
-  With `load_group` (a list of `submit`'s argument tuples -> a list of results), items go to the
-  executor `group` at a time, as one task: a thread hand-off and a decode round trip per group
-  rather than per file. A group not yet full is sent when its oldest item is wanted.
-  """
-
-  def __init__(self, load, executor, load_group=None, group=1):
-    self._load = load
-    self._load_group = load_group
-    self._group = group if load_group is not None else 1
-    self._executor = executor
-    self._pending = collections.deque()  # (item, future, index in its group's results or None)
-    self._unsent = []
-
-  def submit(self, item, *args):
-    if self._group <= 1:
-      self._pending.append((item, self._executor.submit(self._load, *args), None))
-      return
-    self._unsent.append((item, args))
-    if len(self._unsent) >= self._group:
-      self._send()
-
-  def _send(self):
-    future = self._executor.submit(self._load_group, [args for _, args in self._unsent])
-    self._pending.extend((item, future, i) for i, (item, _) in enumerate(self._unsent))
-    self._unsent = []
-
-  def __len__(self):
-    return len(self._pending) + len(self._unsent)
-
-  def next(self):
-    """(item, what `load` returned for it) of the oldest submission."""
-    if not self._pending:
-      self._send()
-    item, future, index = self._pending.popleft()
-    return item, future.result() if index is None else future.result()[index]
-
-
-def _rows_for(batch, embeddings, config):
-  """(Item, Loaded) pairs and their embeddings -> one table (duplicates expanded, extra columns laid
-  out) and each row's listing [(size, mtime)], which checkpoints record."""
-  uris, shas, widths, heights, index, extra = [], [], [], [], [], {f.name: [] for f in config.extra_fields}
-  listing = []
-  for i, (item, loaded) in enumerate(batch):
-    for each in item.items():
-      uri, columns = each.uri, each.columns
-      listing.append((each.size, each.mtime))
-      uris.append(uri)
-      shas.append(loaded.sha256)
-      widths.append(loaded.image.width)
-      heights.append(loaded.image.height)
-      index.append(i)
-      for name in extra:
-        extra[name].append(columns.get(name))
-  if len(index) != len(batch):
-    embeddings = embeddings[index]
-  return rows_to_table(uris, shas, widths, heights, embeddings, extra, config.extra_fields), listing
-
-
-class EmbedFilesDoFn(beam.DoFn):
-  """Items in; Arrow tables of embeddings out (main), error rows (tagged `errors`), the paths
-  whose bytes are unchanged since the previous run (tagged `carried`), and per bundle the decode
-  processes' state and the worker's package versions (tagged `worker_stats`).
-
-  Reads run in a thread pool ahead of the model; decodes run in this process's decode pool
-  (transforms/decode_pool.py), so the CPU decodes the next batch while TensorFlow runs this one
-  and no file can take the worker down. Only paths cross the shuffle into this stage: a shard's
-  path too, whose images are streamed here (transforms/shards.py), a member at a time as the
-  read-ahead has room, each one item `SHARD#KEY`; per shard, its count is tagged `shard_count`.
-  """
-
-  def __init__(self, config):
-    self._config = config
-    self._shared = shared.Shared()
-    self._embedded = Metrics.counter("embed", "num_embedded")
-    self._carried = Metrics.counter("embed", "num_carried_over")
-    self._inferences = Metrics.counter("embed", "num_inferences")
-    self._failed = {s: Metrics.counter("embed", f"num_failed_{s}") for s in ("read", "decode", "embed")}
-    self._latency = Metrics.distribution("embed", "inference_batch_latency_micro_secs")
-
-  def setup(self):
-    config = self._config
-    self._model = None  # built at the first batch to embed: a refresh may need none
-    # 0: this worker's own cores, counted here rather than on the machine that launched the job.
-    processes = config.decode_threads or worker_cores()
-    self._spec = config.decode_spec
-    self._versions = package_versions()
-    self._decoders = decode_pool.acquire_pool(processes, self._spec.memory)
-    self._executor = concurrent.futures.ThreadPoolExecutor(
-        max_workers=max(config.read_threads, processes), thread_name_prefix="read-decode")
-    self._max_batch = config.batch_size
-    self._progress = None
-    if config.progress:
-      from transforms.progress import progress_bar
-      self._progress = progress_bar("embedded")
-
-  def _fused_model(self):
-    if self._model is None:
-      config = self._config
-      key = repr((config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
-                  config.normalize))
-      self._model = self._shared.acquire(
-          lambda: fused.FusedModel(config.backbones, config.pooling, config.allow_tf32, config.mixed_precision,
-                             config.normalize),
-          tag=key)
-    return self._model
-
-  def start_bundle(self):
-    self._ahead = ReadAhead(load_file, self._executor,
-                            functools.partial(load_files, decode_many=self._decoders.decode_many), DECODE_GROUP)
-    self._checkpoints = None
-    if self._config.checkpoint_every:
-      self._checkpoints = checkpoint.CheckpointWriter(
-          self._config.output, f"{int(self._config.started_at * 1000):x}", self._config.checkpoint_every)
-    self._first = True
-
-  def process(self, item: Item):
-    if self._first and self._checkpoints is not None:
-      self._checkpoints.start_bundle(item.uri)  # names a retry of this bundle repeats
-    self._first = False
-    if item.shard_format is not None:
-      yield from self._process_shard(item)
-      return
-    self._ahead.submit(item, item.uri, self._spec, self._decoders.decode, item.previous_sha256,
-                       item.resume_sha256)
-    yield from self._embed_while_full()
-
-  def _embed_while_full(self):
-    # Keep one batch decoding while the model runs the one before it; no more: a shard's members
-    # wait in the shard, not in memory.
-    while len(self._ahead) >= 2 * self._config.batch_size:
-      yield from self._embed_next_batch()
-
-  def _process_shard(self, shard: Item):
-    found = previous_seen = 0
-    for member, uri, columns in shards.shard_images(shard, self._config.shard_layouts, self._config.extra_fields):
-      found += 1
-      if uri is None:  # the shard itself: unopenable, or damaged past this point
-        yield from self._failures(shard.replace(duplicates=()), member.error)
-        continue
-      previous_seen += uri in shard.previous_members
-      if uri in shard.skip_members:  # --dedupe: another input with the same bytes makes its row
-        continue
-      item = Item(uri, columns=columns, duplicates=shard.member_duplicates.get(uri, ()))
-      if member.error is not None:
-        yield from self._failures(item, member.error)
-        continue
-      self._ahead.submit(item, item.uri, self._spec, self._decoders.decode, shard.previous_members.get(uri),
-                         shard.resume_members.get(uri), member.data, member.source)
-      yield from self._embed_while_full()
-    # What the shard (or this slice of it) held, and how many of --previous's rows of it were found:
-    # the rest were removed from it.
-    yield beam.pvalue.TaggedOutput(SHARD_COUNT_TAG, (shard.uri, found, previous_seen))
-
-  def finish_bundle(self):
-    while len(self._ahead):
-      for output in self._embed_next_batch():
-        yield _in_global_window(output)
-    if self._checkpoints is not None:
-      self._checkpoints.commit()
-    stats = {"peak_rss": self._decoders.peak_rss(), "started": self._decoders.started,
-             "replaced": self._decoders.replaced, "versions": self._versions,
-             "own_peak_rss": decode_pool.own_peak_rss()}
-    yield _in_global_window(beam.pvalue.TaggedOutput(WORKER_STATS_TAG, (os.getpid(), stats)))
-
-  def teardown(self):
-    executor = getattr(self, "_executor", None)
-    if executor is not None:
-      executor.shutdown(wait=False, cancel_futures=True)
-    decoders = getattr(self, "_decoders", None)
-    if decoders is not None:
-      decode_pool.release_pool(decoders)
-
-  def _failures(self, item, error, sha256=None):
-    committed = []
-    for each in item.items():
-      self._failed[error["stage"]].inc()
-      row = dict(error, uri=each.uri)
-      yield beam.pvalue.TaggedOutput(ERRORS_TAG, row)
-      if sha256 is not None:  # read errors have none, and are retried by a resume
-        committed.append(dict(row, sha256=sha256, size=each.size, mtime=each.mtime))
-    if committed and self._checkpoints is not None:
-      self._checkpoints.add(None, committed)
-
-  def _embed_next_batch(self):
-    config = self._config
-    loaded = []
-    while len(self._ahead) and len(loaded) < config.batch_size:
-      item, result = self._ahead.next()
-      if result.error is not None:
-        yield from self._failures(item, result.error, result.sha256)
-      elif result.resumed:
-        for uri, columns in item.rows():
-          yield beam.pvalue.TaggedOutput(RESUMED_TAG, (result.sha256, (uri, columns)))
-      elif result.carried:
-        for uri, columns in item.rows():
-          self._carried.inc()
-          yield beam.pvalue.TaggedOutput(CARRIED_TAG, (result.sha256, (uri, columns)))
-      else:
-        loaded.append((item, result))
-    if not loaded:
-      return
-    images = {s: np.stack([result.image.arrays[s] for _, result in loaded]) for s in config.sizes}
-    started = time.perf_counter()
-    embeddings, ok, failures, self._max_batch = fused.embed_robust(self._fused_model(), images, self._max_batch)
-    self._latency.update(int((time.perf_counter() - started) * 1e6))
-    self._inferences.inc(len(ok))
-    for index, error in failures:
-      item, result = loaded[index]
-      yield from self._failures(item, error_row(
-          item.uri, "embed", type(error).__name__, str(error).splitlines()[0][:500]), result.sha256)
-    if ok:
-      table, listing = _rows_for([loaded[i] for i in ok], embeddings, config)
-      if self._checkpoints is not None:
-        sizes, mtimes = zip(*listing)
-        self._checkpoints.add(table.append_column(checkpoint.LISTING_FIELDS[0], pa.array(sizes, pa.int64()))
-                              .append_column(checkpoint.LISTING_FIELDS[1], pa.array(mtimes, pa.float64())))
-      self._embedded.inc(table.num_rows)
-      if self._progress is not None:
-        self._progress.update(table.num_rows)
-      yield table
-
-
-def _in_global_window(output):
-  if isinstance(output, beam.pvalue.TaggedOutput):
-    return beam.pvalue.TaggedOutput(output.tag, window.GlobalWindows.windowed_value(output.value))
-  return window.GlobalWindows.windowed_value(output)
+METRICS_NAMESPACE = "embed"
 
 
 def worker_cores() -> int:
@@ -365,13 +38,272 @@ def worker_cores() -> int:
     return os.cpu_count() or 1
 
 
-class ReadDecodeEmbed(beam.PTransform):
-  """The one stage that runs on accelerator workers: paths in, embeddings and errors out."""
+def _check(argument, value, ok, want):
+  if not ok:
+    raise ValueError(f"`{argument}` must be {want}; received: {value!r}")
 
-  def __init__(self, config):
+
+class EmbedImages(beam.PTransform):
+  """Images in, one `Embedding` each out: the pooled features of frozen Keras backbones, concatenated.
+
+  Elements are a uri `str` (local, gs://, any Beam filesystem), encoded image `bytes`, or a
+  `(key, str | bytes)` pair, which comes out as `(key, Embedding)`. Every output keeps its input's
+  window and timestamp.
+
+      embed = EmbedImages(["vgg16", "inception_v3", "resnet50"], weights="imagenet")
+      main, errors = uris | embed.with_exception_handling()
+
+  Keyword arguments mean what the command-line options of the same names mean (README.md):
+  `weights` imagenet | random | a directory; `pooling` avg | max; `image_size` one square size for
+  all (None: each backbone's own); `resize` squash | center-crop | pad; `models` {NAME: path of a
+  .keras file or SavedModel} that `backbones` may then name, with `model_preprocessing` {NAME:
+  mode}, `model_outputs` {NAME: output key}, `unsafe_models` (names whose Lambda layers may load)
+  and `model_modules` (imported first: they register custom objects); `normalize` none | l2.
+
+  Decoding runs in isolated processes (`decode_processes`, 0: one per core) under a memory
+  ceiling (`decode_memory` bytes; None: what `max_pixels` needs) and a timeout
+  (`decode_timeout` seconds): a hostile file costs its own error and nothing else. Batches hold
+  at most `batch_size` images and are sent when full, when the oldest image in them has waited
+  `max_batch_duration_secs` (checked as elements arrive), and at the end of every bundle.
+
+  `known_digests(key)`, for keyed input, gives sha256 digests of rows already made for that key:
+  an image whose bytes hash to one is not decoded, and comes out as `(key, Reused(sha256))` on the
+  `reused` output of `with_outputs()`.
+  """
+
+  def __init__(self, backbones, *, weights="imagenet", pooling="avg", image_size=None, resize="squash",
+               batch_size=32, models=None, model_preprocessing=None, model_outputs=None, unsafe_models=(),
+               model_modules=(), normalize="none", fast_decode=False, max_pixels=decode.PIL_MAX_PIXELS,
+               decode_timeout=60.0, decode_memory=None, decode_processes=0, read_threads=16,
+               max_batch_duration_secs=None, allow_tf32=False, mixed_precision=False,
+               known_digests: Optional[Callable[[Any], tuple]] = None, option_names=(),
+               clock: Callable[[], float] = time.monotonic):
     super().__init__()
-    self._config = config
+    _check("pooling", pooling, pooling in ("avg", "max"), "avg or max")
+    _check("resize", resize, resize in decode.RESIZE_POLICIES, " or ".join(decode.RESIZE_POLICIES))
+    _check("normalize", normalize, normalize in ("none", "l2"), "none or l2")
+    _check("batch_size", batch_size, isinstance(batch_size, int) and batch_size >= 1, "a positive integer")
+    _check("read_threads", read_threads, isinstance(read_threads, int) and read_threads >= 1, "a positive integer")
+    _check("decode_processes", decode_processes, isinstance(decode_processes, int) and decode_processes >= 0,
+           "0 (one per core) or a positive integer")
+    _check("decode_timeout", decode_timeout, isinstance(decode_timeout, (int, float)) and decode_timeout > 0,
+           "a positive number of seconds")
+    _check("max_batch_duration_secs", max_batch_duration_secs,
+           max_batch_duration_secs is None or (isinstance(max_batch_duration_secs, (int, float))
+                                               and max_batch_duration_secs >= 0), "None or seconds")
+    specs = resolve_backbones(backbones, weights=weights, image_size=image_size, pooling=pooling, models=models,
+                              model_preprocessing=model_preprocessing, model_outputs=model_outputs,
+                              unsafe_models=unsafe_models, modules=tuple(model_modules))
+    self.model = ModelSpec(specs, pooling, normalize, bool(allow_tf32), bool(mixed_precision))
+    if decode_memory is None:
+      decode_memory = decode_pool.default_memory_ceiling(max_pixels)
+    self.decode_spec = decode.DecodeSpec(
+        sizes=self.model.sizes, resize=resize, max_pixels=max_pixels or None, fast=bool(fast_decode),
+        timeout=float(decode_timeout), memory=decode_memory, option_names=tuple(option_names))
+    self.layout = model_layout(self.model, resize, bool(fast_decode))
+    self._batch_size = batch_size
+    self._max_batch_duration_secs = max_batch_duration_secs
+    self._read_threads = read_threads
+    self._decode_processes = decode_processes
+    self._known_digests = known_digests
+    self._clock = clock
+    self._outputs = "main"  # main | errors (with_exception_handling) | all (with_outputs) | one
+    self._batches = False
 
-  def expand(self, paths):
-    return paths | "EmbedFiles" >> beam.ParDo(EmbedFilesDoFn(self._config)).with_outputs(
-        ERRORS_TAG, CARRIED_TAG, RESUMED_TAG, WORKER_STATS_TAG, SHARD_COUNT_TAG, main="embeddings")
+  def with_exception_handling(self) -> "EmbedImages":
+    """This transform giving `(main, errors)`: bad images as `ImageError`s (keyed as their input)
+    instead of failing the pipeline."""
+    return self._copy(_outputs="errors")
+
+  def with_outputs(self) -> "EmbedImages":
+    """This transform giving a tagged tuple: `embeddings`, `errors` and `reused`."""
+    return self._copy(_outputs="all")
+
+  def as_one_output(self) -> "EmbedImages":
+    """This transform giving embeddings, `(key, ImageError)`s and `(key, Reused)`s in one
+    PCollection: for a step after it that takes them all in the same fused stage (the local
+    runner materializes a Flatten, which would cut the stage in two)."""
+    return self._copy(_outputs="one")
+
+  def batches(self) -> "EmbedImages":
+    """This transform giving `EmbeddingBatch`es (a model batch's rows as columns, per window)
+    instead of an `Embedding` per image: for sinks that write columns."""
+    return self._copy(_batches=True)
+
+  def _copy(self, **changes):
+    clone = copy.copy(self)
+    clone.__dict__.update(changes)
+    return clone
+
+  def _dofn(self):
+    return _EmbedDoFn(self.model, self.decode_spec, self._batch_size, self._max_batch_duration_secs,
+                      self._read_threads, self._decode_processes, self._known_digests, self._batches,
+                      self._outputs == "main", self._outputs == "one", self._clock)
+
+  def expand(self, images):
+    results = images | "ReadDecodeEmbed" >> beam.ParDo(self._dofn()).with_outputs(
+        ERRORS_TAG, REUSED_TAG, main=MAIN_TAG)
+    if self._outputs == "all":
+      return results
+    if self._outputs == "one":
+      return results[MAIN_TAG]
+    if self._outputs == "errors":
+      return results[MAIN_TAG], results[ERRORS_TAG]
+    return results[MAIN_TAG]
+
+
+@dataclasses.dataclass
+class _Pending:
+  """An input on its way through the stage: what its outputs need (key, window, timestamp)."""
+  keyed: bool
+  key: Any
+  window: Any
+  timestamp: Any
+  arrived: float
+
+
+def _request(element, known_digests):
+  """(keyed, key, LoadRequest) of an input element."""
+  keyed = isinstance(element, tuple) and len(element) == 2
+  key, payload = element if keyed else (None, element)
+  known = tuple(d for d in known_digests(key) if d) if (known_digests and keyed) else ()
+  if isinstance(payload, str):
+    return keyed, key, LoadRequest(payload, known=known)
+  if isinstance(payload, (bytes, bytearray, memoryview)):
+    return keyed, key, LoadRequest(None, data=bytes(payload), known=known)
+  if isinstance(payload, LoadRequest):
+    return keyed, key, dataclasses.replace(payload, known=payload.known or known)
+  raise TypeError(f"EmbedImages takes a uri str, image bytes or a (key, str | bytes) pair; received: "
+                  f"{type(element).__name__}" + (f" of ({type(key).__name__}, {type(payload).__name__})" if keyed else ""))
+
+
+class _EmbedDoFn(beam.DoFn):
+  """Reads and decodes ahead (threads, isolated decode processes) while the model runs, batches
+  across windows, and emits each input in its own window at its own timestamp."""
+
+  def __init__(self, model: ModelSpec, spec, batch_size, max_batch_duration_secs, read_threads, decode_processes,
+               known_digests, as_batches, raise_errors, one_output, clock):
+    self._model_spec, self._spec = model, spec
+    self._batch_size, self._max_wait = batch_size, max_batch_duration_secs
+    self._read_threads, self._decode_processes = read_threads, decode_processes
+    self._known_digests, self._as_batches, self._raise_errors = known_digests, as_batches, raise_errors
+    self._clock = clock
+    self._tags = {ERRORS_TAG: None, REUSED_TAG: None} if one_output else {ERRORS_TAG: ERRORS_TAG, REUSED_TAG: REUSED_TAG}
+    self._shared = shared.Shared()
+    self._embedded = Metrics.counter(METRICS_NAMESPACE, "num_embedded")
+    self._inferences = Metrics.counter(METRICS_NAMESPACE, "num_inferences")
+    self._failed = {s: Metrics.counter(METRICS_NAMESPACE, f"num_failed_{s}") for s in ("read", "decode", "embed")}
+    self._latency = Metrics.distribution(METRICS_NAMESPACE, "inference_batch_latency_micro_secs")
+    self._batch_sizes = Metrics.distribution(METRICS_NAMESPACE, "inference_request_batch_size")
+    self._load_latency = Metrics.distribution(METRICS_NAMESPACE, "load_model_latency_milli_secs")
+
+  def setup(self):
+    processes = self._decode_processes or worker_cores()  # counted on the worker, not the launcher
+    self._decoders = decode_pool.acquire_pool(processes, self._spec.memory)
+    self._loader = Loader(self._decoders, self._spec)
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(self._read_threads, processes), thread_name_prefix="read-decode")
+    self._model = None  # built at the first batch to embed: a run that reuses every row needs none
+    self._max_batch = self._batch_size
+
+  def start_bundle(self):
+    self._ahead = ReadAhead(self._loader.load_many, self._executor, DECODE_GROUP)
+    self._ready = []  # (_Pending, Loaded) decoded, waiting for the model
+
+  def process(self, element, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+    keyed, key, request = _request(element, self._known_digests)
+    self._ahead.submit(_Pending(keyed, key, window, timestamp, self._clock()), request)
+    yield from self._drain(everything=self._waited_too_long())
+
+  def finish_bundle(self):
+    yield from self._drain(everything=True)
+
+  def teardown(self):
+    executor = getattr(self, "_executor", None)
+    if executor is not None:
+      executor.shutdown(wait=False, cancel_futures=True)
+    decoders = getattr(self, "_decoders", None)
+    if decoders is not None:
+      decode_pool.release_pool(decoders)
+
+  def _waited_too_long(self) -> bool:
+    if self._max_wait is None:
+      return False
+    oldest = self._ready[0][0] if self._ready else self._ahead.oldest()
+    return oldest is not None and self._clock() - oldest.arrived >= self._max_wait
+
+  def _drain(self, everything):
+    # Keep one batch loading while the model runs the one before it; no more: the inputs still to
+    # come wait upstream (a shard's images in the shard), not in memory.
+    while len(self._ahead) >= 2 * self._batch_size or (everything and len(self._ahead)):
+      pending, loaded = self._ahead.next()
+      if loaded.error is not None:
+        yield from self._error(pending, loaded.error, loaded.sha256)
+      elif loaded.reused:
+        yield self._output(pending, (pending.key, Reused(loaded.sha256)), self._tags[REUSED_TAG], keyed=False)
+      else:
+        self._ready.append((pending, loaded))
+        if len(self._ready) >= self._batch_size:
+          yield from self._embed()
+    if everything and self._ready:
+      yield from self._embed()
+
+  def _fused_model(self):
+    if self._model is None:
+      spec = self._model_spec
+      started = time.perf_counter()
+      self._model = self._shared.acquire(
+          lambda: fused.FusedModel(spec.backbones, spec.pooling, spec.allow_tf32, spec.mixed_precision,
+                                   spec.normalize),
+          tag=repr(spec))
+      self._load_latency.update(int((time.perf_counter() - started) * 1e3))
+    return self._model
+
+  def _embed(self):
+    ready, self._ready = self._ready, []
+    images = {s: np.stack([loaded.image.arrays[s] for _, loaded in ready]) for s in self._spec.sizes}
+    started = time.perf_counter()
+    embeddings, ok, failures, self._max_batch = fused.embed_robust(self._fused_model(), images, self._max_batch)
+    self._latency.update(int((time.perf_counter() - started) * 1e6))
+    self._batch_sizes.update(len(ready))
+    self._inferences.inc(len(ok))
+    self._embedded.inc(len(ok))
+    for index, error in failures:
+      pending, loaded = ready[index]
+      yield from self._error(pending, error_row(loaded.uri, "embed", type(error).__name__,
+                                                str(error).splitlines()[0][:500]), loaded.sha256)
+    if not ok:
+      return
+    if not self._as_batches:
+      for row, index in enumerate(ok):
+        pending, loaded = ready[index]
+        image = loaded.image
+        yield self._output(pending, Embedding(loaded.uri, loaded.sha256, image.width, image.height, embeddings[row]))
+      return
+    # One batch per window: a window's rows must not ride in another's.
+    by_window = {}
+    for row, index in enumerate(ok):
+      by_window.setdefault(ready[index][0].window, []).append((row, index))
+    for window, rows in by_window.items():
+      picked = [ready[index] for _, index in rows]
+      batch = EmbeddingBatch(
+          tuple(p.key for p, _ in picked), tuple(l.uri for _, l in picked), tuple(l.sha256 for _, l in picked),
+          tuple(l.image.width for _, l in picked), tuple(l.image.height for _, l in picked),
+          embeddings[[row for row, _ in rows]] if len(rows) != len(embeddings) else embeddings)
+      timestamp = min(p.timestamp for p, _ in picked)
+      yield WindowedValue(batch, timestamp, (window,))
+
+  def _error(self, pending, row, sha256=None):
+    self._failed[row["stage"]].inc()
+    if self._raise_errors:
+      name = row["uri"] if row["uri"] is not None else f"the image of key {pending.key!r}"
+      raise ImageFailed(f"EmbedImages: {name}: {row['stage']} failed ({row['error_type']}): {row['message']} "
+                        "(use .with_exception_handling() to get bad images as errors instead)")
+    yield self._output(pending, ImageError.from_row(row, sha256), self._tags[ERRORS_TAG])
+
+  @staticmethod
+  def _output(pending, value, tag=None, keyed=None):
+    if keyed if keyed is not None else pending.keyed:
+      value = (pending.key, value)
+    windowed = WindowedValue(value, pending.timestamp, (pending.window,))
+    return beam.pvalue.TaggedOutput(tag, windowed) if tag else windowed

@@ -8,11 +8,15 @@ import tarfile
 import zlib
 from typing import Optional
 
+import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.item import Item
+from transforms.load import LoadRequest
+from transforms.results import ImageError
 from transforms.write import error_row
 
 FORMATS = ("tar", "parquet", "tfrecord")
@@ -450,3 +454,38 @@ def shard_layout(uri: str, kind: str, image_column=None, image_feature=None, car
     if isinstance(e, ValueError) and str(e).startswith("`"):
       raise
     raise ValueError(f"shard {uri!r} could not be read: {e}".replace("\n", " ")) from None
+
+
+class ExpandShards(beam.DoFn):
+  """Items in, `(Item, LoadRequest)` out, one per image to load: a file item as it is, a shard item
+  as its images, streamed a member at a time (each an item `SHARD#KEY` with the shard's columns
+  and its own). A shard's damage is tagged `errors` as (Item, ImageError); per shard (or slice),
+  (path, images found, how many of them --previous has rows for) is tagged `shard_count`."""
+
+  ERRORS_TAG, SHARD_COUNT_TAG = "errors", "shard_count"
+
+  def __init__(self, layouts, extra_fields):
+    self._layouts, self._extra_fields = layouts, extra_fields
+
+  def process(self, item):
+    if item.shard_format is None:
+      yield item, LoadRequest(item.uri)
+      return
+    found = previous_seen = 0
+    for member, uri, columns in shard_images(item, self._layouts, self._extra_fields):
+      found += 1
+      if uri is None:  # the shard itself: unopenable, or damaged past this point
+        yield beam.pvalue.TaggedOutput(self.ERRORS_TAG, (item.replace(duplicates=()), ImageError.from_row(member.error)))
+        continue
+      previous_seen += uri in item.previous_members
+      if uri in item.skip_members:  # --dedupe: another input with the same bytes makes its row
+        continue
+      image = Item(uri, columns=columns, duplicates=item.member_duplicates.get(uri, ()),
+                   previous_sha256=item.previous_members.get(uri), resume_sha256=item.resume_members.get(uri))
+      if member.error is not None:
+        yield beam.pvalue.TaggedOutput(self.ERRORS_TAG, (image, ImageError.from_row(member.error)))
+        continue
+      yield image, LoadRequest(uri, source=member.source, data=member.data)
+    # What the shard (or this slice of it) held, and how many of --previous's rows of it were found:
+    # the rest were removed from it.
+    yield beam.pvalue.TaggedOutput(self.SHARD_COUNT_TAG, (item.uri, found, previous_seen))
