@@ -184,7 +184,9 @@ def copy_groups(sha: pa.Array, kept: np.ndarray) -> list:
   grouped = table.group_by("sha256").aggregate([("row", "list")])
   rows = grouped.column("row_list")
   lengths = pc.list_value_length(rows).to_numpy()
-  return [np.asarray(r, dtype=np.int64) for r in rows.filter(pa.array(lengths > 1)).to_pylist()]
+  # Sorted: the hash aggregation's order within a group depends on its threads.
+  groups = [np.sort(np.asarray(r, dtype=np.int64)) for r in rows.filter(pa.array(lengths > 1)).to_pylist()]
+  return sorted(groups, key=lambda g: g[0])
 
 
 def read_rows(source: Source, sample: int, color_by: Optional[str]) -> Rows:
