@@ -32,6 +32,8 @@ ERROR_EXAMPLES = 3
 MAX_ERRORS = 1000  # error rows listed in the data; the groups count all of them
 MAX_COPY_PAIRS = 1000  # exact byte-copy pairs listed; the summary counts all of them
 ALL = "all"
+PROBE_FOLDS = 3  # cross-validation folds of the linear probe (fewer when a class has fewer rows)
+PROBE_ITERATIONS = 300
 _READ_WINDOW = 32  # files read (and held) at once for thumbnails: memory is this many files' bytes
 _READ_THREADS = 16
 
@@ -138,7 +140,9 @@ def _is_layout(layout) -> bool:
 
 def _parquet_file(path: str) -> pq.ParquetFile:
   if FileSystems.get_scheme(path) is None:
-    return pq.ParquetFile(path, memory_map=True)  # local: pages come from the page cache, not the heap
+    # Read, not memory-mapped: a mapping's touched pages count in the process's RSS, 8 GB of them
+    # for 1M x 2,048 vectors; reads cost one row group at a time.
+    return pq.ParquetFile(path)
   return pq.ParquetFile(FileSystems.open(path, compression_type="uncompressed"))
 
 
@@ -302,32 +306,46 @@ def outliers(uris, cosines, count: int = OUTLIERS) -> list:
   return [{"uri": uris[i], "mean_neighbour_cosine": round(float(mean[i]), 6)} for i in np.argsort(mean)[:count]]
 
 
-def probes(parts: dict, labels, k: int) -> tuple:
-  """({slice: {knn_accuracy, linear_accuracy}}, the best slice's confusion matrix) on the labelled
-  rows: leave-one-out kNN (cosine, k neighbours) and a cross-validated logistic regression."""
+def knn_vote(codes: np.ndarray, neighbours: np.ndarray, classes: int) -> np.ndarray:
+  """Each row's predicted class code: the majority among its neighbours' codes (the row itself is not
+  among them: leave-one-out), a tie going to the class of the nearer neighbours."""
+  n, k = neighbours.shape
+  votes = np.zeros((n, classes))
+  weights = 1 + 1e-3 * (k - np.arange(k)) / k  # ranks break ties, never outvote a count
+  np.add.at(votes, (np.repeat(np.arange(n), k), codes[neighbours].ravel()), np.tile(weights, n))
+  return votes.argmax(axis=1)
+
+
+def probes(parts: dict, labels, found: dict) -> tuple:
+  """({slice: {knn_accuracy, linear_accuracy, folds}}, the best one's confusion matrix) on the labelled
+  rows: leave-one-out kNN over the neighbours `found` per slice (the page's own, cosine) and a
+  cross-validated logistic regression (scikit-learn, standardised features)."""
+  import warnings
+  from sklearn.exceptions import ConvergenceWarning
   from sklearn.linear_model import LogisticRegression
   from sklearn.metrics import confusion_matrix
   from sklearn.model_selection import StratifiedKFold, cross_val_predict
-  from sklearn.neighbors import KNeighborsClassifier
   from sklearn.pipeline import make_pipeline
   from sklearn.preprocessing import StandardScaler
   keep = np.array([v is not None for v in labels], bool)
-  y = np.array([str(v) for v, k_ in zip(labels, keep) if k_])
-  classes, counts = np.unique(y, return_counts=True)
+  y = np.array([str(v) for v in labels if v is not None])
+  classes, codes, counts = np.unique(y, return_inverse=True, return_counts=True)
   if len(classes) < 2:
     return {}, None
-  folds = int(min(5, counts.min()))
+  folds = int(min(PROBE_FOLDS, counts.min()))
   result, predictions = {}, {}
   for name, x in parts.items():
     x = x[keep]
-    knn = KNeighborsClassifier(n_neighbors=min(k, len(x) - 1), metric="cosine", algorithm="brute").fit(x, y)
-    knn_pred = knn.predict(None)  # None: every row, each left out of its own neighbours
+    neighbours = found[name][0] if keep.all() else nearest(x, found[name][0].shape[1])[0]
+    knn_pred = classes[knn_vote(codes, neighbours, len(classes))]
     entry = {"knn_accuracy": round(float(np.mean(knn_pred == y)), 6), "linear_accuracy": None, "folds": None}
     predictions[(name, "knn")] = knn_pred
     if folds >= 2:
       cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=SEED)
-      model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-      linear_pred = cross_val_predict(model, x, y, cv=cv)
+      model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=PROBE_ITERATIONS))
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a probe, not a model to ship
+        linear_pred = cross_val_predict(model, x, y, cv=cv)
       entry.update(linear_accuracy=round(float(np.mean(linear_pred == y)), 6), folds=folds)
       predictions[(name, "linear")] = linear_pred
     result[name] = entry
@@ -444,7 +462,7 @@ def build_data(source: Source, rows: Rows, k: int, threshold: float, error_group
   xy = projection(parts[ALL]) if n else np.zeros((0, 2))
   as_list = lambda i, idx, cos: [{"uri": rows.uris[j], "cosine": round(float(c), 6)} for j, c in zip(idx[i], cos[i])]
   queries = sorted(np.random.default_rng(SEED).choice(n, size=min(CONTACT_QUERIES, n), replace=False).tolist()) if n else []
-  probe, confusion = probes(parts, rows.labels, k) if rows.labels is not None and n > 2 else ({}, None)
+  probe, confusion = probes(parts, rows.labels, found) if rows.labels is not None and n > 2 else ({}, None)
   summary = dict(source.summary)
   summary["report"] = {
       "rows": rows.total, "sampled": n, "every_row": n == rows.total, "seed": SEED, "partial": source.partial,
