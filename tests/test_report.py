@@ -12,6 +12,7 @@ import sys
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -241,3 +242,38 @@ def test_thumbnails_of_hostile_files_are_missing_not_fatal_and_shard_members_are
   thumbs = report.thumbnails(wanted)
   assert set(thumbs) == {str(tmp_path / "photo.jpg"), f"{shard}#001"}
   assert all(t.startswith("data:image/jpeg;base64,") for t in thumbs.values())
+
+
+def test_report_reads_and_writes_gs_with_thumbnails_of_objects_and_shard_members(tmp_path):
+  from apache_beam.io.filesystems import FileSystems
+  from tests.gcs_emulator import gcs_emulator
+
+  def write(uri, data):
+    with FileSystems.create(uri) as f:
+      f.write(data)
+
+  with gcs_emulator("report-bucket") as bucket:
+    root = f"gs://{bucket}"
+    photos = [f"{root}/photos/{name}.jpg" for name in ("coffee", "coins", "rocket")]
+    for uri in photos:
+      write(uri, (SAMPLES / uri.rsplit("/", 1)[1]).read_bytes())
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+      info = tarfile.TarInfo("000.jpg")
+      info.size = (SAMPLES / "chelsea.jpg").stat().st_size
+      tar.addfile(info, io.BytesIO((SAMPLES / "chelsea.jpg").read_bytes()))
+    write(f"{root}/shards/0.tar", shard.read_bytes())
+    local = tmp_path / "run"
+    _synthetic_run(local, 4, 8, 4, 1, {})
+    uris = photos + [f"{root}/shards/0.tar#000"]
+    table = pq.read_table(next(local.glob("embeddings-*.parquet")))
+    table = table.set_column(0, "uri", pa.array(uris, pa.string()))
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    write(f"{root}/emb/embeddings-00000-of-00001.parquet", sink.getvalue())
+    write(f"{root}/emb/{SUCCESS_FILE}", (local / SUCCESS_FILE).read_bytes())
+    assert report.run([f"{root}/emb", "--html", f"{root}/pages/r.html"]) == 0
+    with FileSystems.open(f"{root}/pages/r.html") as f:
+      html = f.read().decode()
+  assert sorted(p["uri"] for p in page_data(html)["points"]) == sorted(uris)
+  assert set(page_data(html, "report-thumbnails")) == set(uris)
