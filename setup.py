@@ -8,6 +8,7 @@ setuptools.setup(
     description="Batch image embeddings with frozen keras.applications backbones on Apache Beam",
     packages=["pipeline", "transforms"],
     py_modules=["embed_images"],
+    package_data={"pipeline": ["report.html"]},  # the report page's template
     python_requires=">=3.10",
     install_requires=[
         # Upper bounds: the next minor after the versions tested (constraints.txt pins those).
@@ -21,7 +22,9 @@ setuptools.setup(
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<2.78"],
-        "test": ["pytest>=7", "gcp-storage-emulator"],
+        "test": ["pytest>=7", "gcp-storage-emulator", "playwright>=1.40,<1.66"],
+        # `embed-images report`: projection, neighbour search and probes.
+        "report": ["scikit-learn>=1.4,<1.10"],
     },
     entry_points={"console_scripts": ["embed-images=pipeline.cli:main"]},
 )

@@ -26,6 +26,7 @@ import tempfile
 
 import pipeline  # this module's own package, already imported: its USER_TF_LOG_LEVEL
 
+REPORT_COMMAND = "report"  # `embed-images report OUTPUT ...` (pipeline/report.py)
 VERBOSE_FLAG = "--verbose"  # taken out here: Beam and the job's own parser never see it
 # Logged on the root logger by apache_beam/io/gcp/internal/clients/bigquery when the [gcp] extra
 # (apitools) is not installed; only BigQuery needs it.
@@ -111,6 +112,11 @@ def main(argv=None):
   verbose = VERBOSE_FLAG in argv
   argv = [a for a in argv if a != VERBOSE_FLAG]
   logging.getLogger().setLevel(logging.WARNING)
+  if argv[:1] == [REPORT_COMMAND]:
+    # Before the job's own start-up: a report reads Parquet and never needs TensorFlow.
+    with contextlib.nullcontext() if verbose else without_apitools_warning():
+      from pipeline import report
+    sys.exit(report.run(argv[1:]))
   # The package set TF_CPP_MIN_LOG_LEVEL=2 on import unless the user had chosen a level. At 2 or 3
   # TensorFlow promises no INFO or WARNING lines, and the capture keeps that promise for the lines
   # printed before TensorFlow reads it; a user's 0 or 1 asks for them all. --verbose unsets our 2.

@@ -155,8 +155,12 @@ def print_help():
 
 def run(argv=None, save_main_session=True) -> int:
   """Runs the job; returns the exit status (0 ok, 1 over the failure budget or inconsistent,
-  2 bad options, 130/143 interrupted by SIGINT/SIGTERM)."""
-  known, argv = info_request(list(sys.argv[1:] if argv is None else argv))
+  2 bad options, 130/143 interrupted by SIGINT/SIGTERM). `report ...` writes a run's report page instead."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["report"]:
+    from pipeline import report
+    return report.run(argv[1:])
+  known, argv = info_request(argv)
   if known.list_backbones:
     print(format_table())
     return 0
