@@ -10,6 +10,8 @@ goes through it. It counts each request by kind (`KINDS`) and by outcome, and ca
   else) is reset BEFORE it is forwarded: after the emulator has finished a resumable upload, a
   retried final request gets 404 where real GCS answers 200, so a fault after forwarding a write
   would test the emulator, not the client.
+* `once(kind, outcome)`: the next request of `kind` gets `outcome` ("503", "429" or "reset") for
+  sure, so that a test covers that kind whatever the draws.
 * `down(kind=None, status=503)`: from now on every request (of that kind) answers `status`;
   `down(..., after=N)` starts after N more requests of that kind have gone through; `up()` ends it.
 * `deny(uri, status)`: an object answers 404 or 403 for good (its reads and metadata; a listing
@@ -82,6 +84,7 @@ class FaultProxy:
     self._fractions = {"503": 0.0, "429": 0.0, "reset": 0.0}
     self._fault_kinds = None
     self._down = {}  # kind or None -> [status, requests still let through]
+    self._once = collections.defaultdict(list)  # kind -> outcomes its next requests get
     self._denied = {}  # object uri -> status
     proxy = self
 
@@ -120,6 +123,11 @@ class FaultProxy:
       self._fractions = {"503": p503, "429": p429, "reset": p_reset}
       self._fault_kinds = set(kinds) if kinds else None
 
+  def once(self, kind, outcome):
+    """The next request of `kind` gets `outcome`: "503", "429" or "reset"."""
+    with self._lock:
+      self._once[kind].append(outcome)
+
   def down(self, kind=None, status=503, after=0):
     """Every request of `kind` (None: every request) answers `status`, after `after` more go through."""
     with self._lock:
@@ -130,9 +138,12 @@ class FaultProxy:
       self._down.clear()
 
   def deny(self, uri: str, status=404):
-    """`uri`'s reads and metadata answer `status` for good."""
+    """`uri`'s reads and metadata answer `status` for good (None: answered again)."""
     with self._lock:
-      self._denied[uri] = status
+      if status is None:
+        self._denied.pop(uri, None)
+      else:
+        self._denied[uri] = status
 
   def reset_counts(self):
     with self._lock:
@@ -164,6 +175,9 @@ class FaultProxy:
             return "status", down[0], f"down {down[0]}"
       if uri in self._denied and kind in ("read", "metadata"):
         return "status", self._denied[uri], f"deny {self._denied[uri]}"
+      if self._once.get(kind):
+        label = self._once[kind].pop(0)
+        return ("reset", None, "reset") if label == "reset" else ("status", int(label), label)
       if self._fault_kinds is None or kind in self._fault_kinds:
         draw, edge = self._random.random(), 0.0
         for label, fraction in self._fractions.items():

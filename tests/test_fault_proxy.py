@@ -97,6 +97,15 @@ def test_down_after_some_requests_and_up_again(gcs_proxy):
   assert gcs_proxy.outcomes[("list", "down 503")] == 2
 
 
+def test_once_faults_the_next_request_of_that_kind(gcs_proxy):
+  _write(f"{gcs_proxy.bucket}/x.jpg", b"x")
+  gcs_proxy.once("list", "429")
+  gcs_proxy.once("list", "503")
+  read = "/download/storage/v1/b/test-bucket/o/x.jpg?alt=media"
+  assert _raw_get(gcs_proxy, read)[0] == 200
+  assert [_raw_get(gcs_proxy, "/storage/v1/b/test-bucket/o")[0] for _ in range(3)] == [429, 503, 200]
+
+
 def test_fault_choices_are_seeded(gcs_proxy):
   _write(f"{gcs_proxy.bucket}/x.jpg", b"x")
 
