@@ -14,6 +14,7 @@ from PIL import Image
 
 from tests.fault_proxy import fault_proxy
 from tests.gcs_emulator import gcs_emulator
+from transforms import store
 from transforms.write import embedding_matrix, read_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +39,13 @@ def _jpeg(seed):
   return out.getvalue()
 
 
-def _cli(*args):
+def _cli(*args, retry_seconds=None):
   """`python -m pipeline ARGS` in a fresh process: (exit status, stderr)."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  if retry_seconds is not None:
+    env[store.ENV] = str(retry_seconds)
   done = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO,
-                        timeout=540, env=dict(os.environ, PYTHONPATH=REPO))
+                        timeout=540, env=env)
   return done.returncode, done.stderr
 
 
@@ -59,7 +63,7 @@ def _vectors(output):
 
 
 @pytest.fixture(scope="module")
-def store():
+def bucket():
   """(proxy, the images' uris): N_IMAGES small JPEGs in gs://store-bucket/photos/ (two folders deep)."""
   with gcs_emulator("store-bucket") as name, fault_proxy(seed=21) as proxy:
     bucket = f"gs://{name}"
@@ -71,8 +75,8 @@ def store():
 
 
 @pytest.fixture(scope="module")
-def clean_run(store):
-  proxy, uris = store
+def clean_run(bucket):
+  proxy, uris = bucket
   output = f"{proxy.bucket}/clean"
   proxy.reset_counts()
   status, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL)
@@ -80,8 +84,8 @@ def clean_run(store):
   return output, sum(proxy.counts.values())
 
 
-def test_a_flaky_store_costs_requests_never_rows(store, clean_run):
-  proxy, uris = store
+def test_a_flaky_store_costs_requests_never_rows(bucket, clean_run):
+  proxy, uris = bucket
   clean_output, clean_requests = clean_run
   output = f"{proxy.bucket}/flaky"
   proxy.reset_counts()
@@ -115,8 +119,8 @@ def test_a_flaky_store_costs_requests_never_rows(store, clean_run):
 
 
 @pytest.mark.parametrize("status", [404, 403])
-def test_a_permanent_answer_is_one_read_error_row_naming_the_status(store, status):
-  proxy, uris = store
+def test_a_permanent_answer_is_one_read_error_row_naming_the_status(bucket, status):
+  proxy, uris = bucket
   output = f"{proxy.bucket}/denied-{status}"
   denied = uris[3]
   proxy.reset_counts()
@@ -133,3 +137,137 @@ def test_a_permanent_answer_is_one_read_error_row_naming_the_status(store, statu
   assert proxy.outcomes[("read", f"deny {status}")] == 1  # answered once, not retried
   summary = read_summary(output)
   assert (summary["counts"]["embedded"], summary["counts"]["failed"]) == (N_IMAGES - 1, 1)
+
+
+# --- the outage deadline, alone ----------------------------------------------------------------
+
+class _Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def _http_error(code):
+  from google.api_core import exceptions as api_exceptions
+  return api_exceptions.from_http_status(code, "injected")
+
+
+def test_outage_runs_from_the_first_failure_until_a_success():
+  clock = _Clock()
+  outage = store.Outage(seconds=10, clock=clock)
+  assert outage.failed(_http_error(503)) and not outage.expired
+  clock.now = 9.9
+  assert outage.failed(_http_error(429))  # across calls: the first failure started it
+  clock.now = 10.0
+  assert outage.expired and not outage.failed(_http_error(503))
+  assert "last status: 503 ServiceUnavailable" in str(outage.error())
+  outage.succeeded()  # one answer: the store is back, a new outage starts from zero
+  assert not outage.expired
+  clock.now = 19.0
+  assert outage.failed(_http_error(503)) and not outage.expired
+
+
+def test_unavailable_is_found_inside_the_text_beam_wraps_it_in():
+  error = store.StoreUnavailable("gs://b", "503 ServiceUnavailable", 120)
+  wrapped = RuntimeError(f"Pipeline failed [while running 'Embed']: {error!r} ...")
+  assert store.unavailable_in(wrapped) == ("gs://b", "503 ServiceUnavailable")
+  assert store.unavailable_in(RuntimeError("no such object")) is None
+
+
+def test_retry_gives_up_once_the_deadline_passed_and_permanent_answers_at_once(monkeypatch):
+  clock = _Clock()
+  # The deadline is read off the injected clock; 0.1 s only scales the backoff's real sleeps down.
+  monkeypatch.setattr(store, "OUTAGE", store.Outage(seconds=0.1, clock=clock))
+  calls = []
+
+  def failing(code):
+    def call():
+      calls.append(code)
+      if code == 503 and len(calls) == 3:
+        clock.now += 0.1  # the third try is past the deadline
+      raise _http_error(code)
+    return call
+
+  with pytest.raises(store.StoreUnavailable, match="last status: 503"):
+    store.retry()(failing(503))()
+  assert len(calls) == 3
+  calls.clear()
+  with pytest.raises(store.StoreUnavailable):  # the outage goes on: the next call does not retry
+    store.retry()(failing(503))()
+  assert len(calls) == 1
+  calls.clear()
+  from google.api_core import exceptions as api_exceptions
+  with pytest.raises(api_exceptions.NotFound):
+    store.retry()(failing(404))()
+  assert len(calls) == 1
+  assert store.retry()(lambda: "ok")() == "ok" and not store.OUTAGE.expired
+
+
+# --- a store that stays down ----------------------------------------------------------------------
+# A deadline of 2 s (EMBED_IMAGES_STORE_RETRY_SECONDS) in place of 120: what is asserted is where the
+# run stops and what it says, and how many requests it made, never how long it took.
+
+def _last_line(stderr):
+  return stderr.strip().splitlines()[-1]
+
+
+def test_a_store_down_at_launch_is_one_line_naming_it_and_its_status(store_down_at_launch):
+  code, stderr, requests = store_down_at_launch
+  assert code == 2, stderr
+  line = _last_line(stderr)
+  assert line.startswith("embed-images: error: --input ")
+  assert "gs://store-bucket" in line and "unavailable" in line and "503" in line, line
+  assert "matched no file" not in stderr and "Traceback" not in stderr
+  assert requests["list"] <= 20, requests  # one call's retries, then every call fails at once
+
+
+@pytest.fixture(scope="module")
+def store_down_at_launch(bucket):
+  proxy, _ = bucket
+  proxy.reset_counts()
+  proxy.down(status=503)
+  try:
+    code, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", f"{proxy.bucket}/down",
+                        *MODEL, retry_seconds=2)
+  finally:
+    proxy.up()
+  return code, stderr, dict(proxy.counts)
+
+
+def test_reads_down_after_the_listing_stop_the_run_and_resume_goes_on(bucket, clean_run):
+  proxy, uris = bucket
+  output = f"{proxy.bucket}/reads-down"
+  # One read thread: the first batch's 8 reads (one decode group) go through and its rows are
+  # committed, then every read fails.
+  args = ("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL, "--checkpoint-every", "0.001",
+          "--read-threads", "1", "--decode-threads", "1")
+  proxy.reset_counts()
+  proxy.down(kind="read", status=503, after=8)
+  try:
+    code, stderr = _cli(*args, retry_seconds=2)
+  finally:
+    proxy.up()
+  line = _last_line(stderr)
+  assert code == 1, stderr
+  assert line.startswith("embed-images: error: the store gs://store-bucket is unavailable"), line
+  assert "503" in line and "--resume" in line, line
+  assert proxy.counts["read"] < 8 + 16 * 12, dict(proxy.counts)  # the reads in flight, each a few tries
+  with pytest.raises(Exception):
+    read_summary(output)  # partial: no _SUCCESS.json
+  assert not _table(output, "errors") or not _table(output, "errors").num_rows  # no row blames a file
+
+  proxy.reset_counts()
+  code, stderr = _cli(*args, "--resume")
+  assert code == 0, stderr
+  summary = read_summary(output)
+  assert summary["status"] == "ok" and summary["counts"]["failed"] == 0
+  assert summary["counts"]["embedded"] + summary["counts"].get("resumed", 0) == N_IMAGES
+  assert summary["counts"].get("resumed", 0) == 8  # what the stopped run committed went on from there
+  names, vectors = _vectors(output)
+  clean_names, clean_vectors = _vectors(clean_run[0])
+  assert names == clean_names
+  np.testing.assert_allclose(vectors, clean_vectors, rtol=1e-5, atol=1e-6)
+  print(f"\nreads down after 8: resumed {summary['counts'].get('resumed', 0)}, "
+        f"{proxy.counts['read']} reads on --resume")

@@ -20,6 +20,7 @@ from transforms import checkpoint, decode, decode_pool, fused, shards
 from transforms.decode_pool import DecodeProcessError
 from transforms.item import Item
 from transforms.read import read_bytes, sha256_hex
+from transforms.store import StoreUnavailable
 from transforms.write import error_row, package_versions, rows_to_table
 
 _LOG = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ def _read_and_hash(uri, previous_sha256=None, resume_sha256=None, data=None, sou
   if data is None:
     try:
       data = read_bytes(source or uri)
+    except StoreUnavailable:
+      raise  # the store's fault, not the file's: the run stops, and --resume reads it again
     except Exception as e:  # vanished, unreadable, permission: the file's own fault
       return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}")), None
   digest = sha256_hex(data)
