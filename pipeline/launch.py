@@ -25,7 +25,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _
 
 from pipeline.config import RunConfig, model_layout
 from pipeline.options import EmbedOptions, LaunchError, _bool_value, _check_choice, backbone_names, validate
-from transforms import checkpoint, manifest, models, refresh, shards
+from transforms import checkpoint, manifest, models, refresh, shards, store
 from transforms.backbones import BACKBONES, PREPROCESSING_MODES, get_backbone
 from transforms.weights import BackboneSpec, resolve_weights
 from transforms.write import SUCCESS_FILE
@@ -210,7 +210,8 @@ def first_shards(patterns, input_format="auto") -> dict:
   for pattern in patterns:
     try:
       matched = FileSystems.match([pattern], limits=[SHARD_PROBE_MATCHES])[0].metadata_list
-    except Exception:  # check_inputs_match says why, where it is asked to
+    except Exception as e:  # check_inputs_match says why, where it is asked to; not a store that is down
+      _raise_if_unavailable("--input", pattern, e)
       continue
     for metadata in sorted(matched, key=lambda m: m.path):
       kind = shards.shard_format(metadata.path, input_format)
@@ -332,12 +333,21 @@ def list_layers(name, argv) -> str:
   return models.format_layers(choices)
 
 
+def _raise_if_unavailable(option, value, error):
+  """A LaunchError naming the store and its last status, when `error` says the store stayed down."""
+  found = store.unavailable_in(error)
+  if found:
+    raise LaunchError(f"{option} {value!r}: the store {found[0]} is unavailable (no request succeeded for "
+                      f"{store.OUTAGE.seconds:g} s, {store.ENV}); last status: {found[1]}") from None
+
+
 def check_inputs_match(patterns):
   """Each --input must match at least one file; asks for one match only, never a listing."""
   for pattern in patterns:
     try:
       result = FileSystems.match([pattern], limits=[1])[0]
     except Exception as e:  # a missing bucket, a malformed path: say which --input
+      _raise_if_unavailable("--input", pattern, e)
       raise LaunchError(f"--input {pattern!r} could not be matched: {e}".splitlines()[0])
     if not result.metadata_list:
       hint = ""
@@ -369,7 +379,8 @@ def _with_previous(config, previous, ignore_bad):
 def _matches(pattern) -> list:
   try:
     return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-  except Exception:  # a directory that does not exist yet
+  except Exception as e:  # a directory that does not exist yet; not a store that is down
+    _raise_if_unavailable("--output", pattern, e)
     return []
 
 
@@ -378,6 +389,8 @@ def existing_outputs(output) -> list:
   the temporary folders of Beam's file sinks that a killed run leaves."""
   found = [path for pattern in OUTPUT_FILE_PATTERNS for path in _matches(FileSystems.join(output, pattern))]
   found += checkpoint.files(output)
+  if store.OUTAGE.expired:  # checkpoint.files takes any failure for "no checkpoints yet"
+    _raise_if_unavailable("--output", output, store.OUTAGE.error())
   # gs://: the objects under them; local: the folders themselves (Beam's match lists files only),
   # which FileSystems.delete removes whole.
   if "://" in output:

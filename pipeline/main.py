@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from pipeline import launch
 from pipeline.graph import build_graph
 from pipeline.options import EmbedOptions, LaunchError
-from transforms import checkpoint, decode_pool, progress
+from transforms import checkpoint, decode_pool, progress, store
 from transforms.backbones import format_table
 from transforms.write import SUCCESS_FILE, read_summary
 
@@ -175,6 +175,7 @@ def run(argv=None, save_main_session=True) -> int:
       return 2
     return 0
 
+  store.install()  # before the launch checks: their requests retry under the outage deadline too
   try:
     launch.check_arguments(argv)
     options = PipelineOptions(argv)
@@ -206,7 +207,15 @@ def run(argv=None, save_main_session=True) -> int:
       if config.checkpoint_every and not config.resume:
         checkpoint.write_layout(config.output, config.layout)
       p.run().wait_until_finish()
-    except BaseException:
+    except BaseException as e:
+      down = None if received else store.unavailable_in(e)
+      if down:
+        go_on = ("run again with --resume to go on from its committed rows" if config.checkpoint_every
+                 else "run again with --overwrite to start over")
+        print(f"{PROG}: error: the store {down[0]} is unavailable (no request succeeded for "
+              f"{store.OUTAGE.seconds:g} s); last status: {down[1]}; the output in {config.output} is partial "
+              f"(no {SUCCESS_FILE}); {go_on}", file=sys.stderr)
+        return 1
       if not received:
         raise
       name = signal.Signals(received[0]).name

@@ -7,6 +7,7 @@ from typing import Optional
 from transforms import decode
 from transforms.decode_pool import DecodeProcessError
 from transforms.read import read_bytes, sha256_hex
+from transforms.store import StoreUnavailable
 from transforms.write import error_row
 
 
@@ -79,6 +80,8 @@ def read_and_hash(request: LoadRequest):
   if data is None:
     try:
       data = read_bytes(request.source or uri)
+    except StoreUnavailable:
+      raise  # the store's fault, not the file's: the run stops, and --resume reads it again
     except Exception as e:  # vanished, unreadable, permission: the file's own fault
       return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}")), None
   digest = sha256_hex(data)

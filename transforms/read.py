@@ -6,6 +6,8 @@ import threading
 
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import store
+
 _CHUNK = 8 << 20
 _GCS_PREFIX = "gs://"
 
@@ -16,6 +18,9 @@ _GCS_PREFIX = "gs://"
 # requests.Session is not documented as thread-safe and its connection pool keeps 10
 # connections, fewer than the --read-threads (16) reads in flight.
 _clients = threading.local()
+# Every process that reads (the launcher, each worker) imports this module: Beam's GcsIO in it
+# (listing, Parquet sinks, checkpoints) retries under the same outage deadline as these reads.
+store.install()
 
 
 def read_bytes(uri: str) -> bytes:
@@ -62,12 +67,12 @@ def _gcs_client():
   options = _gcs_options()
   # Rebuilt when what it was built from changes: another pipeline's options in this
   # process, a forked child (sockets must not be shared), another emulator in tests.
-  key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
+  key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"), store.OUTAGE)
   cached = getattr(_clients, "entry", None)
   if cached is not None and cached[0] is options and cached[1] == key:
     return cached[2]
   try:
-    from apache_beam.io.gcp import gcsio, gcsio_retry
+    from apache_beam.io.gcp import gcsio
     from apache_beam.options.pipeline_options import PipelineOptions
   except ImportError:
     return None
@@ -77,7 +82,7 @@ def _gcs_client():
     view = PipelineOptions.from_dictionary(options)
   else:
     view = options
-  client = (gcsio.create_storage_client(view), gcsio_retry.get_retry(view))
+  client = (gcsio.create_storage_client(view), store.retry())
   _clients.entry = (options, key, client)
   return client
 

@@ -1,0 +1,80 @@
+"""transforms/listing.py: globs matched as Beam matches them, with what the listing said; gs:// in pages."""
+
+import os
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.testing.util import assert_that, equal_to
+
+from transforms.listing import PAGE_SIZE, Listed, ListInputs, match_pattern
+
+NAMES = ["a/x.jpg", "a/b/y.jpg", "a/b/c/z.jpg", "a/b/c/z.png", "top.jpg"]
+
+
+def _beam(pattern):
+  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+
+
+def _ours(pattern):
+  return sorted(uri for uri, _ in match_pattern(pattern))
+
+
+def test_local_listing_matches_as_beam_does_with_size_and_mtime_ns(tmp_path):
+  for i, name in enumerate(NAMES):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * (i + 1))
+  for pattern in ("**/*.jpg", "a/**/*.jpg", "**", "a/*.jpg", "a/b/c/z.*", "a/b/?/z.jpg", "top.jpg", "nothing/*"):
+    assert _ours(f"{tmp_path}/{pattern}") == _beam(f"{tmp_path}/{pattern}"), pattern
+  listed = dict(match_pattern(f"{tmp_path}/a/b/y.jpg"))
+  stat = os.stat(tmp_path / "a/b/y.jpg")
+  assert listed == {f"{tmp_path}/a/b/y.jpg": Listed(size=2, mtime_ns=stat.st_mtime_ns)}
+  os.utime(tmp_path / "a/b/y.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # 1 ns later: another listing
+  assert dict(match_pattern(f"{tmp_path}/a/b/y.jpg")) != listed
+
+
+def test_list_inputs_gives_each_object_once(tmp_path):
+  for name in NAMES:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b"x")
+  with beam.Pipeline() as p:
+    uris = p | ListInputs([f"{tmp_path}/**/*.jpg", f"{tmp_path}/a/*.jpg"]) | beam.Keys()
+    assert_that(uris, equal_to([f"{tmp_path}/{n}" for n in ("a/x.jpg", "a/b/y.jpg", "a/b/c/z.jpg")]))
+
+
+def test_gcs_listing_carries_generation_crc32c_md5_in_one_request_a_page(gcs_proxy):
+  bucket = gcs_proxy.bucket
+  for name in NAMES:
+    with FileSystems.create(f"{bucket}/{name}") as f:
+      f.write(name.encode())
+  for pattern in ("**/*.jpg", "a/**/*.jpg", "**", "a/*.jpg", "a/b/c/z.*", "top.jpg"):
+    assert _ours(f"{bucket}/{pattern}") == _beam(f"{bucket}/{pattern}"), pattern
+
+  from google.cloud import storage
+  blob = storage.Client(project="test").bucket("test-bucket").get_blob("a/b/y.jpg")
+  gcs_proxy.reset_counts()
+  listed = dict(match_pattern(f"{bucket}/a/b/y.*"))
+  assert listed == {f"{bucket}/a/b/y.jpg": Listed(size=len(b"a/b/y.jpg"), generation=int(blob.generation),
+                                                   crc32c=blob.crc32c, md5=blob.md5_hash)}
+  assert listed[f"{bucket}/a/b/y.jpg"].crc32c and listed[f"{bucket}/a/b/y.jpg"].generation
+  assert gcs_proxy.counts["list"] == 1 and gcs_proxy.counts["read"] + gcs_proxy.counts["metadata"] == 0
+
+
+def test_gcs_listing_is_one_request_and_retries_under_faults(gcs_proxy):
+  # The emulator answers a listing in one page whatever maxResults asks, so paging itself (PAGE_SIZE,
+  # 1,000 objects a request on GCS) is google-cloud-storage's iterator, not exercised here.
+  bucket = gcs_proxy.bucket
+  for i in range(25):
+    with FileSystems.create(f"{bucket}/many/{i:02d}.jpg") as f:
+      f.write(b"x")
+  gcs_proxy.reset_counts()
+  assert len(_ours(f"{bucket}/many/*.jpg")) == 25
+  # nothing per object (a "bucket" GET may come from Beam's GcsIO of the writes, in the background)
+  assert gcs_proxy.counts["list"] == 1 and gcs_proxy.counts["read"] + gcs_proxy.counts["metadata"] == 0
+  gcs_proxy.once("list", "503")
+  gcs_proxy.once("list", "reset")
+  gcs_proxy.reset_counts()
+  assert len(_ours(f"{bucket}/many/*.jpg")) == 25
+  assert gcs_proxy.counts["list"] == 3
+  assert gcs_proxy.outcomes[("list", "503")] == gcs_proxy.outcomes[("list", "reset")] == 1
+  assert PAGE_SIZE == 1000

@@ -1,0 +1,273 @@
+"""A flaky or dead store, end to end: gs:// -> gs:// command-line runs through tests/fault_proxy.py."""
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image
+
+from tests.fault_proxy import fault_proxy
+from tests.gcs_emulator import gcs_emulator
+from transforms import store
+from transforms.write import embedding_matrix, read_summary
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_IMAGES = 24
+MODEL = ("--backbones", "mobilenet_v3_small", "--image-size", "32", "--weights", "random", "--batch-size", "8")
+
+
+def _put(uri, data):
+  with FileSystems.create(uri, compression_type="uncompressed") as f:
+    f.write(data)
+
+
+def _get(uri):
+  with FileSystems.open(uri, compression_type="uncompressed") as f:
+    return f.read()
+
+
+def _jpeg(seed):
+  pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+  return out.getvalue()
+
+
+def _cli(*args, retry_seconds=None):
+  """`python -m pipeline ARGS` in a fresh process: (exit status, stderr)."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  if retry_seconds is not None:
+    env[store.ENV] = str(retry_seconds)
+  done = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO,
+                        timeout=540, env=env)
+  return done.returncode, done.stderr
+
+
+def _table(output, prefix):
+  files = sorted(m.path for m in FileSystems.match([f"{output}/{prefix}-*.parquet"])[0].metadata_list)
+  if not files:
+    return None
+  return pa.concat_tables(pq.read_table(pa.BufferReader(_get(f))) for f in files)
+
+
+def _vectors(output):
+  table = _table(output, "embeddings")
+  order = np.argsort(table.column("uri").to_pylist())
+  return [table.column("uri").to_pylist()[i] for i in order], embedding_matrix(table.column("embedding"))[order]
+
+
+@pytest.fixture(scope="module")
+def bucket():
+  """(proxy, the images' uris): N_IMAGES small JPEGs in gs://store-bucket/photos/ (two folders deep)."""
+  with gcs_emulator("store-bucket") as name, fault_proxy(seed=21) as proxy:
+    bucket = f"gs://{name}"
+    uris = [f"{bucket}/photos/{'a' if i % 2 else 'b'}/{i:03d}.jpg" for i in range(N_IMAGES)]
+    for i, uri in enumerate(uris):
+      _put(uri, _jpeg(i))
+    proxy.bucket = bucket
+    yield proxy, uris
+
+
+@pytest.fixture(scope="module")
+def clean_run(bucket):
+  proxy, uris = bucket
+  output = f"{proxy.bucket}/clean"
+  proxy.reset_counts()
+  status, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL)
+  assert status == 0, stderr
+  return output, sum(proxy.counts.values())
+
+
+def test_a_flaky_store_costs_requests_never_rows(bucket, clean_run):
+  proxy, uris = bucket
+  clean_output, clean_requests = clean_run
+  output = f"{proxy.bucket}/flaky"
+  proxy.reset_counts()
+  proxy.faults(p503=0.10, p429=0.05, p_reset=0.02)
+  # The draws aside, one fault for sure on each kind the run makes: the listing, a read cut in half,
+  # a resumable upload (Parquet files, checkpoints) reset before it is forwarded, a batch (deletes).
+  for kind, outcome in (("list", "503"), ("read", "reset"), ("resumable", "reset"), ("batch", "429")):
+    proxy.once(kind, outcome)
+  try:
+    status, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL,
+                          "--checkpoint-every", "0.001")
+  finally:
+    proxy.faults()
+  injected = proxy.injected()
+  print(f"\nflaky store: {sum(proxy.counts.values())} requests ({clean_requests} without faults), "
+        f"{injected} faults injected: {sorted(proxy.outcomes.items())}")
+  assert status == 0, stderr
+  assert injected > 0
+  # every kind of request the run makes took faults: listing, reads, writes
+  for kind, outcome in (("list", "503"), ("read", "reset"), ("resumable", "reset"), ("batch", "429")):
+    assert proxy.outcomes[(kind, outcome)] >= 1, (kind, outcome)
+
+  summary = read_summary(output)
+  assert summary["status"] == "ok"
+  assert summary["counts"]["embedded"] == N_IMAGES and summary["counts"]["failed"] == 0
+  assert _table(output, "errors") is None or _table(output, "errors").num_rows == 0
+  names, vectors = _vectors(output)
+  clean_names, clean_vectors = _vectors(clean_output)
+  assert names == clean_names == sorted(uris)
+  np.testing.assert_allclose(vectors, clean_vectors, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_a_permanent_answer_is_one_read_error_row_naming_the_status(bucket, status):
+  proxy, uris = bucket
+  output = f"{proxy.bucket}/denied-{status}"
+  denied = uris[3]
+  proxy.reset_counts()
+  proxy.deny(denied, status)
+  try:
+    code, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL,
+                        "--max-failure-fraction", "0.5")
+  finally:
+    proxy.deny(denied, None)
+  assert code == 0, stderr
+  errors = _table(output, "errors").to_pylist()
+  assert [(e["uri"], e["stage"]) for e in errors] == [(denied, "read")]
+  assert str(status) in errors[0]["message"], errors[0]
+  assert proxy.outcomes[("read", f"deny {status}")] == 1  # answered once, not retried
+  summary = read_summary(output)
+  assert (summary["counts"]["embedded"], summary["counts"]["failed"]) == (N_IMAGES - 1, 1)
+
+
+# --- the outage deadline, alone ----------------------------------------------------------------
+
+class _Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def _http_error(code):
+  from google.api_core import exceptions as api_exceptions
+  return api_exceptions.from_http_status(code, "injected")
+
+
+def test_outage_runs_from_the_first_failure_until_a_success():
+  clock = _Clock()
+  outage = store.Outage(seconds=10, clock=clock)
+  assert outage.failed(_http_error(503)) and not outage.expired
+  clock.now = 9.9
+  assert outage.failed(_http_error(429))  # across calls: the first failure started it
+  clock.now = 10.0
+  assert outage.expired and not outage.failed(_http_error(503))
+  assert "last status: 503 ServiceUnavailable" in str(outage.error())
+  outage.succeeded()  # one answer: the store is back, a new outage starts from zero
+  assert not outage.expired
+  clock.now = 19.0
+  assert outage.failed(_http_error(503)) and not outage.expired
+
+
+def test_unavailable_is_found_inside_the_text_beam_wraps_it_in():
+  error = store.StoreUnavailable("gs://b", "503 ServiceUnavailable", 120)
+  wrapped = RuntimeError(f"Pipeline failed [while running 'Embed']: {error!r} ...")
+  assert store.unavailable_in(wrapped) == ("gs://b", "503 ServiceUnavailable")
+  assert store.unavailable_in(RuntimeError("no such object")) is None
+
+
+def test_retry_gives_up_once_the_deadline_passed_and_permanent_answers_at_once(monkeypatch):
+  clock = _Clock()
+  # The deadline is read off the injected clock; 0.1 s only scales the backoff's real sleeps down.
+  monkeypatch.setattr(store, "OUTAGE", store.Outage(seconds=0.1, clock=clock))
+  calls = []
+
+  def failing(code):
+    def call():
+      calls.append(code)
+      if code == 503 and len(calls) == 3:
+        clock.now += 0.1  # the third try is past the deadline
+      raise _http_error(code)
+    return call
+
+  with pytest.raises(store.StoreUnavailable, match="last status: 503"):
+    store.retry()(failing(503))()
+  assert len(calls) == 3
+  calls.clear()
+  with pytest.raises(store.StoreUnavailable):  # the outage goes on: the next call does not retry
+    store.retry()(failing(503))()
+  assert len(calls) == 1
+  calls.clear()
+  from google.api_core import exceptions as api_exceptions
+  with pytest.raises(api_exceptions.NotFound):
+    store.retry()(failing(404))()
+  assert len(calls) == 1
+  assert store.retry()(lambda: "ok")() == "ok" and not store.OUTAGE.expired
+
+
+# --- a store that stays down ----------------------------------------------------------------------
+# A deadline of 2 s (EMBED_IMAGES_STORE_RETRY_SECONDS) in place of 120: what is asserted is where the
+# run stops and what it says, and how many requests it made, never how long it took.
+
+def _last_line(stderr):
+  return stderr.strip().splitlines()[-1]
+
+
+def test_a_store_down_at_launch_is_one_line_naming_it_and_its_status(store_down_at_launch):
+  code, stderr, requests = store_down_at_launch
+  assert code == 2, stderr
+  line = _last_line(stderr)
+  assert line.startswith("embed-images: error: --input ")
+  assert "gs://store-bucket" in line and "unavailable" in line and "503" in line, line
+  assert "matched no file" not in stderr and "Traceback" not in stderr
+  assert requests["list"] <= 20, requests  # one call's retries, then every call fails at once
+
+
+@pytest.fixture(scope="module")
+def store_down_at_launch(bucket):
+  proxy, _ = bucket
+  proxy.reset_counts()
+  proxy.down(status=503)
+  try:
+    code, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", f"{proxy.bucket}/down",
+                        *MODEL, retry_seconds=2)
+  finally:
+    proxy.up()
+  return code, stderr, dict(proxy.counts)
+
+
+def test_reads_down_after_the_listing_stop_the_run_and_resume_goes_on(bucket, clean_run):
+  proxy, uris = bucket
+  output = f"{proxy.bucket}/reads-down"
+  # One read thread: the first batch's 8 reads (one decode group) go through and its rows are
+  # committed, then every read fails.
+  args = ("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL, "--checkpoint-every", "0.001",
+          "--read-threads", "1", "--decode-threads", "1")
+  proxy.reset_counts()
+  proxy.down(kind="read", status=503, after=8)
+  try:
+    code, stderr = _cli(*args, retry_seconds=2)
+  finally:
+    proxy.up()
+  line = _last_line(stderr)
+  assert code == 1, stderr
+  assert line.startswith("embed-images: error: the store gs://store-bucket is unavailable"), line
+  assert "503" in line and "--resume" in line, line
+  assert proxy.counts["read"] < 8 + 16 * 12, dict(proxy.counts)  # the reads in flight, each a few tries
+  with pytest.raises(Exception):
+    read_summary(output)  # partial: no _SUCCESS.json
+  assert not _table(output, "errors") or not _table(output, "errors").num_rows  # no row blames a file
+
+  proxy.reset_counts()
+  code, stderr = _cli(*args, "--resume")
+  assert code == 0, stderr
+  summary = read_summary(output)
+  assert summary["status"] == "ok" and summary["counts"]["failed"] == 0
+  assert summary["counts"]["embedded"] + summary["counts"].get("resumed", 0) == N_IMAGES
+  assert summary["counts"].get("resumed", 0) == 8  # what the stopped run committed went on from there
+  names, vectors = _vectors(output)
+  clean_names, clean_vectors = _vectors(clean_run[0])
+  assert names == clean_names
+  np.testing.assert_allclose(vectors, clean_vectors, rtol=1e-5, atol=1e-6)
+  print(f"\nreads down after 8: resumed {summary['counts'].get('resumed', 0)}, "
+        f"{proxy.counts['read']} reads on --resume")

@@ -1,0 +1,127 @@
+"""Listing: the --input globs matched, each object with what the store's listing said of it (`Listed`).
+
+Interface (for the refresh's "skip unchanged objects unread"; not wired into the graph here):
+
+    pcoll = p | ListInputs(["gs://b/photos/**/*.jpg", "/data/*.png"])
+    # -> (uri, Listed) per matched object, each uri once
+
+`Listed` carries, by scheme:
+- local paths: `size` and `mtime_ns` (os.stat's st_mtime_ns);
+- gs://: `size`, `generation`, `crc32c` (base64, as GCS gives it) and `md5` when the object has one;
+  listed with google-cloud-storage's `list_blobs(prefix=...)`, page by page (one request per 1,000
+  objects), under transforms/store.py's retry policy and outage deadline; Beam's match would give
+  neither generation nor crc32c;
+- any other Beam filesystem: Beam's match, `size` and `mtime` (seconds, as Beam reports it).
+
+Globs mean what Beam's FileSystems.match makes of them (`FileSystem.translate_pattern`: `*` within a
+folder, `**` across folders, `?`, `[...]`), from the prefix before the first glob character.
+`match_pattern(pattern)` is the same thing as a plain function, for tests and the launch checks.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Iterator, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.io.filesystem import FileSystem
+from apache_beam.io.filesystems import FileSystems
+
+from transforms import read  # its client, and the store's retry policy installed
+
+_GCS = "gs://"
+PAGE_SIZE = 1000  # GCS's most per list request
+_FIELDS = "items(name,size,generation,crc32c,md5Hash),nextPageToken"
+
+
+@dataclasses.dataclass(frozen=True)
+class Listed:
+  """What one listing said of one object; two equal values mean the same object, unchanged."""
+  size: int
+  mtime_ns: Optional[int] = None  # local files
+  generation: Optional[int] = None  # gs://
+  crc32c: Optional[str] = None  # gs://, base64
+  md5: Optional[str] = None  # gs://, base64, absent for composite objects
+  mtime: Optional[float] = None  # other filesystems: seconds, as Beam's match gives
+
+
+def _prefix(pattern: str) -> str:
+  return re.match(r"^[^[*?]*", pattern).group(0)
+
+
+def _regex(pattern: str):
+  return re.compile(FileSystem.translate_pattern(pattern))
+
+
+def match_gcs(pattern: str) -> Iterator[Tuple[str, Listed]]:
+  """gs:// objects matching `pattern`, one list request per PAGE_SIZE objects under its prefix."""
+  bucket, _, name_pattern = pattern[len(_GCS):].partition("/")
+  prefix = _prefix(name_pattern)
+  regex = _regex(pattern)
+  client, retry = read._gcs_client()
+  blobs = client.list_blobs(bucket, prefix=prefix, page_size=PAGE_SIZE, fields=_FIELDS, retry=retry)
+  for page in blobs.pages:
+    for blob in page:
+      uri = f"{_GCS}{bucket}/{blob.name}"
+      if regex.fullmatch(uri) and not blob.name.endswith("/"):
+        yield uri, Listed(size=int(blob.size or 0), generation=int(blob.generation), crc32c=blob.crc32c,
+                          md5=blob.md5_hash)
+
+
+def match_local(pattern: str) -> Iterator[Tuple[str, Listed]]:
+  """Local files matching `pattern`, with os.stat's size and st_mtime_ns (one scandir per folder)."""
+  prefix = _prefix(pattern)
+  if prefix == pattern:  # no glob character: the file itself
+    if os.path.isfile(pattern):
+      stat = os.stat(pattern)
+      yield pattern, Listed(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    return
+  regex = _regex(pattern)
+  top = prefix if prefix.endswith(os.sep) else (os.path.dirname(prefix) or ".")
+  stack = [top]
+  while stack:
+    folder = stack.pop()
+    try:
+      entries = list(os.scandir(folder))
+    except OSError:  # a folder that vanished or cannot be read: as Beam's match, not listed
+      continue
+    for entry in sorted(entries, key=lambda e: e.name, reverse=True):
+      path = entry.name if folder == "." else os.path.join(folder, entry.name)
+      if entry.is_dir(follow_symlinks=True):
+        stack.append(path)
+      elif regex.fullmatch(path):
+        stat = entry.stat()
+        yield path, Listed(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+
+
+def match_other(pattern: str) -> Iterator[Tuple[str, Listed]]:
+  for metadata in FileSystems.match([pattern])[0].metadata_list:
+    yield metadata.path, Listed(size=metadata.size_in_bytes, mtime=metadata.last_updated_in_seconds)
+
+
+def match_pattern(pattern: str) -> Iterator[Tuple[str, Listed]]:
+  """(uri, Listed) for each object `pattern` matches, by its scheme."""
+  if pattern.startswith(_GCS):
+    return match_gcs(pattern)
+  if FileSystems.get_scheme(pattern) is None:
+    return match_local(pattern)
+  return match_other(pattern)
+
+
+class ListInputs(beam.PTransform):
+  """Globs in (the constructor's), (uri, Listed) out: each matched object once."""
+
+  def __init__(self, patterns):
+    super().__init__()
+    self._patterns = list(patterns)
+
+  def expand(self, pbegin):
+    listed = (pbegin
+              | "Patterns" >> beam.Create(self._patterns)
+              | "Match" >> beam.FlatMap(match_pattern))
+    if len(self._patterns) <= 1:
+      return listed
+    # A file matched by two globs is one input; its listing is the same either way.
+    return (listed
+            | "ByUri" >> beam.GroupByKey()
+            | "Once" >> beam.Map(lambda kv: (kv[0], next(iter(kv[1])))))

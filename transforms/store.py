@@ -1,0 +1,192 @@
+"""The object store's retries: google-cloud-storage's policy and Beam's, under one outage deadline per process.
+
+google-cloud-storage retries each call for up to 120 s, and a run makes many calls: a store that
+stays down cost a launch 633 s and a run's reads more than 900 s. Here every retried call of the
+process shares one `Outage`: from the first transient failure (a 429, a 5xx, a reset connection)
+with no success since, the store has `seconds` (EMBED_IMAGES_STORE_RETRY_SECONDS, default
+DEFAULT_RETRY_SECONDS) to answer one request; then the failing call raises `StoreUnavailable`,
+and so does every later call's first transient failure until a request succeeds again. A flaky
+store never gets there: a success ends the outage. Permanent answers (404, 403) are never retried.
+
+`retry()` is that policy as a `google.api_core.retry.Retry`, for the calls this package makes
+itself (transforms/read.py, transforms/listing.py); `install()` makes Beam's GcsIO (listing,
+Parquet sinks, checkpoints, FileSystems) use it too, in place of `gcsio_retry.get_retry`'s.
+"""
+
+import functools
+import os
+import re
+import threading
+import time
+
+ENV = "EMBED_IMAGES_STORE_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 120.0
+_MAX_BACKOFF = 16.0  # below google's 60 s, so that a sleep never overshoots the deadline by much
+
+
+class StoreUnavailable(IOError):
+  """The store failed every request for `seconds` in a row; `status` is its last answer."""
+
+  def __init__(self, store: str, status: str, seconds: float):
+    super().__init__(f"store {store} unavailable: no request succeeded for {seconds:.0f} s of retries "
+                     f"({ENV}={seconds:g}); last status: {status}")
+    self.store, self.status, self.seconds = store, status, seconds
+
+  def __reduce__(self):  # raised in a worker, re-raised where it is pickled back
+    return type(self), (self.store, self.status, self.seconds)
+
+
+_MESSAGE = re.compile(r"store (\S+) unavailable: .*?; last status: ([^\n'\"\[;]+)")
+
+
+def unavailable_in(error: BaseException):
+  """(store, last status) when `error`, its causes or its text (Beam wraps a worker's exceptions in
+  its own, as text) say the store was unavailable; else None."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, StoreUnavailable):
+      return error.store, error.status
+    details = getattr(error, "exception_details", None)  # BeamIOError: {path: exception}
+    for inner in (details or {}).values():
+      found = unavailable_in(inner) if isinstance(inner, BaseException) else None
+      if found:
+        return found
+    match = _MESSAGE.search(str(error))
+    if match:
+      return match.group(1), match.group(2).strip().rstrip(".")
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _status(error) -> str:
+  code = getattr(error, "code", None)
+  if not isinstance(code, int):  # google-resumable-media's InvalidResponse carries the response itself
+    code = getattr(getattr(error, "response", None), "status_code", None)
+  if isinstance(code, int):
+    return f"{code} {type(error).__name__}"
+  return f"{type(error).__name__} (no HTTP answer)"
+
+
+def _store(error) -> str:
+  for holder in (getattr(error, "response", None), getattr(error, "request", None)):
+    url = getattr(holder, "url", None) or getattr(getattr(holder, "request", None), "url", None)
+    match = re.search(r"/b/([^/?]+)", str(url or ""))
+    if match:
+      return f"gs://{match.group(1)}"
+  return ""
+
+
+class Outage:
+  """When the store began failing with no success since, shared by every call of this process."""
+
+  def __init__(self, seconds=None, clock=time.monotonic):
+    self.seconds = float(os.environ.get(ENV, DEFAULT_RETRY_SECONDS)) if seconds is None else float(seconds)
+    self.clock = clock
+    self._lock = threading.Lock()
+    self._since = None
+    self.status, self.store = None, "gs://"
+
+  def failed(self, error) -> bool:
+    """Records a transient failure; whether it may still be retried."""
+    with self._lock:
+      now = self.clock()
+      if self._since is None:
+        self._since = now
+      self.status = _status(error)
+      self.store = _store(error) or self.store
+      return now - self._since < self.seconds
+
+  def succeeded(self):
+    with self._lock:
+      self._since = None
+
+  @property
+  def expired(self) -> bool:
+    with self._lock:
+      return self._since is not None and self.clock() - self._since >= self.seconds
+
+  def error(self) -> StoreUnavailable:
+    return StoreUnavailable(self.store, self.status, self.seconds)
+
+
+OUTAGE = Outage()
+
+
+def configure(seconds=None, clock=time.monotonic) -> Outage:
+  """A fresh process-wide outage deadline (tests: a small one, an injected clock)."""
+  global OUTAGE
+  OUTAGE = Outage(seconds, clock)
+  return OUTAGE
+
+
+def _transient(error) -> bool:
+  from google.cloud.storage.retry import _should_retry  # the library's own list: 408, 429, 5xx, resets
+  return _should_retry(error)
+
+
+def _predicate(error) -> bool:
+  return _transient(error) and OUTAGE.failed(error)
+
+
+@functools.lru_cache(maxsize=None)
+def _retry_class():
+  from google.api_core import exceptions as api_exceptions
+  from google.api_core import retry as api_retry
+
+  class OutageRetry(api_retry.Retry):
+    """google's Retry whose calls share OUTAGE: a success ends an outage, an expired one raises."""
+
+    def __call__(self, func, on_error=None):
+      retried = super().__call__(func, on_error=on_error)
+
+      @functools.wraps(func)
+      def call(*args, **kwargs):
+        try:
+          result = retried(*args, **kwargs)
+        except api_exceptions.RetryError as e:  # this call's own timeout
+          OUTAGE.failed(e.cause or e)
+          raise OUTAGE.error() from e
+        except Exception as e:
+          if _transient(e) and OUTAGE.expired:
+            raise OUTAGE.error() from e
+          raise
+        OUTAGE.succeeded()
+        return result
+      return call
+
+  return OutageRetry
+
+
+@functools.lru_cache(maxsize=None)
+def _on_error():
+  try:
+    from apache_beam.io.gcp.gcsio_retry import ThrottlingHandler  # Beam's 429 counter
+  except ImportError:
+    return None
+  return ThrottlingHandler()
+
+
+def retry():
+  """The policy as a Retry: google's predicate and backoff, each call bounded by the outage deadline
+  (backoff scaled down with it, so that a deadline of a second or two, in tests, still retries)."""
+  seconds = OUTAGE.seconds
+  initial = min(1.0, seconds / 10) or 0.01
+  return _retry_class()(predicate=_predicate, initial=initial, maximum=max(initial, min(_MAX_BACKOFF, seconds / 4)),
+                        multiplier=2.0, timeout=seconds, on_error=_on_error())
+
+
+_installed = []
+
+
+def install():
+  """Beam's GcsIO retries through `retry()` from now on in this process (idempotent)."""
+  if _installed:
+    return
+  try:
+    from apache_beam.io.gcp import gcsio_retry
+  except ImportError:  # no [gcp] extra: no GcsIO either
+    return
+  # Beam's own choice is google's DEFAULT_RETRY with its 429 counter, which ours keeps (on_error).
+  _installed.append(gcsio_retry.get_retry)
+  gcsio_retry.get_retry = lambda pipeline_options: retry()
