@@ -1,71 +1,184 @@
-"""Time of an incremental refresh (--previous) against a full run, as whole processes.
+"""A nightly refresh (--previous) against a full run, as whole processes: time, peak RSS, requests.
 
-    python benchmarks/refresh.py [--n 512] [--backbones mobilenet_v2] [--changed 0.1]
+    python benchmarks/refresh.py [--n 3072,30720] [--store local,gcs] [--latency-ms 30]
+                                 [--changed 0.01] [--backbones mobilenet_v3_small] [--image-size 32]
 
-On N benchmark JPEGs (500x375, the same pool as throughput.py), it times `embed-images` from
-start to exit: a full run; an unchanged refresh (every file read and hashed, none decoded or
-embedded); and a refresh after a fraction of the files was rewritten. Each refresh's rows are
-checked against what it should hold.
+For each store and N, on N distinct small JPEGs, it runs `embed-images` from start to exit:
+- a full run;
+- an unchanged refresh (`--previous` the full run): every object's listing is the one its row
+  recorded, so nothing should be read;
+- a refresh after `--changed` of the objects were rewritten (`--previous` the full run);
+- an unchanged refresh with `--previous-verify` (today's old behaviour: read and hash everything).
+
+Per run: wall seconds and the ratio to the full run; peak RSS of the whole process tree (the run
+and its decode processes, summed, sampled every 50 ms from /proc); on gs:// (the GCS emulator
+behind tests/fault_proxy.py, `--latency-ms` added to every request) the requests made and
+requests per object. Each run's counts are checked against what it must hold.
 """
 
 import argparse
+import io
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from benchmarks.throughput import make_images  # noqa: E402
+
+def jpeg(seed: int) -> bytes:
+  import numpy as np
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  pixels = (rng.integers(0, 256, (6, 8, 3), dtype=np.uint8).repeat(8, 0).repeat(8, 1))  # 64x48, blocky
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format="JPEG", quality=85)
+  return out.getvalue()
 
 
-def embed(images, out, args, *extra):
-  cmd = [sys.executable, "-m", "pipeline", "--input", f"{images}/*.jpg", "--output", out,
-         "--backbones", args.backbones, "--weights", "random", "--progress", "off", *extra]
+def _tree_rss(root: int) -> int:
+  """RSS bytes of `root` and all its descendants, now."""
+  parents, rss = {}, {}
+  for name in os.listdir("/proc"):
+    if not name.isdigit():
+      continue
+    try:
+      with open(f"/proc/{name}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      parents[int(name)] = int(fields[1])
+      rss[int(name)] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+      continue
+  tree, changed = {root}, True
+  while changed:
+    changed = False
+    for pid, parent in parents.items():
+      if parent in tree and pid not in tree:
+        tree.add(pid)
+        changed = True
+  return sum(rss.get(pid, 0) for pid in tree)
+
+
+def run(cmd, env):
+  """(wall seconds, peak RSS bytes of the process tree) of one command."""
   started = time.perf_counter()
-  subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  peak, done = [0], threading.Event()
+
+  def sample():
+    while not done.wait(0.05):
+      peak[0] = max(peak[0], _tree_rss(proc.pid))
+
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  _, stderr = proc.communicate()
   seconds = time.perf_counter() - started
+  done.set()
+  sampler.join()
+  if proc.returncode != 0:
+    raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{stderr.decode()[-3000:]}")
+  return seconds, peak[0]
+
+
+def embed(pattern, out, args, env, *extra):
+  cmd = [sys.executable, "-m", "pipeline", "--input", pattern, "--output", out, "--backbones", args.backbones,
+         "--weights", "random", "--progress", "off", "--batch-size", "64", *extra]
+  if args.image_size:
+    cmd += ["--image-size", str(args.image_size)]
+  seconds, rss = run(cmd, env)
   from transforms.write import read_summary
-  return seconds, read_summary(out)["counts"]
+  return seconds, rss, read_summary(out)["counts"]
+
+
+def bench(store, n, args, put, root, env, proxy):
+  names = [f"{root}/photos/{i // 1024:03d}/{i:06d}.jpg" for i in range(n)]
+  for i, name in enumerate(names):
+    put(name, jpeg(i))
+  pattern = f"{root}/photos/**/*.jpg"
+  results = []
+
+  def measure(label, out, *extra, want):
+    if proxy is not None:
+      proxy.reset_counts()
+    seconds, rss, counts = embed(pattern, f"{root}/{out}", args, env, *extra)
+    got = (counts["embedded"], counts["carried_over"])
+    assert got == want, (label, counts)
+    requests = sum(proxy.counts.values()) if proxy is not None else None
+    reads = sum(1 for kind, uri in proxy.requests if kind == "read" and "/photos/" in (uri or "")) if proxy else None
+    results.append((label, seconds, rss, requests, reads))
+
+  measure("full run", "full", want=(n, 0))
+  measure("unchanged refresh", "same", "--previous", f"{root}/full", want=(0, n))
+  changed = names[::max(1, round(1 / args.changed))] if args.changed else []
+  for i, name in enumerate(changed):
+    put(name, jpeg(10_000_000 + i))
+  measure(f"refresh, {len(changed)} changed", "part", "--previous", f"{root}/full",
+          want=(len(changed), n - len(changed)))
+  measure("unchanged, --previous-verify", "verify", "--previous", f"{root}/part", "--previous-verify",
+          want=(0, n))
+
+  full_s = results[0][1]
+  where = "local disk" if store == "local" else f"GCS emulator, +{args.latency_ms:g} ms a request"
+  print(f"\n{where}, N={n:,} ({args.backbones}{f' at {args.image_size} px' if args.image_size else ''})")
+  print(f"  {'run':<30}{'seconds':>9}{'vs full':>9}{'peak RSS GiB':>14}" + (
+      f"{'requests':>10}{'per object':>12}{'object reads':>14}" if proxy else ""))
+  for label, seconds, rss, requests, reads in results:
+    line = f"  {label:<30}{seconds:>9.1f}{seconds / full_s:>9.2f}{rss / 2**30:>14.2f}"
+    if proxy is not None:
+      line += f"{requests:>10}{requests / n:>12.4f}{reads:>14}"
+    print(line, flush=True)
+  return results
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--n", type=int, default=512)
-  parser.add_argument("--backbones", default="mobilenet_v2")
-  parser.add_argument("--changed", type=float, default=0.1, help="fraction rewritten before the last refresh")
-  parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "embed-images-bench"))
+  parser.add_argument("--n", default="3072,30720", help="comma-separated object counts")
+  parser.add_argument("--store", default="local,gcs", help="local, gcs, or both")
+  parser.add_argument("--latency-ms", type=float, default=30.0, help="added to each gs:// request")
+  parser.add_argument("--changed", type=float, default=0.01, help="fraction rewritten before the changed refresh")
+  parser.add_argument("--backbones", default="mobilenet_v3_small")
+  parser.add_argument("--image-size", type=int, default=32)
   args = parser.parse_args(argv)
+  print(f"cpus={os.cpu_count()} python={sys.version.split()[0]}")
+  env = dict(os.environ, PYTHONPATH=REPO)
+  for store in args.store.split(","):
+    for n in [int(x) for x in args.n.split(",")]:
+      if store == "local":
+        work = tempfile.mkdtemp(prefix="refresh-bench-")
 
-  work = tempfile.mkdtemp(prefix="refresh-bench-")
-  images = os.path.join(work, "images")
-  os.makedirs(images)
-  for path in make_images(args.n, args.cache):  # real copies: a refresh must read real bytes
-    shutil.copy(path, images)
+        def put(path, data):
+          os.makedirs(os.path.dirname(path), exist_ok=True)
+          with open(path, "wb") as f:
+            f.write(data)
 
-  full, counts = embed(images, os.path.join(work, "full"), args)
-  assert counts["embedded"] == args.n, counts
-  same, counts = embed(images, os.path.join(work, "same"), args, "--previous", os.path.join(work, "full"))
-  assert (counts["embedded"], counts["carried_over"]) == (0, args.n), counts
+        bench(store, n, args, put, work, env, None)
+        shutil.rmtree(work)
+        continue
+      from apache_beam.io.filesystems import FileSystems
+      from tests.fault_proxy import fault_proxy
+      from tests.gcs_emulator import gcs_emulator
 
-  from PIL import Image
-  names = sorted(os.listdir(images))
-  changed = names[:int(args.n * args.changed)]
-  for name in changed:
-    path = os.path.join(images, name)
-    Image.open(path).transpose(Image.FLIP_LEFT_RIGHT).save(path, quality=90)
-  part, counts = embed(images, os.path.join(work, "part"), args, "--previous", os.path.join(work, "same"))
-  assert (counts["embedded"], counts["carried_over"]) == (len(changed), args.n - len(changed)), counts
+      def put(uri, data):
+        with FileSystems.create(uri, compression_type="uncompressed") as f:
+          f.write(data)
 
-  print(f"N={args.n} backbones={args.backbones} cpus={os.cpu_count()}")
-  print(f"{'run':<34}{'seconds':>9}{'vs full':>9}")
-  print(f"{'full run':<34}{full:>9.1f}{1.0:>9.2f}")
-  print(f"{'unchanged refresh':<34}{same:>9.1f}{same / full:>9.2f}")
-  print(f"{f'refresh, {len(changed)} files changed':<34}{part:>9.1f}{part / full:>9.2f}")
-  shutil.rmtree(work)
+      with gcs_emulator("refresh-bench") as bucket, fault_proxy() as proxy:
+        child_env = dict(env, STORAGE_EMULATOR_HOST=os.environ["STORAGE_EMULATOR_HOST"])
+        proxy.latency_s = args.latency_ms / 1000
+        bench(store, n, args, lambda uri, data: _fast_put(proxy, put, uri, data), f"gs://{bucket}", child_env, proxy)
+
+
+def _fast_put(proxy, put, uri, data):
+  """Writes through the proxy without its added latency (a benchmark's own set-up is not timed)."""
+  latency, proxy.latency_s = proxy.latency_s, 0.0
+  try:
+    put(uri, data)
+  finally:
+    proxy.latency_s = latency
 
 
 if __name__ == "__main__":

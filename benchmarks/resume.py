@@ -49,14 +49,11 @@ def embed(inputs, out, args, *extra):
 
 def committed_state(out, ninety_out):
   """Turns the finished run over 90% of the files into checkpoints of `out`, as a kill leaves them."""
-  import pyarrow as pa
   import pyarrow.parquet as pq
   from transforms import checkpoint
+  # The rows hold each file's listing, as a checkpoint does.
   table = pq.read_table(sorted(os.path.join(ninety_out, f) for f in os.listdir(ninety_out)
                                if f.startswith("embeddings-")))
-  stats = [os.stat(u) for u in table.column("uri").to_pylist()]
-  table = (table.append_column(checkpoint.LISTING_FIELDS[0], pa.array([s.st_size for s in stats], pa.int64()))
-           .append_column(checkpoint.LISTING_FIELDS[1], pa.array([s.st_mtime for s in stats], pa.float64())))
   with open(os.path.join(ninety_out, "_SUCCESS.json")) as f:
     layout = json.load(f)["layout"]
   shutil.rmtree(out, ignore_errors=True)

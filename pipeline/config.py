@@ -42,11 +42,13 @@ class RunConfig:
   label_from_dir: bool = False
   dedupe: bool = False
   previous: Optional[str] = None  # set only when the previous run's rows are valid for this one
+  previous_verify: bool = False  # re-read every object instead of trusting an unchanged listing
   refresh: Optional[dict] = None  # what happened to --previous, and why; goes into _SUCCESS.json
   layout: Optional[dict] = None  # computed once at launch (model_layout); carried by value to workers
   checkpoint_every: float = 0.0  # seconds; 0: no checkpoints (the command line's default is 30)
   resume: bool = False  # set only when --output holds committed rows of this model to reuse
   resume_verify: bool = False
+  store_retry_seconds: Optional[float] = None  # None: EMBED_IMAGES_STORE_RETRY_SECONDS, else 120
   input_format: str = "auto"
   shard_layouts: tuple = ()  # transforms.shards.ShardLayout per shard format found at launch
   parquet_part_rows: int = 4096  # 0: a Parquet shard is never read in slices

@@ -1,7 +1,6 @@
 """Assembles the Beam graph: inputs -> (previous run, dedupe) -> reshuffle -> read/decode/embed -> Parquet -> summary."""
 
 import apache_beam as beam
-from apache_beam.io import fileio
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.pvalue import AsDict, AsSingleton
 
@@ -14,7 +13,9 @@ from transforms.embed import EmbedImages
 from transforms.item import Item
 from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
-from transforms.refresh import CarryOver, PreviousIndex, attach_previous, removed_uri
+from transforms import reuse
+from transforms.listing import ListInputs
+from transforms.refresh import previous_files
 from transforms import shards
 from transforms.shards import ExpandShards, shard_format
 from transforms.write import (ERRORS_SCHEMA, ParquetTableSink, embeddings_schema, errors_to_table,
@@ -32,7 +33,7 @@ def resource_hints(config) -> dict:
 
 def reuse_digests(item) -> tuple:
   """The digests of rows already made for an item's bytes: an interrupted run's, the previous run's."""
-  return item.resume_sha256, item.previous_sha256
+  return item.digests()
 
 
 def embed_images(config) -> EmbedImages:
@@ -47,7 +48,7 @@ def embed_images(config) -> EmbedImages:
 
 class ReadDecodeEmbed(beam.PTransform):
   """The one stage that runs on accelerator workers: items in; Arrow tables of rows, error rows,
-  rows to reuse, shard counts and worker stats out. Shards open into their images, `EmbedImages`
+  committed rows to reuse (reuse.Use), shard counts and worker stats out. Shards open into their images, `EmbedImages`
   embeds, and the rows are committed as checkpoints in the same fused stage, so only paths cross
   the shuffle into it and rows are durable as they are made."""
 
@@ -64,13 +65,11 @@ class ReadDecodeEmbed(beam.PTransform):
     # straight after the model, with no Flatten between (the local runner would materialize it):
     # the commits run where and when the rows are made.
     commit = beam.ParDo(CommitRows(config.output, config.started_at, config.checkpoint_every, config.extra_fields,
-                                   config.progress))
+                                   config.progress, config.store_retry_seconds))
     results = embedded | "CommitRows" >> commit.with_outputs(
-        CommitRows.ERRORS_TAG, CommitRows.CARRIED_TAG, CommitRows.RESUMED_TAG, CommitRows.WORKER_STATS_TAG,
-        main="embeddings")
+        CommitRows.ERRORS_TAG, CommitRows.REUSED_TAG, CommitRows.WORKER_STATS_TAG, main="embeddings")
     return {"embeddings": results.embeddings, "errors": results[CommitRows.ERRORS_TAG],
-            "shard_errors": expanded[ExpandShards.ERRORS_TAG],
-            "carried": results[CommitRows.CARRIED_TAG], "resumed": results[CommitRows.RESUMED_TAG],
+            "shard_errors": expanded[ExpandShards.ERRORS_TAG], "reused": results[CommitRows.REUSED_TAG],
             "worker_stats": results[CommitRows.WORKER_STATS_TAG],
             "shard_count": expanded[ExpandShards.SHARD_COUNT_TAG]}
 
@@ -81,21 +80,17 @@ def _error_rows(item, error):
 
 
 class MatchInputs(beam.PTransform):
-  """Every file matched by the --input globs, once, as an Item with its listed size and mtime."""
+  """Every file matched by the --input globs, once, as an Item with what its listing said
+  (transforms/listing.py: gs:// generation, size and checksums; local size and mtime_ns)."""
 
   def __init__(self, patterns):
     super().__init__()
     self._patterns = list(patterns)
 
   def expand(self, pbegin):
-    paths = (pbegin
-             | "Patterns" >> beam.Create(self._patterns)
-             | "Match" >> fileio.MatchAll()
-             | "Listed" >> beam.Map(lambda m: (m.path, (m.size_in_bytes, m.last_updated_in_seconds))))
-    if len(self._patterns) > 1:
-      # Overlapping globs must not embed (and count) a file twice.
-      paths = paths | "Distinct" >> beam.Distinct()
-    return paths | "Item" >> beam.MapTuple(lambda path, listed: Item(path, size=listed[0], mtime=listed[1]))
+    return (pbegin
+            | "List" >> ListInputs(self._patterns)
+            | "Item" >> beam.MapTuple(lambda uri, listed: Item(uri, listed=listed)))
 
 
 def _write_summary_step(files, config, matched, embedded, carried, removed, deduplicated, failures, workers,
@@ -158,26 +153,17 @@ def input_items(p, config):
   return items
 
 
-def _with_members(items, digests, field, label):
-  """Shard items with `field` set to their images' digests {`SHARD#KEY`: sha256}, from `digests`
-  ((uri, sha256) of rows of a previous or interrupted run), joined by the shard's path: digests, never
-  images, travel with a shard into the embed stage."""
-  files, shard_items = items | f"FilesOrShards{label}" >> beam.Partition(
-      lambda item, n: int(bool(item.shard_format)), 2)
-  by_shard = digests | f"{label}ByShard" >> beam.FlatMap(
-      lambda row: [(row[0].rpartition("#")[0], row)] if "#" in row[0] else [])
-  joined = ({"shards": shard_items | f"KeyShard{label}" >> beam.Map(lambda item: (item.uri, item)),
-             "digests": by_shard}
-            | f"Join{label}Members" >> beam.CoGroupByKey()
-            | f"Attach{label}Members" >> beam.FlatMap(_attach_members, field))
-  return (files, joined) | f"FilesAndShardsWith{label}" >> beam.Flatten()
-
-
-def _attach_members(joined, field):
-  _, groups = joined
-  digests = dict(groups["digests"])
-  for item in groups["shards"]:
-    yield item.replace(**{field: digests}) if digests else item
+def _with_members(items, index):
+  """Shard items with `members` set to their images' Refs (uri `SHARD#KEY`), from `index` ((uri, Ref)
+  of committed rows), joined by the shard's path: references, never images, travel with a shard
+  into the embed stage."""
+  files, shard_items = items | "FilesOrShards" >> beam.Partition(lambda item, n: int(bool(item.shard_format)), 2)
+  by_shard = index | "RefsByShard" >> beam.FlatMap(
+      lambda entry: [(entry[0].rpartition("#")[0], entry)] if "#" in entry[0] else [])
+  joined = ({"shards": shard_items | "KeyShard" >> beam.Map(lambda item: (item.uri, item)), "refs": by_shard}
+            | "JoinMembers" >> beam.CoGroupByKey()
+            | "AttachMembers" >> beam.FlatMap(reuse.attach_members))
+  return (files, joined) | "FilesAndShards" >> beam.Flatten()
 
 
 def _split_parquet(item, rows_per_part):
@@ -217,35 +203,32 @@ def build_graph(p: beam.Pipeline, config):
   # A dict side input, so each previous row's lookup is one hash, however many shards there are.
   shard_uris = items | "Shards" >> beam.FlatMap(lambda item: [(item.uri, True)] if item.shard_format else [])
 
-  removed = previous_shard_rows = None
+  removed = previous_shard_rows = reused_unread = None
+  committed = []
   if config.previous:
-    index = p | "PreviousIndex" >> PreviousIndex(config.previous)
-    keyed = items | "KeyByUri" >> beam.Map(lambda item: (item.uri, item))
-    joined = ({"items": keyed, "previous": index}
-              | "JoinPreviousIndex" >> beam.CoGroupByKey())
-    items = joined | "AttachPrevious" >> beam.FlatMap(attach_previous)
-    items = _with_members(items, index, "previous_members", "Previous")
+    committed.append(p | "PreviousIndex" >> reuse.CommittedIndex(previous_files(config.previous), reuse.PREVIOUS))
+  if config.resume:
+    committed.append(p | "CheckpointIndex" >> reuse.CommittedIndex(
+        checkpoint.committed_files(config.output), reuse.RESUME))
+  if committed:
+    index = committed[0] if len(committed) == 1 else tuple(committed) | "AllCommitted" >> beam.Flatten()
+    # One join by uri: a committed row whose listing is this object's is reused unread; the rest are
+    # read, and reuse their row if the bytes hash the same (--previous-verify, --resume-verify: all).
+    decided = ({"items": items | "KeyByUri" >> beam.Map(lambda item: (item.uri, item)), "committed": index}
+               | "JoinCommitted" >> beam.CoGroupByKey()
+               | "Decide" >> beam.FlatMap(reuse.decide, not config.resume_verify, not config.previous_verify)
+               .with_outputs("reused", "gone", main="items"))
+    items, reused_unread = decided.items, decided.reused
+    items = _with_members(items, index)
+  if config.previous:
     # A shard's images have no item of their own: those of shards still matched are counted against
     # what the shard's reader finds (below); those of shards gone are removed.
-    gone = joined | "Gone" >> beam.FlatMap(removed_uri)
+    gone = decided.gone
     removed = _count(gone | "NotInShards" >> beam.Filter(
         lambda uri, shards_: uri.rpartition("#")[0] not in shards_, AsDict(shard_uris)), "CountRemoved")
     previous_shard_rows = gone | "InShards" >> beam.FlatMap(
         lambda uri, shards_: [(uri.rpartition("#")[0], uri)] if uri.rpartition("#")[0] in shards_ else [],
         AsDict(shard_uris))
-  resumed_direct = None
-  if config.resume:
-    committed = p | "CheckpointIndex" >> checkpoint.CheckpointIndex(config.output)
-    keyed = items | "KeyForResume" >> beam.Map(lambda item: (item.uri, item))
-    decided = ({"items": keyed, "checkpoint": committed}
-               | "JoinCheckpoints" >> beam.CoGroupByKey()
-               | "Decide" >> beam.FlatMap(checkpoint.decide, config.resume_verify))
-    resumed_direct = decided | "Unread" >> beam.FlatMap(lambda d: [d[1]] if d[0] == "resumed" else [])
-    items = decided | "ToEmbed" >> beam.FlatMap(lambda d: [d[1]] if d[0] == "item" else [])
-    # A shard's images are always read again (a shard lists no size per image): those whose bytes
-    # still hash as committed reuse their rows.
-    items = _with_members(items, committed | "CommittedDigests" >> beam.MapTuple(lambda uri, entry: (uri, entry[1])),
-                          "resume_members", "Resume")
 
   deduplicated = None
   if config.dedupe:
@@ -260,7 +243,7 @@ def build_graph(p: beam.Pipeline, config):
     # listing and writing stay on ordinary ones.
     embed = embed.with_resource_hints(**hints)
   results = items | "Reshuffle" >> beam.Reshuffle() | "ReadDecodeEmbed" >> embed
-  embeddings, carried = results["embeddings"], results["carried"]
+  embeddings = results["embeddings"]
   # A shard's damage has no digest: never committed (a resume reads the shard again).
   errors = ((results["errors"], results["shard_errors"] | "ShardErrorRows" >> beam.FlatMapTuple(_error_rows))
             | "AllErrors" >> beam.Flatten())
@@ -277,22 +260,19 @@ def build_graph(p: beam.Pipeline, config):
                | "CountAllRemoved" >> beam.CombineGlobally(sum))
 
   tables = embeddings
-  if config.previous:
-    carried_tables = carried | "CarryOver" >> CarryOver(config.previous, config.extra_fields)
-    tables = (embeddings, carried_tables) | "AllRows" >> beam.Flatten()
-  resumed_count = None
-  if config.resume:
-    resumed = (resumed_direct, results["resumed"]) | "AllResumed" >> beam.Flatten()
-    resumed_tables, resumed_errors = resumed | "Resume" >> checkpoint.Resume(config.output, config.extra_fields)
-    tables = (tables, resumed_tables) | "WithResumed" >> beam.Flatten()
-    errors = (errors, resumed_errors) | "WithResumedErrors" >> beam.Flatten()
-    resumed_count = (resumed_tables
-                     | "ResumedRows" >> beam.Map(lambda table: table.num_rows)
-                     | "CountResumed" >> beam.CombineGlobally(sum))
+  carried_count = resumed_count = None
+  if committed:
+    uses = (results["reused"], reused_unread) | "AllReused" >> beam.Flatten()
+    reused_tables, reused_errors = uses | "FetchRows" >> reuse.FetchRows(config.extra_fields)
+    tables = (embeddings, reused_tables) | "WithReused" >> beam.Flatten()
+    errors = (errors, reused_errors) | "WithReusedErrors" >> beam.Flatten()
+    carried_count = _count(uses | "Carried" >> beam.Filter(lambda u: u[1].source == reuse.PREVIOUS), "CountCarried")
+    resumed_count = _count(uses | "Resumed" >> beam.Filter(
+        lambda u: u[1].source == reuse.RESUME and u[1].kind == reuse.ROW), "CountResumed")
 
   embedding_files = tables | "WriteEmbeddings" >> beam.io.Write(ParquetTableSink(
       FileSystems.join(config.output, "embeddings"),
-      embeddings_schema(config.dim, config.layout, config.extra_fields),
+      embeddings_schema(config.dim, config.layout, config.extra_fields, listing=True),
       num_shards=config.num_shards,
       row_group_size=config.row_group_size))
   error_files = (errors
@@ -309,7 +289,7 @@ def build_graph(p: beam.Pipeline, config):
               | "FailureKind" >> beam.Map(lambda row: (row["stage"], row["error_type"]))
               | "CountFailures" >> beam.combiners.Count.PerElement()
               | "FailureList" >> beam.combiners.ToList())
-  carried_count = _count(carried, "CountCarried")
+  carried_count = carried_count if carried_count is not None else p | "NoneCarried" >> beam.Create([0])
   removed = removed if removed is not None else p | "NoneRemoved" >> beam.Create([0])
   deduplicated = deduplicated if deduplicated is not None else p | "NoneDeduplicated" >> beam.Create([0])
   resumed_count = resumed_count if resumed_count is not None else p | "NoneResumed" >> beam.Create([0])

@@ -137,6 +137,11 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   opts = options.view_as(EmbedOptions)
   registered = user_models(opts)
   values = validate(opts, registered)
+  if opts.store_retry_seconds is not None:
+    # This process's deadline, and that of local worker processes started from it (they inherit
+    # the environment); remote workers get it from the config (CommitRows.setup).
+    os.environ[store.ENV] = f"{opts.store_retry_seconds:g}"
+    store.configure(opts.store_retry_seconds)
   specs = [_backbone_spec(opts, registered, entry, name, layer)
            for entry, name, layer in backbone_names(opts, registered)]
 
@@ -194,6 +199,8 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       dedupe=bool(opts.dedupe),
       checkpoint_every=float(opts.checkpoint_every),
       resume_verify=bool(opts.resume_verify),
+      store_retry_seconds=opts.store_retry_seconds,
+      previous_verify=bool(opts.previous_verify),
       input_format=opts.input_format,
       shard_layouts=layouts,
       parquet_part_rows=opts.parquet_part_rows,
@@ -338,7 +345,7 @@ def _raise_if_unavailable(option, value, error):
   found = store.unavailable_in(error)
   if found:
     raise LaunchError(f"{option} {value!r}: the store {found[0]} is unavailable (no request succeeded for "
-                      f"{store.OUTAGE.seconds:g} s, {store.ENV}); last status: {found[1]}") from None
+                      f"{store.OUTAGE.seconds:g} s, --store-retry-seconds); last status: {found[1]}") from None
 
 
 def check_inputs_match(patterns):

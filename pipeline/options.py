@@ -132,14 +132,21 @@ class EmbedOptions(PipelineOptions):
           help="none | l2: L2-normalise each backbone's part before concatenation.")
     _flag(parser, "previous", default=None,
           help="An earlier run's output: rows of unchanged files are carried over.")
+    _flag(parser, "previous-verify", action="store_true", default=False,
+          help="With --previous, re-read and re-hash every file instead of trusting an unchanged "
+               "listing (size and mtime; gs:// generation or checksums).")
     _flag(parser, "ignore-bad-previous", action="store_true", default=False,
           help="A missing or partial --previous is ignored with a warning instead of refused.")
     _flag(parser, "resume", action="store_true", default=False,
           help="Go on with an interrupted run in --output: its committed rows are reused, the rest "
                "is embedded. On a finished run it does nothing; on an empty output it starts afresh.")
     _flag(parser, "resume-verify", action="store_true", default=False,
-          help="With --resume, re-read and re-hash every file instead of trusting an unchanged size "
-               "and modification time.")
+          help="With --resume, re-read and re-hash every file instead of trusting an unchanged "
+               "listing (size and mtime; gs:// generation or checksums).")
+    _flag(parser, "store-retry-seconds", type=float, default=None,
+          help="How long the object store may fail every request in a row (503s, 429s, resets) before "
+               "the run stops with one line naming it; each process's retries share this deadline "
+               "(default 120, or EMBED_IMAGES_STORE_RETRY_SECONDS).")
     _flag(parser, "checkpoint-every", type=float, default=30.0,
           help="Seconds between commits of rows under --output/_checkpoints/ (also every 4096 rows "
                "per worker); what a killed run loses at most. 0 turns checkpoints off.")
@@ -244,11 +251,16 @@ def validate(opts, models=()) -> dict:
     if memory < 64 << 20:
       raise LaunchError(f"--decode-memory must be at least 64MiB (a decode process needs that to start); "
                         f"received: {opts.decode_memory!r}")
+  if opts.store_retry_seconds is not None and not opts.store_retry_seconds > 0:
+    raise LaunchError(f"--store-retry-seconds must be a positive number of seconds; received: "
+                      f"{opts.store_retry_seconds!r}")
   if not opts.decode_timeout or opts.decode_timeout <= 0:
     raise LaunchError(f"--decode-timeout must be a positive number of seconds; received: {opts.decode_timeout!r}")
   if opts.checkpoint_every is None or opts.checkpoint_every < 0:
     raise LaunchError(f"--checkpoint-every must be a number of seconds (0: no checkpoints); "
                       f"received: {opts.checkpoint_every!r}")
+  if opts.previous_verify and not opts.previous:
+    raise LaunchError("--previous-verify goes with --previous; received: --previous-verify alone")
   if opts.resume_verify and not opts.resume:
     raise LaunchError("--resume-verify goes with --resume; received: --resume-verify alone")
   if not 0.0 <= opts.max_failure_fraction <= 1.0:

@@ -12,6 +12,7 @@ goes through it. It counts each request by kind (`KINDS`) and by outcome, and ca
   would test the emulator, not the client.
 * `once(kind, outcome)`: the next request of `kind` gets `outcome` ("503", "429" or "reset") for
   sure, so that a test covers that kind whatever the draws.
+* `latency_s`: seconds added to each forwarded request (in parallel across requests), for benchmarks;
 * `down(kind=None, status=503)`: from now on every request (of that kind) answers `status`;
   `down(..., after=N)` starts after N more requests of that kind have gone through; `up()` ends it.
 * `deny(uri, status)`: an object answers 404 or 403 for good (its reads and metadata; a listing
@@ -32,6 +33,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 import urllib.parse
 
 KINDS = ("list", "read", "metadata", "upload", "resumable", "delete", "copy", "batch", "bucket", "other")
@@ -68,7 +70,8 @@ def request_kind(method: str, path: str) -> tuple:
 class FaultProxy:
   """The proxy; see the module's docstring. `counts[kind]`, `outcomes[(kind, outcome)]`: outcome is
   "ok" (forwarded and answered below 400), the upstream's status ("404"), or the fault injected
-  ("503", "429", "reset", "down 503", "deny 404")."""
+  ("503", "429", "reset", "down 503", "deny 404"); `requests`: (kind, object uri or None) of each
+  request, in order."""
 
   def __init__(self, upstream: str, seed: int = 0):
     self.upstream = upstream.rstrip("/")
@@ -81,6 +84,8 @@ class FaultProxy:
     self._upstream_slots = threading.BoundedSemaphore(4)
     self.counts = collections.Counter()
     self.outcomes = collections.Counter()
+    self.requests = []
+    self.latency_s = 0.0
     self._fractions = {"503": 0.0, "429": 0.0, "reset": 0.0}
     self._fault_kinds = None
     self._down = {}  # kind or None -> [status, requests still let through]
@@ -149,6 +154,7 @@ class FaultProxy:
     with self._lock:
       self.counts.clear()
       self.outcomes.clear()
+      self.requests.clear()
 
   def injected(self) -> int:
     """How many requests got a fault rather than the upstream's answer."""
@@ -166,6 +172,7 @@ class FaultProxy:
     """None (forward), ("status", code, label) or ("reset", None, "reset"); counts the request."""
     with self._lock:
       self.counts[kind] += 1
+      self.requests.append((kind, uri))
       for key in (kind, None):
         down = self._down.get(key)
         if down is not None:
@@ -202,6 +209,8 @@ class FaultProxy:
     if cut and handler.command != "GET":
       self._count(kind, "reset")
       return _reset(handler)  # a write: reset before the emulator sees it
+    if self.latency_s:
+      time.sleep(self.latency_s)  # a benchmark's stand-in for a round trip to a real store
     status, headers, data = self._forward(handler, body)
     if cut:
       self._count(kind, "reset")

@@ -21,7 +21,7 @@ from tests.gcs_emulator import gcs_emulator
 from tests.recipe import relative_l2
 from tests.test_decode_pool import wait_for
 from transforms import checkpoint
-from transforms.item import Item
+from transforms.listing import Listed
 from transforms.write import embedding_matrix, rows_to_table
 
 MODEL = ("--backbones", "mobilenet_v2", "--weights", "random", "--image-size", "96")
@@ -38,9 +38,8 @@ class FakeClock:
 
 def _table(uris):
   n = len(uris)
-  table = rows_to_table(uris, ["ab" * 32] * n, [4] * n, [3] * n, np.ones((n, 2), np.float32))
-  return (table.append_column(checkpoint.LISTING_FIELDS[0], pa.array([10] * n, pa.int64()))
-          .append_column(checkpoint.LISTING_FIELDS[1], pa.array([1.5] * n, pa.float64())))
+  return rows_to_table(uris, ["ab" * 32] * n, [4] * n, [3] * n, np.ones((n, 2), np.float32),
+                       listings=[Listed(10, mtime_ns=1_500_000_000)] * n)
 
 
 def test_a_writer_commits_every_n_rows_and_every_t_seconds_atomically(tmp_path):
@@ -70,18 +69,6 @@ def test_a_writer_commits_every_n_rows_and_every_t_seconds_atomically(tmp_path):
   again.start_bundle("a.jpg")
   again.add(_table(["a", "b", "c", "d"]))
   assert len(checkpoint.files(str(tmp_path))) == 3
-
-
-def test_decide_reuses_unread_only_what_the_listing_shows_unchanged():
-  item = Item("a.jpg", columns={"label": "x"}, size=10, mtime=1.5)
-  entries = [("row", "ab" * 32, 10, 1.5)]
-  assert list(checkpoint.decide(("a.jpg", {"items": [item], "checkpoint": entries}))) == [
-      ("resumed", ("ab" * 32, ("a.jpg", {"label": "x"})))]
-  # Listing changed, or --resume-verify: read and hash it again, the row reused if the bytes are.
-  for changed, verify in ((item.replace(mtime=2.0), False), (item, True)):
-    assert list(checkpoint.decide(("a.jpg", {"items": [changed], "checkpoint": entries}), verify)) == [
-        ("item", changed.replace(resume_sha256="ab" * 32))]
-  assert list(checkpoint.decide(("a.jpg", {"items": [item], "checkpoint": []}))) == [("item", item)]
 
 
 # --- a real run, killed and resumed ---------------------------------------------------
@@ -187,9 +174,7 @@ def _fake_interrupted_run(out, photos, *model):
                          "--overwrite")
   assert status == 0
   table = pq.read_table(sorted(pathlib.Path(out).glob("embeddings-*.parquet"))).slice(0, 3)
-  listed = [os.stat(u) for u in table.column("uri").to_pylist()]
-  table = (table.append_column(checkpoint.LISTING_FIELDS[0], pa.array([s.st_size for s in listed], pa.int64()))
-           .append_column(checkpoint.LISTING_FIELDS[1], pa.array([s.st_mtime for s in listed], pa.float64())))
+  assert table.column("listing").null_count == 0  # the run recorded each file's listing
   layout = json.loads((pathlib.Path(out) / "_SUCCESS.json").read_text())["layout"]
   for p in pathlib.Path(out).iterdir():
     p.unlink()
@@ -262,12 +247,8 @@ def test_resume_on_gcs(tmp_path):
     assert status == 0
     with FileSystems.open(f"{out}/embeddings-00000-of-00001.parquet") as f:
       full = pq.read_table(io.BytesIO(f.read()))
-    listed = {m.path: m for m in FileSystems.match([f"{bucket}/photos/*.jpg"])[0].metadata_list}
     part = full.slice(0, 4)
-    part = (part.append_column(checkpoint.LISTING_FIELDS[0], pa.array(
-        [listed[u].size_in_bytes for u in part.column("uri").to_pylist()], pa.int64()))
-            .append_column(checkpoint.LISTING_FIELDS[1], pa.array(
-                [listed[u].last_updated_in_seconds for u in part.column("uri").to_pylist()], pa.float64())))
+    assert all(row["generation"] for row in part.column("listing").to_pylist())  # gs:// listings recorded
     with FileSystems.open(f"{out}/_SUCCESS.json") as f:
       layout = json.loads(f.read())["layout"]
     FileSystems.delete([m.path for m in FileSystems.match([f"{out}/*"])[0].metadata_list])
@@ -316,8 +297,7 @@ def test_resume_composes_with_previous_manifest_columns_and_dedupe(tmp_path):
   out = tmp_path / "out"
   committed = clean_table.filter(pa.compute.is_in(clean_table.column("uri"), pa.array(
       [str(photos / "new_b.png"), str(photos / "new_b copy.png")])))
-  committed = (committed.append_column(checkpoint.LISTING_FIELDS[0], pa.nulls(2, pa.int64()))
-               .append_column(checkpoint.LISTING_FIELDS[1], pa.nulls(2, pa.float64())))
+  assert committed.column("listing").null_count == 2  # a manifest row has no listing
   checkpoint.write_layout(str(out), json.loads((tmp_path / "clean" / "_SUCCESS.json").read_text())["layout"])
   pq.write_table(committed, out / "_checkpoints" / "embeddings-x-y-000000.parquet")
 

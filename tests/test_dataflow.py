@@ -130,7 +130,7 @@ def test_dataflow_graph_has_the_gpu_hint_on_read_decode_embed_alone(photos, laun
                     "ReadDecodeEmbed/CommitRows": HINTS, **{leaf: HINTS for leaf in EMBED_LEAVES}}
   dataflow = leaves(proto)
   assert {n for n, h in dataflow.items() if h} == EMBED_LEAVES
-  for name in ("MatchInputs/Match/ParDo(_MatchAllFn)", "Reshuffle/ReshufflePerKey/GroupByKey",
+  for name in ("MatchInputs/List/Match", "Reshuffle/ReshufflePerKey/GroupByKey",
                "WriteEmbeddings/WriteImpl/WriteBundles", "WriteErrors/WriteImpl/WriteBundles",
                "WriteSummary", "CountMatched/CombineGlobally(CountCombineFn)/KeyWithVoid"):
     assert dataflow[name] == {}, name
@@ -250,7 +250,7 @@ def test_dataflow_graph_with_previous_keeps_the_hint_on_read_decode_embed_alone(
   dataflow = leaves(launched[0].proto_pipeline)
   # The previous run's rows really are reused (same model), so the refresh branch is in the graph.
   assert any(name.startswith("PreviousIndex/") for name in dataflow)
-  assert any(name.startswith("CarryOver/") for name in dataflow)
+  assert any(name.startswith("FetchRows/") for name in dataflow)
   assert {n for n, h in dataflow.items() if h} == EMBED_LEAVES
   assert dataflow == leaves(local_proto([*embed_args(bucket, output="elsewhere"), *extra]))
 
@@ -328,7 +328,8 @@ SAMPLE_VALUES = {
     "embed_min_ram": "24GiB", "num_shards": "0", "row_group_size": "4096",
     "overwrite": "true", "allow_tf32": "true", "mixed_precision": "true", "fast_decode": "true",
     "dedupe": "true", "label_from_dir": "true", "ignore_bad_previous": "true",
-    "resume": "true", "resume_verify": "true", "checkpoint_every": "12.5",
+    "resume": "true", "resume_verify": "true", "checkpoint_every": "12.5", "previous_verify": "true",
+    "store_retry_seconds": "90",
     "input_format": "tar", "image_column": "jpg", "image_feature": "image/encoded",
     "carry_features": "image/class/label,image/filename",
     "parquet_part_rows": "2048",

@@ -9,6 +9,7 @@ from pipeline import read_embeddings
 from pipeline.main import run
 from transforms.dedupe import representative
 from transforms.item import Item
+from transforms.reuse import Ref
 from transforms.write import read_summary
 
 SAMPLES = pathlib.Path(__file__).resolve().parent.parent / "samples"
@@ -21,9 +22,13 @@ def test_representative_is_the_smallest_uri_with_the_others_as_duplicates():
   assert list(first.rows()) == [("a.jpg", {"id": 1}), ("b.jpg", {"id": 2})]
   assert representative(("abc", [a])) == a
   # The item whose row --previous (or a resume) can reuse goes first, whatever its name.
-  unchanged = Item("z.jpg", previous_sha256="abc")
+  unchanged = Item("z.jpg", reuse=(Ref("previous", "day1.parquet", 3, "row", "abc", None),))
   assert representative(("abc", [a, unchanged])) == unchanged.replace(duplicates=(a,))
-  assert representative(("abc", [Item("y.jpg", resume_sha256="abc"), a])).uri == "y.jpg"
+  resumed = Item("y.jpg", reuse=(Ref("resume", "ckpt.parquet", 0, "row", "abc", None),))
+  assert representative(("abc", [resumed, a])).uri == "y.jpg"
+  # A row of other bytes earns nothing.
+  other = Item("c.jpg", reuse=(Ref("previous", "day1.parquet", 4, "row", "def", None),))
+  assert representative(("abc", [other, a])).uri == "a.jpg"
 
 
 def test_dedupe_embeds_each_content_once_and_every_uri_gets_its_row(tmp_path):

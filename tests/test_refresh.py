@@ -1,10 +1,12 @@
 """Incremental refresh: unchanged files carried over, changed and new ones embedded, gone ones left out."""
 
 import json
+import os
 import pathlib
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -130,3 +132,54 @@ def test_model_difference_names_what_changed():
   other = json.loads(json.dumps(base))
   other["backbones"][0]["weights_fingerprint"] = "sha256:bb"
   assert refresh.model_difference(base, other) == "mobilenet_v2 weights_fingerprint changed: 'sha256:aa' -> 'sha256:bb'"
+
+
+def _swap_bytes_keeping_the_listing(path, other):
+  """`path` gets `other`'s bytes cut to its own size, with its size and mtime_ns as they were: only a
+  read could tell."""
+  stat = os.stat(path)
+  path.write_bytes(other.read_bytes()[:stat.st_size].ljust(stat.st_size, b"\0"))
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_an_unchanged_listing_is_trusted_unread_and_previous_verify_reads_everything(bucket, tmp_path):
+  assert _run(bucket, tmp_path / "day1") == 0
+  files = sorted(bucket.glob("*.jpg"))
+  day1 = _rows(tmp_path / "day1")
+  # Rewritten behind the listing's back: same size, same mtime_ns, other bytes (a garbage JPEG).
+  _swap_bytes_keeping_the_listing(files[0], files[1])
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  counts = read_summary(str(tmp_path / "day2"))["counts"]
+  assert (counts["embedded"], counts["carried_over"], counts["failed"]) == (0, len(files), 0)
+  # The row is the previous one: the file was not read.
+  assert _rows(tmp_path / "day2")[str(files[0])][0] == day1[str(files[0])][0]
+  # --previous-verify reads and hashes every file: the swapped one is embedded (or fails) again.
+  assert _run(bucket, tmp_path / "day3", "--previous", str(tmp_path / "day1"), "--previous-verify") in (0, 1)
+  counts = read_summary(str(tmp_path / "day3"))["counts"]
+  assert counts["carried_over"] == len(files) - 1
+  assert counts["embedded"] + counts["failed"] == 1
+  assert str(files[0]) not in _rows(tmp_path / "day3") or (
+      _rows(tmp_path / "day3")[str(files[0])][0] != day1[str(files[0])][0])
+
+
+def test_a_touched_file_is_read_again_and_carried_over(bucket, tmp_path):
+  assert _run(bucket, tmp_path / "day1") == 0
+  files = sorted(bucket.glob("*.jpg"))
+  stat = os.stat(files[0])
+  os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # `touch`: new listing, same bytes
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  counts = read_summary(str(tmp_path / "day2"))["counts"]
+  assert (counts["embedded"], counts["carried_over"]) == (0, len(files))
+  table = pq.read_table(sorted((tmp_path / "day2").glob("embeddings-*.parquet")))
+  listing = dict(zip(table.column("uri").to_pylist(), table.column("listing").to_pylist()))
+  # The row records today's listing, so tomorrow trusts it without reading.
+  assert listing[str(files[0])] == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns + 10**9, "generation": None,
+                                    "crc32c": None, "md5": None, "mtime": None}
+
+
+def test_the_refresh_and_store_options_refuse_bad_values_in_one_line(bucket, tmp_path, capsys):
+  for extra, line in ((("--previous-verify",), "--previous-verify goes with --previous; received: --previous-verify alone"),
+                      (("--store-retry-seconds", "0"),
+                       "--store-retry-seconds must be a positive number of seconds; received: 0.0")):
+    assert _run(bucket, tmp_path / "out", *extra) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"embed-images: error: {line}"

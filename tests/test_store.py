@@ -42,8 +42,9 @@ def _jpeg(seed):
 def _cli(*args, retry_seconds=None):
   """`python -m pipeline ARGS` in a fresh process: (exit status, stderr)."""
   env = dict(os.environ, PYTHONPATH=REPO)
+  env.pop(store.ENV, None)
   if retry_seconds is not None:
-    env[store.ENV] = str(retry_seconds)
+    args = (*args, "--store-retry-seconds", str(retry_seconds))
   done = subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO,
                         timeout=540, env=env)
   return done.returncode, done.stderr
@@ -206,7 +207,7 @@ def test_retry_gives_up_once_the_deadline_passed_and_permanent_answers_at_once(m
 
 
 # --- a store that stays down ----------------------------------------------------------------------
-# A deadline of 2 s (EMBED_IMAGES_STORE_RETRY_SECONDS) in place of 120: what is asserted is where the
+# A deadline of 2 s (--store-retry-seconds 2) in place of 120: what is asserted is where the
 # run stops and what it says, and how many requests it made, never how long it took.
 
 def _last_line(stderr):

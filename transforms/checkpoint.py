@@ -4,8 +4,8 @@ Beam makes a bundle's output durable only when the bundle ends, and the local ru
 stage as one bundle: a run killed at 90% would lose everything. So the embed step commits its
 rows itself, at least every `every_seconds` and every `every_rows` rows:
 
-- `embeddings-<bundle>-<seq>.parquet`: the output rows, plus `size` and `mtime` of the file as
-  listed (what lets a resume skip reading it);
+- `embeddings-<bundle>-<seq>.parquet`: the output rows, with their `listing` column (what lets a
+  resume skip reading a file: transforms/reuse.py);
 - `errors-<bundle>-<seq>.parquet`: decode and embed error rows, with the file's digest and listing
   (read errors are not kept: they are retried);
 - `_layout.json`: the model the rows were made with (written when the job starts).
@@ -26,21 +26,20 @@ import uuid
 from typing import Callable, Optional
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 
-from transforms import decode_pool
+from transforms import decode_pool, reuse, store
+from transforms.listing import LISTING_FIELD
 from transforms.results import EmbeddingBatch, Reused
-from transforms.write import ERRORS_SCHEMA, embedding_matrix, package_versions, rows_to_table, rows_table
+from transforms.write import ERRORS_SCHEMA, package_versions, rows_to_table
 
 DIRECTORY = "_checkpoints"
 LAYOUT_FILE = "_layout.json"
 EVERY_ROWS = 4096
-LISTING_FIELDS = (pa.field("size", pa.int64(), nullable=True), pa.field("mtime", pa.float64(), nullable=True))
-ERROR_FIELDS = (pa.field("sha256", pa.string(), nullable=True),) + LISTING_FIELDS
+ERROR_FIELDS = (pa.field("sha256", pa.string(), nullable=True), LISTING_FIELD)
 
 
 def directory(output: str) -> str:
@@ -53,6 +52,12 @@ def embeddings_glob(output: str) -> str:
 
 def errors_glob(output: str) -> str:
   return FileSystems.join(directory(output), "errors-*.parquet")
+
+
+def committed_files(output: str) -> list:
+  """(path, kind) of every committed checkpoint file, for reuse.CommittedIndex."""
+  return sorted((path, reuse.ROW if "/embeddings-" in path else reuse.ERROR) for path in files(output)
+                if path.endswith(".parquet") and ("/embeddings-" in path or "/errors-" in path))
 
 
 def files(output: str) -> list:
@@ -124,8 +129,8 @@ class CheckpointWriter:
     self._last = self._clock()
 
   def add(self, table: Optional[pa.Table], errors=()):
-    """`table`: output rows with `size` and `mtime` columns; `errors`: error rows with `sha256`,
-    `size` and `mtime` keys. Commits when enough rows or time have gathered."""
+    """`table`: output rows with their `listing` column; `errors`: error rows with `sha256` and
+    `listing` keys. Commits when enough rows or time have gathered."""
     if table is not None and table.num_rows:
       self._tables.append(table)
       self._rows += table.num_rows
@@ -156,8 +161,8 @@ class CheckpointWriter:
 
 def batch_table(batch: EmbeddingBatch, extra_fields) -> pa.Table:
   """An EmbeddingBatch keyed by Items as output rows: each item's duplicates (--dedupe) get its
-  vector, every row its item's extra columns and, for checkpoints, its listing (size, mtime)."""
-  uris, shas, widths, heights, index, sizes, mtimes = [], [], [], [], [], [], []
+  vector, every row its item's extra columns and its listing."""
+  uris, shas, widths, heights, index, listings = [], [], [], [], [], []
   extra = {f.name: [] for f in extra_fields}
   for i, item in enumerate(batch.keys):
     for each in item.items():
@@ -166,33 +171,33 @@ def batch_table(batch: EmbeddingBatch, extra_fields) -> pa.Table:
       widths.append(batch.widths[i])
       heights.append(batch.heights[i])
       index.append(i)
-      sizes.append(each.size)
-      mtimes.append(each.mtime)
+      listings.append(each.listed)
       for name in extra:
         extra[name].append(each.columns.get(name))
   embeddings = batch.embeddings if len(index) == len(batch) else batch.embeddings[index]
-  table = rows_to_table(uris, shas, widths, heights, embeddings, extra, extra_fields)
-  return (table.append_column(LISTING_FIELDS[0], pa.array(sizes, pa.int64()))
-          .append_column(LISTING_FIELDS[1], pa.array(mtimes, pa.float64())))
+  return rows_to_table(uris, shas, widths, heights, embeddings, extra, extra_fields, listings)
 
 
 class CommitRows(beam.DoFn):
   """After the model, in the same stage: `EmbeddingBatch`es, `(Item, ImageError)`s and
-  `(Item, Reused)`s in (EmbedImages.as_one_output()); Arrow tables of output rows (main), error rows (`errors`), and the rows to
-  reuse from --previous (`carried`) or an interrupted run (`resumed`) as (sha256, (uri, columns))
+  `(Item, Reused)`s in (EmbedImages.as_one_output()); Arrow tables of output rows (main), error
+  rows (`errors`), and the committed rows to reuse (`reused`: (file, reuse.Use), for reuse.FetchRows)
   out, each item's --dedupe duplicates included. Rows and decode/embed errors are committed under
   `<output>/_checkpoints/` as they pass (with `every_seconds`); per bundle, the worker's decode
   processes and package versions are tagged `worker_stats`."""
 
-  ERRORS_TAG, CARRIED_TAG, RESUMED_TAG, WORKER_STATS_TAG = "errors", "carried", "resumed", "worker_stats"
+  ERRORS_TAG, REUSED_TAG, WORKER_STATS_TAG = "errors", "reused", "worker_stats"
 
-  def __init__(self, output, run_started_at, every_seconds, extra_fields, progress=False):
+  def __init__(self, output, run_started_at, every_seconds, extra_fields, progress=False, store_retry_seconds=None):
     self._output, self._run = output, f"{int(run_started_at * 1000):x}"
+    self._store_retry_seconds = store_retry_seconds
     self._every_seconds, self._extra_fields, self._progress_on = every_seconds, extra_fields, progress
     self._embedded = beam.metrics.Metrics.counter("embed", "num_embedded")
     self._carried = beam.metrics.Metrics.counter("embed", "num_carried_over")
 
   def setup(self):
+    if self._store_retry_seconds and store.OUTAGE.seconds != self._store_retry_seconds:
+      store.configure(self._store_retry_seconds)  # a remote worker: the launcher's --store-retry-seconds
     self._versions = package_versions()
     self._progress = None
     if self._progress_on:
@@ -214,23 +219,23 @@ class CommitRows(beam.DoFn):
       self._embedded.inc(table.num_rows)
       if self._progress is not None:
         self._progress.update(table.num_rows)
-      yield table.drop_columns([f.name for f in LISTING_FIELDS])
+      yield table
       return
     item, value = element
     self._started(item.uri)
     if isinstance(value, Reused):  # the bytes hash as a committed row's
-      tag = self.RESUMED_TAG if value.sha256 == item.resume_sha256 else self.CARRIED_TAG
-      for uri, columns in item.rows():
-        if tag == self.CARRIED_TAG:
+      ref = reuse.reused_by(item, value.sha256)
+      for each in item.items():
+        if ref.source == reuse.PREVIOUS:
           self._carried.inc()
-        yield beam.pvalue.TaggedOutput(tag, (value.sha256, (uri, columns)))
+        yield beam.pvalue.TaggedOutput(self.REUSED_TAG, reuse.use(ref, each))
       return
     committed = []
     for each in item.items():
       row = dict(value.row(), uri=each.uri)
       yield beam.pvalue.TaggedOutput(self.ERRORS_TAG, row)
       if value.sha256 is not None:  # read errors have none, and are retried by a resume
-        committed.append(dict(row, sha256=value.sha256, size=each.size, mtime=each.mtime))
+        committed.append(dict(row, sha256=value.sha256, listing=each.listed and each.listed.as_row()))
     if committed and self._writer is not None:
       self._writer.add(None, committed)
 
@@ -244,119 +249,6 @@ class CommitRows(beam.DoFn):
       self._writer.commit()
     stats = dict(decode_pool.process_stats(), versions=self._versions, own_peak_rss=decode_pool.own_peak_rss())
     yield beam.pvalue.TaggedOutput(self.WORKER_STATS_TAG, GlobalWindows.windowed_value((os.getpid(), stats)))
-
-
-# --- reuse ------------------------------------------------------------------------
-
-
-def _index(table, kind):
-  for uri, sha, size, mtime in zip(*(table.column(c).to_pylist() for c in ("uri", "sha256", "size", "mtime"))):
-    if sha is not None:
-      yield uri, (kind, sha, size, mtime)
-
-
-class CheckpointIndex(beam.PTransform):
-  """(uri, (kind, sha256, size, mtime)) of every committed row; kind is "row" or "error"."""
-
-  def __init__(self, output):
-    super().__init__()
-    self._output = output
-
-  def expand(self, pbegin):
-    columns = ["uri", "sha256", "size", "mtime"]
-    present = files(self._output)
-    parts = []
-    if any("/embeddings-" in p for p in present):
-      parts.append(pbegin
-                   | "ReadRowIndex" >> beam.io.ReadFromParquetBatched(embeddings_glob(self._output), columns=columns)
-                   | "RowIndex" >> beam.FlatMap(_index, "row"))
-    if any("/errors-" in p for p in present):
-      parts.append(pbegin
-                   | "ReadErrorIndex" >> beam.io.ReadFromParquetBatched(errors_glob(self._output), columns=columns)
-                   | "ErrorIndex" >> beam.FlatMap(_index, "error"))
-    return tuple(parts) | "AllIndex" >> beam.Flatten(pipeline=pbegin.pipeline)
-
-
-def decide(joined, verify=False):
-  """CoGroupByKey of items and the checkpoint index, by uri -> ("resumed", (sha, (uri, columns)))
-  for an item whose committed row is reused without reading the file (same size and mtime as
-  listed), else ("item", item) with `resume_sha256` set when a row exists: the embed step reuses
-  it if the bytes still hash the same (always so with `verify`)."""
-  _, groups = joined
-  entries = list(groups["checkpoint"])
-  for item in groups["items"]:
-    if not entries:
-      yield "item", item
-      continue
-    _, sha, size, mtime = entries[0]
-    if not verify and item.size is not None and (item.size, item.mtime) == (size, mtime):
-      yield "resumed", (sha, (item.uri, item.columns))
-    else:
-      yield "item", item.replace(resume_sha256=sha)
-
-
-def _rows_by_content(table):
-  for sha, width, height, vector in zip(
-      table.column("sha256").to_pylist(), table.column("width").to_pylist(),
-      table.column("height").to_pylist(), embedding_matrix(table.column("embedding"))):
-    yield sha, ("row", (width, height, np.array(vector)))
-
-
-def _errors_by_content(table):
-  for sha, stage, error_type, message in zip(*(table.column(c).to_pylist()
-                                               for c in ("sha256", "stage", "error_type", "message"))):
-    if sha is not None:
-      yield sha, ("error", (stage, error_type, message))
-
-
-def resumed_outputs(joined):
-  """Per content: its committed row (or error) for every resumed uri. Tagged "row" tuples
-  (uri, sha, width, height, vector, columns) or "error" rows."""
-  sha, groups = joined
-  committed = list(groups["committed"])
-  if not committed:
-    return
-  kind, value = next(((k, v) for k, v in committed if k == "row"), committed[0])
-  for uri, columns in groups["resumed"]:
-    if kind == "row":
-      width, height, vector = value
-      yield beam.pvalue.TaggedOutput("rows", (uri, sha, width, height, vector, columns))
-    else:
-      stage, error_type, message = value
-      yield beam.pvalue.TaggedOutput("errors", {"uri": uri, "stage": stage, "error_type": error_type,
-                                                "message": message})
-
-
-class Resume(beam.PTransform):
-  """(sha256, (uri, columns)) of resumed items in; Arrow tables of their committed rows (main) and
-  their committed error rows (tagged `errors`) out."""
-
-  def __init__(self, output, extra_fields):
-    super().__init__()
-    self._output, self._extra_fields = output, extra_fields
-
-  def expand(self, resumed):
-    p = resumed.pipeline
-    present = files(self._output)
-    parts = []
-    if any("/embeddings-" in f for f in present):
-      parts.append(p
-                   | "ReadRows" >> beam.io.ReadFromParquetBatched(
-                       embeddings_glob(self._output), columns=["sha256", "width", "height", "embedding"])
-                   | "RowsByContent" >> beam.FlatMap(_rows_by_content))
-    if any("/errors-" in f for f in present):
-      parts.append(p
-                   | "ReadErrors" >> beam.io.ReadFromParquetBatched(
-                       errors_glob(self._output), columns=["sha256", "stage", "error_type", "message"])
-                   | "ErrorsByContent" >> beam.FlatMap(_errors_by_content))
-    committed = tuple(parts) | "AllCommitted" >> beam.Flatten(pipeline=p)
-    outputs = ({"resumed": resumed, "committed": committed}
-               | "JoinCommitted" >> beam.CoGroupByKey()
-               | "Outputs" >> beam.FlatMap(resumed_outputs).with_outputs("rows", "errors"))
-    tables = (outputs.rows
-              | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
-              | "ToArrow" >> beam.Map(rows_table, self._extra_fields))
-    return tables, outputs.errors
 
 
 def clear(output: str):

@@ -39,8 +39,10 @@ def representative(grouped) -> Item:
   reused goes first (the same bytes in --previous, then in an interrupted run's checkpoints),
   else the smallest uri: a new copy of an unchanged file must not make it re-embed."""
   digest, items = grouped
-  first, *rest = sorted(items, key=lambda item: (item.previous_sha256 != digest, item.resume_sha256 != digest,
-                                                 item.uri))
+  def rank(item):
+    sources = [ref.source for ref in item.reuse if ref.sha256 == digest]
+    return "previous" not in sources, "resume" not in sources, item.uri
+  first, *rest = sorted(items, key=rank)
   return first.replace(duplicates=tuple(rest)) if rest else first
 
 
@@ -62,8 +64,7 @@ class HashShardsDoFn(beam.DoFn):
       digest = _digest(member.source) if member.data is None else sha256_hex(member.data)
       if digest is None:
         continue
-      yield digest, (shard.uri, Item(uri, columns=columns, previous_sha256=shard.previous_members.get(uri),
-                                     resume_sha256=shard.resume_members.get(uri)))
+      yield digest, (shard.uri, Item(uri, columns=columns, reuse=shard.members.get(uri, ())))
 
 
 def _resolve(grouped):

@@ -1,7 +1,7 @@
 """The item: one input on its way from a listing to a row, with what is known of it so far."""
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclasses.dataclass(frozen=True)
@@ -10,19 +10,17 @@ class Item:
 
   - `columns`: pass-through output columns (a manifest's, `label`), by name;
   - `sha256`: its digest when already known (--dedupe hashed it), else None;
-  - `size`, `mtime`: the file as listed (bytes, seconds), when the listing said: a resume reuses a
-    committed row without reading a file whose listing is unchanged;
-  - `previous_sha256`: the digest of its row in --previous: if the bytes still have it, that row
-    is carried over and the file is not decoded;
-  - `resume_sha256`: the digest of its row committed by an interrupted run of this output (--resume):
-    if the bytes still have it, that row is reused and the file is not decoded;
+  - `listed`: what the listing said of it (transforms.listing.Listed), None without one (a manifest
+    row, a shard's image): recorded in its row, and a row of --previous or of an interrupted run
+    (--resume) made from the same listing is reused without reading it;
+  - `reuse`: committed rows made for this uri (transforms.reuse.Ref: an interrupted run's first,
+    then --previous's) whose listing differs: if the bytes still hash as one of them, that row is
+    reused and the file is not decoded;
   - `duplicates`: Items with the same bytes (--dedupe), which get this item's row or error;
   - `shard_format`: 'tar', 'parquet' or 'tfrecord' when `uri` is a shard of many images (each becomes
     an item of its own, `uri#key`, inside the embed stage), None for one image file;
-  - `previous_members`: a shard's images' digests in --previous, by uri: those whose bytes still have
-    it are carried over;
-  - `resume_members`: a shard's images' digests committed by an interrupted run (--resume), by uri:
-    those whose bytes still have it reuse that row;
+  - `members`: a shard's images' committed rows (Refs, as `reuse`), by uri: those whose bytes
+    still hash as one reuse it;
   - `member_duplicates`: a shard's images that other inputs duplicate (--dedupe), by uri: Items that
     get that image's row;
   - `skip_members`: a shard's images that are another input's duplicates (--dedupe): not embedded here;
@@ -32,14 +30,11 @@ class Item:
   uri: str
   columns: dict = dataclasses.field(default_factory=dict)
   sha256: Optional[str] = None
-  size: Optional[int] = None
-  mtime: Optional[float] = None
-  previous_sha256: Optional[str] = None
-  resume_sha256: Optional[str] = None
+  listed: Any = None
+  reuse: tuple = ()
   duplicates: tuple = ()
   shard_format: Optional[str] = None
-  previous_members: dict = dataclasses.field(default_factory=dict)
-  resume_members: dict = dataclasses.field(default_factory=dict)
+  members: dict = dataclasses.field(default_factory=dict)
   member_duplicates: dict = dataclasses.field(default_factory=dict)
   skip_members: frozenset = frozenset()
   row_groups: Optional[tuple] = None
@@ -53,6 +48,10 @@ class Item:
     """This item, then its duplicates."""
     yield self
     yield from self.duplicates
+
+  def digests(self) -> tuple:
+    """The digests of the rows it may reuse (`reuse`), for EmbedImages' known_digests."""
+    return tuple(ref.sha256 for ref in self.reuse)
 
   def replace(self, **changes) -> "Item":
     return dataclasses.replace(self, **changes)

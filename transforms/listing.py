@@ -1,9 +1,12 @@
 """Listing: the --input globs matched, each object with what the store's listing said of it (`Listed`).
 
-Interface (for the refresh's "skip unchanged objects unread"; not wired into the graph here):
+Interface (the graph's MatchInputs; --previous and --resume reuse a row unread when `same_object`):
 
     pcoll = p | ListInputs(["gs://b/photos/**/*.jpg", "/data/*.png"])
     # -> (uri, Listed) per matched object, each uri once
+
+Each output row records its listing (`LISTING_FIELD`, a nullable struct column `listing`), so the
+next run can compare without reading the object.
 
 `Listed` carries, by scheme:
 - local paths: `size` and `mtime_ns` (os.stat's st_mtime_ns);
@@ -24,6 +27,7 @@ import re
 from typing import Iterator, Optional, Tuple
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
@@ -43,6 +47,47 @@ class Listed:
   crc32c: Optional[str] = None  # gs://, base64
   md5: Optional[str] = None  # gs://, base64, absent for composite objects
   mtime: Optional[float] = None  # other filesystems: seconds, as Beam's match gives
+
+
+  def as_row(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+LISTING_TYPE = pa.struct([
+    pa.field("size", pa.int64()), pa.field("mtime_ns", pa.int64()), pa.field("generation", pa.int64()),
+    pa.field("crc32c", pa.string()), pa.field("md5", pa.string()), pa.field("mtime", pa.float64())])
+LISTING_FIELD = pa.field("listing", LISTING_TYPE, nullable=True)
+
+
+def listing_array(listings) -> pa.Array:
+  """The `listing` column for `Listed`s (None where an input had no listing: bytes, a manifest row)."""
+  return pa.array([None if each is None else each.as_row() for each in listings], LISTING_TYPE)
+
+
+def from_row(row) -> Optional[Listed]:
+  """A `listing` column value (a dict, or None) back as a Listed."""
+  if not row or row.get("size") is None:
+    return None
+  return Listed(**{f.name: row.get(f.name) for f in dataclasses.fields(Listed)})
+
+
+def same_object(before: Optional[Listed], now: Optional[Listed]) -> bool:
+  """True when two listings show the same bytes without reading them:
+  - gs://: the same generation, or the same size and md5 (else crc32c) of the content;
+  - local files: the same size and st_mtime_ns;
+  - other filesystems: the same size and modification time, where the listing gives one.
+  A missing listing on either side is never the same object: that input is read."""
+  if before is None or now is None or before.size != now.size:
+    return False
+  if before.generation is not None and before.generation == now.generation:
+    return True
+  if before.md5 is not None or now.md5 is not None:
+    return before.md5 == now.md5 and now.md5 is not None
+  if before.crc32c is not None and before.crc32c == now.crc32c:
+    return True
+  if before.mtime_ns is not None and before.mtime_ns == now.mtime_ns:
+    return True
+  return before.mtime is not None and before.mtime == now.mtime and before.generation is None
 
 
 def _prefix(pattern: str) -> str:

@@ -1,11 +1,10 @@
-"""Incremental refresh: which previous run can be reused, and carrying its unchanged rows over."""
+"""Incremental refresh: whether a previous run's rows can be reused (reusing them: transforms/reuse.py)."""
 
 import json
 
-import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.write import SUCCESS_FILE, embedding_matrix, rows_table
+from transforms.write import SUCCESS_FILE
 
 # What makes two runs' vectors interchangeable; versions and timings don't.
 _MODEL_KEYS = ("dim", "pooling", "normalize", "resize", "fast_decode", "mixed_precision", "allow_tf32")
@@ -60,71 +59,7 @@ def previous_embeddings(previous: str) -> str:
   return FileSystems.join(previous, "embeddings-*.parquet")
 
 
-def _index_rows(table):
-  yield from zip(table.column("uri").to_pylist(), table.column("sha256").to_pylist())
-
-
-def _rows_by_content(table):
-  for sha, width, height, vector in zip(
-      table.column("sha256").to_pylist(), table.column("width").to_pylist(),
-      table.column("height").to_pylist(), embedding_matrix(table.column("embedding"))):
-    yield sha, (width, height, vector)
-
-
-class PreviousIndex(beam.PTransform):
-  """(uri, sha256) of every row of the previous run; only those two columns are read."""
-
-  def __init__(self, previous):
-    super().__init__()
-    self._previous = previous
-
-  def expand(self, pbegin):
-    return (pbegin
-            | "ReadIndex" >> beam.io.ReadFromParquetBatched(
-                previous_embeddings(self._previous), columns=["uri", "sha256"])
-            | "IndexRows" >> beam.FlatMap(_index_rows))
-
-
-def attach_previous(joined):
-  """CoGroupByKey output -> items with their previous digest; uris only in the previous run are gone."""
-  _, groups = joined
-  digests = list(groups["previous"])
-  for item in groups["items"]:
-    yield item.replace(previous_sha256=digests[0]) if digests else item
-
-
-def removed_uri(joined):
-  uri, groups = joined
-  if not list(groups["items"]):
-    yield uri
-
-
-def carried_rows(joined):
-  """Rows for carried files: the previous run's size and vector for those bytes; this run's uri and
-  extra columns. Joined by content, so a copy of an unchanged file under a new name is carried too."""
-  sha, groups = joined
-  for width, height, vector in groups["previous"]:
-    for uri, columns in groups["carried"]:
-      yield uri, sha, width, height, vector, columns
-    return
-
-
-class CarryOver(beam.PTransform):
-  """(sha256, (uri, columns)) of carried files in, Arrow tables of their rows out; the previous
-  vectors are joined here, so they never travel into the model stage."""
-
-  def __init__(self, previous, extra_fields):
-    super().__init__()
-    self._previous, self._extra_fields = previous, extra_fields
-
-  def expand(self, carried):
-    previous = (carried.pipeline
-                | "ReadPrevious" >> beam.io.ReadFromParquetBatched(
-                    previous_embeddings(self._previous),
-                    columns=["sha256", "width", "height", "embedding"])
-                | "PreviousRows" >> beam.FlatMap(_rows_by_content))
-    return ({"carried": carried, "previous": previous}
-            | "JoinPrevious" >> beam.CoGroupByKey()
-            | "CarriedRows" >> beam.FlatMap(carried_rows)
-            | "Batch" >> beam.BatchElements(min_batch_size=64, max_batch_size=4096)
-            | "ToArrow" >> beam.Map(rows_table, self._extra_fields))
+def previous_files(previous: str) -> list:
+  """(path, kind) of the previous run's embeddings files, for reuse.CommittedIndex: listed once, at launch."""
+  from transforms import reuse
+  return sorted((m.path, reuse.ROW) for m in FileSystems.match([previous_embeddings(previous)])[0].metadata_list)

@@ -477,11 +477,11 @@ class ExpandShards(beam.DoFn):
       if uri is None:  # the shard itself: unopenable, or damaged past this point
         yield beam.pvalue.TaggedOutput(self.ERRORS_TAG, (item.replace(duplicates=()), ImageError.from_row(member.error)))
         continue
-      previous_seen += uri in item.previous_members
+      previous_seen += any(ref.source == "previous" for ref in item.members.get(uri, ()))
       if uri in item.skip_members:  # --dedupe: another input with the same bytes makes its row
         continue
       image = Item(uri, columns=columns, duplicates=item.member_duplicates.get(uri, ()),
-                   previous_sha256=item.previous_members.get(uri), resume_sha256=item.resume_members.get(uri))
+                   reuse=item.members.get(uri, ()))
       if member.error is not None:
         yield beam.pvalue.TaggedOutput(self.ERRORS_TAG, (image, ImageError.from_row(member.error)))
         continue

@@ -29,7 +29,7 @@ class StoreUnavailable(IOError):
 
   def __init__(self, store: str, status: str, seconds: float):
     super().__init__(f"store {store} unavailable: no request succeeded for {seconds:.0f} s of retries "
-                     f"({ENV}={seconds:g}); last status: {status}")
+                     f"(--store-retry-seconds {seconds:g}); last status: {status}")
     self.store, self.status, self.seconds = store, status, seconds
 
   def __reduce__(self):  # raised in a worker, re-raised where it is pickled back

@@ -17,7 +17,10 @@ SUCCESS_FILE = "_SUCCESS.json"
 ERROR_STAGES = ("read", "decode", "embed")
 
 
-def embeddings_schema(dim: int, layout: dict = None, extra_fields=()) -> pa.Schema:
+def embeddings_schema(dim: int, layout: dict = None, extra_fields=(), listing=False) -> pa.Schema:
+  """The embeddings Parquet's schema; `listing`: with the `listing` column the command line records
+  (what the store's listing said of each input: transforms/listing.py), after the extra fields."""
+  from transforms.listing import LISTING_FIELD
   fields = [
       pa.field("uri", pa.string(), nullable=False),
       pa.field("sha256", pa.string(), nullable=False),
@@ -25,6 +28,7 @@ def embeddings_schema(dim: int, layout: dict = None, extra_fields=()) -> pa.Sche
       pa.field("height", pa.int32(), nullable=False),
       pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False),
       *extra_fields,
+      *([LISTING_FIELD] if listing else []),
   ]
   metadata = {LAYOUT_KEY: json.dumps(layout, sort_keys=True).encode()} if layout else None
   return pa.schema(fields, metadata=metadata)
@@ -39,10 +43,11 @@ ERRORS_SCHEMA = pa.schema([
 
 
 def rows_to_table(uris, sha256s, widths, heights, embeddings: np.ndarray, extra=None,
-                  extra_fields=()) -> pa.Table:
+                  extra_fields=(), listings=None) -> pa.Table:
   """One Arrow table for a batch: the vector column is a FixedSizeList over one flat float32 buffer.
 
-  `extra` maps each of `extra_fields` (manifest columns, label) to its values, in row order.
+  `extra` maps each of `extra_fields` (manifest columns, label) to its values, in row order;
+  `listings` (Listed or None per row), when given, is the `listing` column.
   """
   embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
   n, dim = embeddings.shape
@@ -55,9 +60,15 @@ def rows_to_table(uris, sha256s, widths, heights, embeddings: np.ndarray, extra=
           pa.array(np.asarray(heights, dtype=np.int32)),
           pa.FixedSizeListArray.from_arrays(values, dim),
           *[pa.array(extra[f.name], type=f.type) for f in extra_fields],
+          *([] if listings is None else [_listing_array(listings)]),
       ],
-      schema=embeddings_schema(dim, extra_fields=extra_fields),
+      schema=embeddings_schema(dim, extra_fields=extra_fields, listing=listings is not None),
   )
+
+
+def _listing_array(listings):
+  from transforms.listing import listing_array
+  return listing_array(listings)
 
 
 def rows_table(rows, extra_fields=()) -> pa.Table:

@@ -1,0 +1,228 @@
+"""Reusing committed rows: one mechanism for --previous (an earlier run's output) and --resume (an
+interrupted run's checkpoints).
+
+A committed row is found by reference, never carried by value until it is written again:
+
+1. `CommittedIndex`: per committed Parquet file, (uri, `Ref`) for each of its rows; only the `uri`,
+   `sha256` and `listing` columns are read, a row group at a time.
+2. `decide`: joined by uri with this run's items. Where the committed row's listing shows the same
+   object as this run's listing (transforms/listing.py: `same_object`), the row is reused unread: a
+   `Use` of it, keyed by its file. Otherwise the item goes on with the Refs (`Item.reuse`): the embed
+   step reads and hashes the bytes, and reuses the row if they hash the same (`Reused`), else embeds.
+   Previous rows of uris no longer listed are `gone`.
+3. `FetchRows`: the `Use`s grouped by file; each file's wanted rows read back by position, a row group
+   at a time, as output tables with this run's uri, columns and listing.
+
+Memory is one small reference per row (a path, a position, a digest, a listing), never a vector;
+the joins are shuffles on Dataflow and the vectors are read back where they are written.
+"""
+
+from typing import NamedTuple, Optional
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.listing import from_row, listing_array, same_object
+from transforms.write import embeddings_schema
+
+PREVIOUS, RESUME = "previous", "resume"
+ROW, ERROR = "row", "error"
+_READ_BUFFER = 1 << 20
+_TABLE_ROWS = 4096
+
+
+class Ref(NamedTuple):
+  """Where one committed row is: `path` (a Parquet file), `row` (its position in that file)."""
+  source: str  # PREVIOUS or RESUME
+  path: str
+  row: int
+  kind: str  # ROW (an embeddings file) or ERROR (a checkpoint's errors file)
+  sha256: str
+  listed: object  # transforms.listing.Listed, or None
+
+
+class Use(NamedTuple):
+  """A committed row reused for one uri of this run, with this run's columns and listing."""
+  row: int
+  kind: str
+  source: str
+  uri: str
+  columns: dict
+  listed: object
+
+
+def use(ref: Ref, item) -> tuple:
+  """(file, Use) of `ref` for `item` (one of an item's rows: it or a duplicate)."""
+  return ref.path, Use(ref.row, ref.kind, ref.source, item.uri, item.columns, item.listed)
+
+
+def _open(path):
+  return FileSystems.open(path, compression_type="uncompressed")
+
+
+def read_index(entry, source: str):
+  """(uri, Ref) of each row of one committed file ((path, kind)); a file without a `listing` column (from before it
+  was recorded) gives Refs without listings, so its objects are read."""
+  path, kind = entry
+  with _open(path) as handle:
+    parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
+    columns = [c for c in ("uri", "sha256", "listing") if c in parquet.schema_arrow.names]
+    row = 0
+    for batch in parquet.iter_batches(batch_size=8192, columns=columns):
+      uris, digests = batch.column("uri").to_pylist(), batch.column("sha256").to_pylist()
+      listings = batch.column("listing").to_pylist() if "listing" in columns else [None] * len(uris)
+      for uri, sha, listed in zip(uris, digests, listings):
+        if sha is not None:  # a read error: never committed with a digest, always retried
+          yield uri, Ref(source, path, row, kind, sha, from_row(listed))
+        row += 1
+
+
+class CommittedIndex(beam.PTransform):
+  """(uri, Ref) of every row of `files`, a list of (path, kind), for `source`. The files are listed
+  at launch; each is read by one worker, only its uri, sha256 and listing columns."""
+
+  def __init__(self, files, source):
+    super().__init__()
+    self._files, self._source = list(files), source
+
+  def expand(self, pbegin):
+    return (pbegin
+            | "Files" >> beam.Create(self._files)
+            | "Spread" >> beam.Reshuffle()
+            | "Index" >> beam.FlatMap(read_index, self._source))
+
+
+def _ordered(refs) -> dict:
+  """The first Ref of each source, a row before an error (a retried bundle may commit both)."""
+  chosen = {}
+  for ref in sorted(refs, key=lambda r: (r.kind != ROW, r.path, r.row)):
+    chosen.setdefault(ref.source, ref)
+  return chosen
+
+
+def decide(joined, trust_resume=True, trust_previous=True):
+  """CoGroupByKey {"items", "committed"} by uri -> items to read (main, with `reuse` set to the Refs
+  they may reuse), (file, Use) tagged "reused" for rows reused unread, and uris tagged "gone" that
+  only --previous has. The interrupted run's row goes first, then --previous's; `trust_*` False
+  (--resume-verify, --previous-verify) reads every object."""
+  uri, groups = joined
+  refs = _ordered(groups["committed"])
+  items = list(groups["items"])
+  if not items:
+    if PREVIOUS in refs:
+      yield beam.pvalue.TaggedOutput("gone", uri)
+    return
+  trusted = {RESUME: trust_resume, PREVIOUS: trust_previous}
+  for item in items:
+    kept = []
+    for source in (RESUME, PREVIOUS):
+      ref = refs.get(source)
+      if ref is None:
+        continue
+      if trusted[source] and same_object(ref.listed, item.listed):
+        for each in item.items():
+          yield beam.pvalue.TaggedOutput("reused", use(ref, each))
+        break
+      kept.append(ref)
+    else:
+      yield item.replace(reuse=tuple(kept)) if kept else item
+
+
+def reused_by(item, sha256) -> Optional[Ref]:
+  """The Ref of `item.reuse` whose digest the bytes turned out to have."""
+  return next((ref for ref in item.reuse if ref.sha256 == sha256), None)
+
+
+def attach_members(joined):
+  """CoGroupByKey {"shards", "refs"} by shard path -> shard items with `members`: their images'
+  Refs by uri, an interrupted run's first."""
+  _, groups = joined
+  by_uri = {}
+  for uri, ref in groups["refs"]:
+    by_uri.setdefault(uri, []).append(ref)
+  members = {uri: tuple(ref for source, ref in sorted(_ordered(refs).items(), key=lambda kv: kv[0] != RESUME))
+             for uri, refs in by_uri.items()}
+  for item in groups["shards"]:
+    yield item.replace(members=members) if members else item
+
+
+# --- reading reused rows back ------------------------------------------------------
+
+
+def _row_groups(parquet, rows):
+  """{row group: positions in it} for sorted file positions `rows`."""
+  wanted, group, start = {}, 0, 0
+  metadata = parquet.metadata
+  for row in rows:
+    while row >= start + metadata.row_group(group).num_rows:
+      start += metadata.row_group(group).num_rows
+      group += 1
+    wanted.setdefault(group, []).append(row - start)
+  return wanted
+
+
+def reused_table(taken: pa.Table, uses, extra_fields) -> pa.Table:
+  """Output rows for `uses` from the committed rows `taken` (sha256, width, height, embedding), in order."""
+  embedding = taken.column("embedding").combine_chunks()
+  schema = embeddings_schema(embedding.type.list_size, extra_fields=extra_fields, listing=True)
+  arrays = [pa.array([u.uri for u in uses], pa.string()), taken.column("sha256"), taken.column("width"),
+            taken.column("height"), embedding,
+            *[pa.array([u.columns.get(f.name) for u in uses], f.type) for f in extra_fields],
+            listing_array([u.listed for u in uses])]
+  return pa.Table.from_arrays(arrays, schema=schema)
+
+
+class _FetchDoFn(beam.DoFn):
+  """(file, [Use]) in; Arrow tables of reused rows out, error rows tagged "errors"."""
+
+  def __init__(self, extra_fields):
+    self._extra_fields = extra_fields
+
+  def process(self, element):
+    path, uses = element
+    uses = sorted(uses, key=lambda u: u.row)
+    kind = uses[0].kind
+    columns = ["sha256", "width", "height", "embedding"] if kind == ROW else ["stage", "error_type", "message"]
+    with _open(path) as handle:
+      parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
+      wanted = _row_groups(parquet, [u.row for u in uses])
+      done, tables, pending = 0, [], []
+      for group, positions in wanted.items():
+        taken = parquet.read_row_group(group, columns=columns).take(pa.array(positions, pa.int64()))
+        these = uses[done:done + len(positions)]
+        done += len(positions)
+        if kind == ERROR:
+          for u, row in zip(these, taken.to_pylist()):
+            yield beam.pvalue.TaggedOutput("errors", dict(row, uri=u.uri))
+          continue
+        tables.append(taken)
+        pending.extend(these)
+        if len(pending) >= _TABLE_ROWS:
+          yield reused_table(pa.concat_tables(tables), pending, self._extra_fields)
+          tables, pending = [], []
+      if pending:
+        yield reused_table(pa.concat_tables(tables), pending, self._extra_fields)
+
+
+class FetchRows(beam.PTransform):
+  """(file, Use) in; (tables of reused output rows, reused error rows) out. Each committed file is
+  read by one worker, only the row groups holding wanted rows."""
+
+  def __init__(self, extra_fields):
+    super().__init__()
+    self._extra_fields = extra_fields
+
+  def expand(self, uses):
+    fetched = (uses
+               | "ByFile" >> beam.GroupByKey()
+               | "Read" >> beam.ParDo(_FetchDoFn(self._extra_fields)).with_outputs("errors", main="tables"))
+    return fetched.tables, fetched.errors
+
+
+def count_rows(tables, label):
+  return (tables
+          | f"{label}Rows" >> beam.Map(lambda table: table.num_rows)
+          | f"Count{label}" >> beam.CombineGlobally(sum))
+
