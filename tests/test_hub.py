@@ -13,11 +13,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that
 
 keras_hub = pytest.importorskip("keras_hub")
 
+from embed_images import BackbonesModelHandler, EmbedImages  # noqa: E402
 from pipeline.launch import build_config  # noqa: E402
 from pipeline.main import run  # noqa: E402
 from pipeline.options import LaunchError  # noqa: E402
@@ -144,6 +149,48 @@ def test_run_mixes_presets_and_a_registry_backbone_within_1e_4_of_keras_hub_reci
     figures[name] = float(relative_l2(part, want).max())
   print("relative L2 to the recipe, worst row:", json.dumps(figures))
   assert max(figures.values()) < 1e-4, figures
+
+
+def _cli_slices(local_run, names):
+  """uri -> the command line's vector for `names`, concatenated in that order."""
+  uris, rows = _rows(local_run)
+  by_name = {b["name"]: b for b in read_summary(str(local_run))["layout"]["backbones"]}
+  parts = [rows[:, by_name[n]["offset"]:by_name[n]["offset"] + by_name[n]["dim"]] for n in names]
+  return dict(zip(uris, np.concatenate(parts, axis=1)))
+
+
+def _matches(want):
+  def check(outputs):
+    got = dict(outputs)
+    assert sorted(got) == sorted(want)
+    for uri, vector in got.items():
+      assert relative_l2(np.asarray(vector)[None], want[uri][None]).max() < 1e-5, uri
+  return check
+
+
+def test_embed_images_with_hub_and_preset_directory_equals_the_command_line(local_run, presets, monkeypatch):
+  # hub:dinov2_small served from the small local preset, as KerasHub's cache would serve the real one.
+  monkeypatch.setattr(hub, "_download", lambda preset: str(presets["dino"]))
+  want = _cli_slices(local_run, ["dino:mean", "clip"])
+  embed = EmbedImages(["hub:dinov2_small:mean", "clip"], models={"clip": str(presets["clip"])}, batch_size=3,
+                      decode_processes=1)
+  assert [b["layer"] for b in embed.layout["backbones"]] == ["mean", "vision_embedding"]
+  assert embed.layout["backbones"][0]["source"] == "dinov2_small" and embed.layout["dim"] == 64 + 48
+  with TestPipeline() as p:
+    rows = (p | beam.Create([str(s) for s in SAMPLES]) | embed
+            | beam.Map(lambda e: (e.uri, e.embedding)))
+    assert_that(rows, _matches(want))
+
+
+def test_backbones_model_handler_takes_a_preset_directory(local_run, presets):
+  want = _cli_slices(local_run, ["vit", "mobilenet_v3_small"])
+  handler = BackbonesModelHandler(["vit", "mobilenet_v3_small"], models={"vit": str(presets["vit"])},
+                                  weights="random")
+  arrays = [(str(s), np.asarray(keras.utils.load_img(str(s)))) for s in SAMPLES]
+  with TestPipeline() as p:
+    rows = (p | beam.Create(arrays) | RunInference(KeyedModelHandler(handler))
+            | beam.MapTuple(lambda uri, result: (uri, result.inference)))
+    assert_that(rows, _matches(want))
 
 
 def test_the_full_image_decodes_as_load_img_gives_it_in_and_out_of_a_decode_process():
