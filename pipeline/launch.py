@@ -25,8 +25,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _
 
 from pipeline.config import RunConfig, model_layout
 from pipeline.options import EmbedOptions, LaunchError, _bool_value, _check_choice, as_flags, backbone_names, validate
-from transforms import checkpoint, manifest, models, refresh, shards, specs, store
+from transforms import checkpoint, manifest, models, refresh, shards, store
 from transforms.backbones import BACKBONES, PREPROCESSING_MODES, get_backbone
+from transforms.specs import resolve_backbone
 from transforms.weights import BackboneSpec
 from transforms.write import SUCCESS_FILE
 
@@ -124,8 +125,8 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   opts = options.view_as(EmbedOptions)
   registered = user_models(opts)
   values = validate(opts, registered)
-  resolved = [_backbone_spec(opts, registered, entry, name, layer)
-               for entry, name, layer in backbone_names(opts, registered)]
+  specs = [_backbone_spec(opts, registered, entry, name, layer)
+           for entry, name, layer in backbone_names(opts, registered)]
 
   manifest_schema, extra = None, ()
   if opts.input_manifest:
@@ -154,7 +155,7 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   config = RunConfig(
       inputs=tuple(opts.input or ()),
       output=opts.output.rstrip("/"),
-      backbones=tuple(resolved),
+      backbones=tuple(specs),
       pooling=opts.pooling,
       batch_size=opts.batch_size,
       resize=opts.resize,
@@ -237,8 +238,8 @@ def _backbone_spec(opts, registered, entry, name, layer) -> BackboneSpec:
   weights fingerprinted (registry), the model copied, loaded and fingerprinted (--model), or a
   KerasHub preset fetched and loaded (hub:PRESET, a --model preset directory)."""
   try:
-    return specs.resolve_backbone(entry, name, layer, weights=opts.weights, image_size=opts.image_size,
-                                  pooling=opts.pooling, model=registered.get(name), modules=model_modules(opts))
+    return resolve_backbone(entry, name, layer, weights=opts.weights, image_size=opts.image_size,
+                            pooling=opts.pooling, model=registered.get(name), modules=model_modules(opts))
   except ValueError as e:
     raise LaunchError(_model_hints(as_flags(e), name)) from None
 
