@@ -31,10 +31,15 @@ COPY dataflow/flex_main.py ./
 # Not editable: workers import the package from site-packages, whatever their working directory.
 # TensorFlow and Beam are already satisfied, so pip leaves them as they are.
 # The last test fails the build if constraints.txt's apache-beam pin made pip replace the SDK's Beam.
+# The hub extra (keras-hub, tensorflow-text) too: hub:PRESET backbones. HUB_PRESETS (comma-separated
+# KerasHub preset names) are downloaded into KerasHub's cache here, so workers need no internet for them.
 ARG BEAM_VERSION
-RUN pip install --no-cache-dir -c constraints.txt . \
+ARG HUB_PRESETS=""
+ENV KAGGLEHUB_CACHE=/opt/kagglehub
+RUN pip install --no-cache-dir -c constraints.txt ".[hub]" \
     && python -c "import pipeline.main, transforms.embed, tensorflow, apache_beam; print(apache_beam.__version__, tensorflow.__version__)" \
-    && test "$(python -c 'import apache_beam; print(apache_beam.__version__)')" = "${BEAM_VERSION}"
+    && test "$(python -c 'import apache_beam; print(apache_beam.__version__)')" = "${BEAM_VERSION}" \
+    && python -c "import sys, keras_hub; [(keras_hub.models.Backbone.from_preset(p), keras_hub.layers.ImageConverter.from_preset(p)) for p in sys.argv[1].split(',') if p]" "${HUB_PRESETS}"
 
 ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/flex_main.py
 # Everything is installed: the launcher must not pip-install anything at launch.

@@ -25,6 +25,9 @@ setuptools.setup(
         "test": ["pytest>=7", "gcp-storage-emulator", "playwright>=1.40,<1.66"],
         # `embed-images report`: projection, neighbour search and probes.
         "report": ["scikit-learn>=1.4,<1.10"],
+        # KerasHub presets (hub:PRESET). On Linux it pulls tensorflow-text, which needs the full
+        # tensorflow wheel: install_requires has it already.
+        "hub": ["keras-hub>=0.32,<0.33"],
     },
     entry_points={"console_scripts": ["embed-images=pipeline.cli:main"]},
 )

@@ -1,6 +1,7 @@
 """Throughput of embed-images against the bare forward pass, plain Keras and Beam RunInference, in one run.
 
     python benchmarks/throughput.py [--n 1024] [--backbones mobilenet_v2] [--batch-size 32] [--repeats 3]
+    python benchmarks/throughput.py --hub small|tiny|PRESET_DIR [--n 256] ...   (a ViT-family KerasHub backbone)
 
 On the same N and 2N JPEGs (500x375, quality 90, made from samples/*.jpg and cached in a temp
 directory), the same backbones and the same seeded random weights, it times:
@@ -21,6 +22,15 @@ every 200 ms (plus the largest single process, from wait4). Parquet's share of a
 measured in-process by timing the sink's methods and the Arrow table building (mode
 pipeline-sink). Every output is read back and compared with plain Keras's, row by row, so the
 four sides are known to compute the same thing.
+
+With --hub, the backbone is a KerasHub preset instead (`tiny`: a 2-layer, 64-dim DINOv2 at 112 px;
+`small`: dinov2_small's architecture, 12 layers x 384 at 224 px; both with DINOv2's converter
+settings, bicubic + antialias + crop, and seeded random weights, saved once under --cache-dir; or a
+preset directory). Then 1 is the preset's converter and backbone in one tf.function over pre-decoded
+full-size uint8 batches (the model the pipeline runs), 1b the backbone alone on floats converted
+beforehand, 2 KerasHub's recipe (the converter on each `img_to_array(load_img(path))`, then
+the backbone, batch by batch), 4 and 5 the pipeline and EmbedImages with `--model hubvit=DIR`;
+RunInference (3) is left out: TFModelHandlerNumpy takes one fixed-size tensor.
 """
 
 import argparse
@@ -44,9 +54,13 @@ IMAGE_SIZE = (500, 375)
 JPEG_QUALITY = 90
 IMAGE_SEED = 20240605
 MODES = ("bare", "keras", "runinference", "pipeline", "library")
+HUB_NAME = "hubvit"  # the --model name of a --hub preset
+# The bare child's variants (its result's "passes" keys) and the table's row for each.
+BARE_ROWS = {"variables": "bare", "frozen": "bare-frozen", "backbone": "bare-backbone"}
 TITLES = {
     "bare": "1 bare forward (tf.function, uint8 batches)",
     "bare-frozen": "1f bare forward, weights frozen",
+    "bare-backbone": "1b bare backbone alone (converted floats)",
     "keras": "2 plain Keras (load_img..predict)",
     "runinference": "3 Beam RunInference + WriteToParquet",
     "pipeline": "4 embed-images (this pipeline)",
@@ -135,6 +149,112 @@ def _result(**fields):
   print("RESULT " + json.dumps(fields), flush=True)
 
 
+def hub_preset(args) -> str:
+  """The --hub preset's directory: a built-in small DINOv2 made (once) under the cache dir, or the
+  directory given."""
+  if args.hub not in ("tiny", "small"):
+    return args.hub
+  path = os.path.join(args.cache_dir, f"hub-dinov2-{args.hub}")
+  if os.path.exists(os.path.join(path, "image_converter.json")):
+    return path
+  import keras
+  import keras_hub
+  keras.utils.set_random_seed(IMAGE_SEED)
+  size, config = {"tiny": (112, dict(num_layers=2, hidden_dim=64, num_heads=2, intermediate_dim=128)),
+                  "small": (224, dict(num_layers=12, hidden_dim=384, num_heads=6, intermediate_dim=1536))}[args.hub]
+  backbone = keras_hub.models.DINOV2Backbone(patch_size=14, image_shape=(size, size, 3),
+                                             position_embedding_shape=(518, 518, 3), **config)
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  converter = keras_hub.layers.DINOV2ImageConverter(
+      image_size=(size, size), interpolation="bicubic", antialias=True, crop_to_aspect_ratio=True,
+      scale=[1 / (255 * s) for s in std], offset=[-m / s for m, s in zip(mean, std)])
+  partial = path + ".partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  backbone.save_to_preset(partial)
+  converter.save_to_preset(partial)
+  os.replace(partial, path)
+  return path
+
+
+def _hub_model(args):
+  """(converter, the vector model on converted floats) of the --hub preset, as the pipeline builds them."""
+  import keras_hub
+  from transforms import hub
+  preset = hub_preset(args)
+  backbone = keras_hub.models.Backbone.from_preset(preset)
+  converter = keras_hub.layers.ImageConverter.from_preset(preset)
+  vector = hub.vector_kind(backbone, None, args.pooling, preset)
+  return converter, hub.features_model(backbone, vector, tuple(converter.image_size))
+
+
+def child_bare_hub(args):
+  """The limit for a preset: its converter and backbone in one tf.function over pre-decoded
+  full-size uint8 batches (all benchmark images have one size), and the backbone alone on floats
+  converted beforehand, passes alternating."""
+  import resource
+  import keras
+  import numpy as np
+  import tensorflow as tf
+  converter, model = _hub_model(args)
+  paths = list_images(args.images)
+  full = np.stack([np.asarray(keras.utils.load_img(p)) for p in paths])
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+  def forward(images):
+    return model(converter(tf.cast(images, tf.float32)), training=False)
+
+  @tf.function(input_signature=[tf.TensorSpec([None, *converter.image_size, 3], tf.float32)])
+  def backbone(x):
+    return model(x, training=False)
+
+  bs = args.batch_size
+  batches = [full[i:i + bs] for i in range(0, len(paths), bs)]
+  converted = [converter(tf.cast(b, tf.float32)).numpy() for b in batches]
+  variants = {"variables": lambda i: forward(batches[i]).numpy(), "backbone": lambda i: backbone(converted[i]).numpy()}
+  for run in variants.values():
+    run(0)
+    run(len(batches) - 1)
+  cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+  passes = {name: [] for name in variants}
+  cpus = {name: [] for name in variants}
+  outputs = {}
+  for _ in range(args.passes):
+    for name, run in variants.items():
+      started, cpu_started = time.perf_counter(), cpu()
+      outputs[name] = [run(i) for i in range(len(batches))]
+      passes[name].append(time.perf_counter() - started)
+      cpus[name].append(cpu() - cpu_started)
+  np.save(os.path.join(args.out, "embeddings.npy"), np.concatenate(outputs["variables"]))
+  np.save(os.path.join(args.out, "embeddings-backbone.npy"), np.concatenate(outputs["backbone"]))
+  with open(os.path.join(args.out, "uris.json"), "w") as f:
+    json.dump(paths, f)
+  _result(images=len(paths), passes=passes, cpus=cpus)
+
+
+def child_keras_hub(args):
+  """KerasHub's recipe, batch by batch: the converter on each full image as load_img gives it, then
+  the backbone's vector."""
+  import keras
+  import numpy as np
+  converter, model = _hub_model(args)
+  paths = list_images(args.images)
+  bs = args.batch_size
+  out = []
+  for i in range(0, len(paths), bs):
+    x = np.concatenate([np.asarray(converter(keras.utils.img_to_array(keras.utils.load_img(p))[None]))
+                        for p in paths[i:i + bs]])
+    out.append(model.predict(x, batch_size=bs, verbose=0))
+  _write_parquet(os.path.join(args.out, "embeddings.parquet"), paths, np.concatenate(out))
+  _result(images=len(paths))
+
+
+def cli_backbones(args) -> list:
+  """The command line's model flags for this run."""
+  if args.hub:
+    return ["--backbones", HUB_NAME, "--model", f"{HUB_NAME}={hub_preset(args)}"]
+  return ["--backbones", args.backbones, *(["--image-size", str(args.image_size)] if args.image_size else [])]
+
+
 def _write_parquet(path, uris, embeddings):
   import numpy as np
   import pyarrow as pa
@@ -148,6 +268,8 @@ def child_bare(args):
   """The limit: only the forward pass, on arrays decoded beforehand, after a warm-up; once with
   the weights as variables (a plain tf.function) and once frozen to constants (what
   embed-images runs for small backbones), passes alternating."""
+  if args.hub:
+    return child_bare_hub(args)
   import resource
   import keras
   import numpy as np
@@ -196,6 +318,8 @@ def child_bare(args):
 
 def child_keras(args):
   """The plain recipe, the way its documentation writes it, batch by batch."""
+  if args.hub:
+    return child_keras_hub(args)
   import keras
   import numpy as np
   specs = _specs(args)
@@ -301,8 +425,12 @@ def child_library(args):
 
   from embed_images import EmbedImages
 
-  embed = EmbedImages(args.backbones, weights="random", image_size=args.image_size, pooling=args.pooling,
-                      batch_size=args.batch_size)
+  if args.hub:
+    embed = EmbedImages([HUB_NAME], models={HUB_NAME: hub_preset(args)}, pooling=args.pooling,
+                        batch_size=args.batch_size)
+  else:
+    embed = EmbedImages(args.backbones, weights="random", image_size=args.image_size, pooling=args.pooling,
+                        batch_size=args.batch_size)
   schema = pa.schema([("uri", pa.string()), ("embedding", pa.list_(pa.float32(), embed.layout["dim"]))])
   uris = list_images(args.images)
   with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([])) as p:
@@ -343,14 +471,17 @@ def child_pipeline_sink(args):
     timed(filebasedsink.FileBasedSink, attr, f"sink.{attr}")
   timed(transforms.embed, "rows_to_table", "arrow tables (rows_to_table)")
   started = time.perf_counter()
-  status = run(["--input", os.path.join(args.images, "*.jpg"), "--output", args.out,
-                "--backbones", args.backbones, "--weights", "random", "--batch-size", str(args.batch_size),
-                "--overwrite", *(["--image-size", str(args.image_size)] if args.image_size else [])],
+  status = run(["--input", os.path.join(args.images, "*.jpg"), "--output", args.out, *cli_backbones(args),
+                "--weights", "random", "--batch-size", str(args.batch_size), "--overwrite"],
                save_main_session=False)
   _result(status=status, seconds=time.perf_counter() - started, spent=spent)
 
 
-CHILDREN = {"bare": child_bare, "keras": child_keras, "prepare": child_prepare,
+def child_prepare_hub(args):
+  _result(preset=hub_preset(args))
+
+
+CHILDREN = {"bare": child_bare, "keras": child_keras, "prepare": child_prepare, "prepare-hub": child_prepare_hub,
             "runinference": child_runinference, "pipeline-sink": child_pipeline_sink, "library": child_library}
 
 
@@ -494,12 +625,11 @@ def _pipeline_cmd():
 
 def command(mode, args, images, out):
   common = ["--backbones", args.backbones, "--batch-size", str(args.batch_size), "--pooling", args.pooling,
-            *(["--image-size", str(args.image_size)] if args.image_size else [])]
+            *(["--image-size", str(args.image_size)] if args.image_size else []),
+            *(["--hub", args.hub] if args.hub else [])]
   if mode == "pipeline":
-    return [*_pipeline_cmd(), "--input", os.path.join(images, "*.jpg"), "--output", out,
-            "--backbones", args.backbones, "--weights", "random", "--batch-size", str(args.batch_size),
-            "--pooling", args.pooling, "--overwrite",
-            *(["--image-size", str(args.image_size)] if args.image_size else [])]
+    return [*_pipeline_cmd(), "--input", os.path.join(images, "*.jpg"), "--output", out, *cli_backbones(args),
+            "--weights", "random", "--batch-size", str(args.batch_size), "--pooling", args.pooling, "--overwrite"]
   return [sys.executable, os.path.abspath(__file__), "--mode", mode, "--images", images, "--out", out,
           "--cache-dir", args.cache_dir, "--passes", str(args.passes), *common]
 
@@ -510,10 +640,11 @@ def read_embeddings(mode, out):
   import pyarrow as pa
   import pyarrow.parquet as pq
   from transforms.write import embedding_matrix
-  if mode in ("bare", "bare-frozen"):
+  if mode in BARE_ROWS.values():
     with open(os.path.join(out, "uris.json")) as f:
       uris = json.load(f)
-    vectors = np.load(os.path.join(out, "embeddings.npy" if mode == "bare" else "embeddings-frozen.npy"))
+    vectors = np.load(os.path.join(out, {"bare": "embeddings.npy", "bare-frozen": "embeddings-frozen.npy",
+                                         "bare-backbone": "embeddings-backbone.npy"}[mode]))
   else:
     files = sorted(glob.glob(os.path.join(out, "embeddings*.parquet")))
     table = pq.read_table(files)
@@ -555,17 +686,26 @@ def _machine():
 
 def orchestrate(args):
   from transforms.backbones import get_backbone  # light: no TensorFlow in the parent
-  specs = [(n.strip(), args.image_size or get_backbone(n.strip()).native_size)
-           for n in args.backbones.split(",") if n.strip()]
-  modes = [m for m in MODES if m not in set(args.skip.split(",")) - {""}]
+  if args.hub:
+    specs = [(f"KerasHub preset {args.hub}", "its converter's size, ")]
+  else:
+    specs = [(n.strip(), args.image_size or get_backbone(n.strip()).native_size)
+             for n in args.backbones.split(",") if n.strip()]
+  skipped = set(args.skip.split(",")) - {""} | ({"runinference"} if args.hub else set())
+  modes = [m for m in MODES if m not in skipped]
   sizes = (args.n, 2 * args.n)
   print(f"machine: {_machine()}", flush=True)
-  print(f"backbones: {', '.join(f'{n} ({s}px)' for n, s in specs)}; weights random (seeded); "
+  print(f"backbones: {', '.join(f'{n} ({s}px)'.replace(', px', '') for n, s in specs)}; weights random (seeded); "
         f"batch {args.batch_size}; N={args.n} and 2N={2 * args.n} JPEGs {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} "
         f"q{JPEG_QUALITY}; repeats {args.repeats}", flush=True)
 
   paths = make_images(2 * args.n, args.cache_dir)
   image_dirs = {n: subset_dir(paths, n, args.cache_dir) for n in sizes}
+  if args.hub:
+    child = run_child([sys.executable, os.path.abspath(__file__), "--mode", "prepare-hub", "--hub", args.hub,
+                       "--cache-dir", args.cache_dir], os.path.join(args.cache_dir, "prepare-hub"), args.timeout)
+    if child["rc"] != 0:
+      raise SystemExit(f"making the --hub preset failed; see {child['log']}.err")
   work = tempfile.mkdtemp(prefix="throughput-", dir=args.cache_dir)
   logs = os.path.join(work, "logs")
   os.makedirs(logs)
@@ -616,10 +756,12 @@ def orchestrate(args):
   if "keras" in modes:
     import numpy as np
     reference = read_embeddings("keras", runs["keras"][args.n][0]["out"])
-    for mode in modes + (["bare-frozen"] if "bare" in modes else []):
+    bare_rows = [BARE_ROWS[v] for v in runs["bare"][args.n][0]["result"]["passes"] if v != "variables"] \
+        if "bare" in modes else []
+    for mode in modes + bare_rows:
       if mode == "keras":
         continue
-      got = read_embeddings(mode, runs["bare" if mode == "bare-frozen" else mode][args.n][0]["out"])
+      got = read_embeddings(mode, runs["bare" if mode in BARE_ROWS.values() else mode][args.n][0]["out"])
       if set(got) != set(reference):
         agreement[mode] = f"different rows ({len(got)} vs {len(reference)})"
         continue
@@ -636,7 +778,8 @@ def orchestrate(args):
   print(f"{'':44}" + "".join(f"{h:>22}" for h in sub[:3]) + f"{sub[3]:>14}{sub[4]:>16}")
   for mode in modes:
     if mode == "bare":
-      for row, variant in (("bare", "variables"), ("bare-frozen", "frozen")):
+      for variant in runs[mode][args.n][0]["result"]["passes"]:
+        row = BARE_ROWS[variant]
         forward = [args.n / x for c in runs[mode][args.n] for x in c["result"]["passes"][variant]]
         cpu = [1000 * x / args.n for c in runs[mode][args.n] for x in c["result"]["cpus"][variant]]
         rates[row] = {"marginal": _stats(forward), "cpu_ms": statistics.median(cpu)}
@@ -672,8 +815,8 @@ def orchestrate(args):
 
   def per_repeat(mode, key):
     """This mode's rate in each repeat: paired ratios cancel slow spells of the host."""
-    if mode in ("bare", "bare-frozen"):
-      variant = "variables" if mode == "bare" else "frozen"
+    if mode in BARE_ROWS.values():
+      variant = {row: v for v, row in BARE_ROWS.items()}[mode]
       return [statistics.median(args.n / x for x in c["result"]["passes"][variant]) for c in runs["bare"][args.n]]
     small, large = runs[mode][sizes[0]], runs[mode][sizes[1]]
     if key == "whole_n":
@@ -692,8 +835,13 @@ def orchestrate(args):
 
   print()
   print("ratios: median [min-max] over repeats, each repeat's pipeline run against the same repeat's other run")
-  lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85),
-           ("4/1f pipeline / frozen bare forward, marginal", ratio("pipeline", "bare-frozen", "marginal"), 0.85)]
+  if args.hub:
+    lines = [("4/1 pipeline / bare converter+backbone, marginal", ratio("pipeline", "bare", "marginal"), 0.90),
+             ("4/1b pipeline / bare backbone alone, marginal", ratio("pipeline", "bare-backbone", "marginal"), None),
+             ("1/1b bare converter+backbone / backbone alone", ratio("bare", "bare-backbone", "marginal"), None)]
+  else:
+    lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85),
+             ("4/1f pipeline / frozen bare forward, marginal", ratio("pipeline", "bare-frozen", "marginal"), 0.85)]
   for other, number, target in (("keras", 2, 1.5), ("runinference", 3, 2.0)):
     lines += [(f"4/{number} pipeline / {other}, whole run at N", ratio("pipeline", other, "whole_n"), target),
               (f"4/{number} pipeline / {other}, whole run at 2N", ratio("pipeline", other, "whole_2n"), target),
@@ -726,6 +874,8 @@ def main(argv=None):
   parser.add_argument("--n", type=int, default=1024, help="images in the smaller run (the other is 2N)")
   parser.add_argument("--backbones", default="mobilenet_v2")
   parser.add_argument("--image-size", type=int, default=None)
+  parser.add_argument("--hub", default=None, help="a ViT-family KerasHub backbone instead of --backbones: tiny "
+                      "or small (DINOv2, made once with seeded random weights), or a preset directory")
   parser.add_argument("--pooling", default="avg")
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)

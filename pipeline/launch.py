@@ -24,31 +24,19 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _BeamArgumentParser
 
 from pipeline.config import RunConfig, model_layout
-from pipeline.options import EmbedOptions, LaunchError, _bool_value, _check_choice, backbone_names, validate
+from pipeline.options import EmbedOptions, LaunchError, _bool_value, _check_choice, as_flags, backbone_names, validate
 from transforms import checkpoint, manifest, models, refresh, shards, store
 from transforms.backbones import BACKBONES, PREPROCESSING_MODES, get_backbone
-from transforms.weights import BackboneSpec, resolve_weights
+from transforms.specs import resolve_backbone
+from transforms.weights import BackboneSpec
 from transforms.write import SUCCESS_FILE
 
 OUTPUT_FILE_PATTERNS = ("embeddings-*.parquet", "errors-*.parquet", SUCCESS_FILE)
 LOCAL_RUNNERS = (None, "DirectRunner", "direct", "SwitchingDirectRunner")
 
 
-# Stages name their own arguments in their errors (`weights`); the command line names its flags.
-_FLAGS = {"`weights`": "--weights", "`manifest`": "--input-manifest", "`previous`": "--previous",
-          "`layer`": "--backbones layer", "`image_size`": "--image-size", "`output`": "--model-output",
-          "`modules`": "--model-modules", "`model`": "--model", "`image_column`": "--image-column",
-          "`image_feature`": "--image-feature", "`carry_features`": "--carry-features"}
 # How many matches of each --input are looked at, at launch, for the first shard of each format.
 SHARD_PROBE_MATCHES = 1000
-
-
-def as_flags(error: Exception) -> str:
-  """A stage's error message, first line, with its argument names worded as this tool's flags."""
-  text = str(error).splitlines()[0] if str(error) else type(error).__name__
-  for argument, flag in _FLAGS.items():
-    text = text.replace(argument, flag)
-  return text
 
 
 class _OneLineParser(_BeamArgumentParser):
@@ -253,20 +241,12 @@ def _with_shard_columns(extra, layouts, label_from_dir) -> tuple:
 
 
 def _backbone_spec(opts, registered, entry, name, layer) -> BackboneSpec:
-  """One --backbones entry resolved: weights fingerprinted (registry) or the model copied, loaded
-  and fingerprinted (--model), and a layer's dim read off the model."""
+  """One --backbones entry resolved as `EmbedImages` resolves it (transforms.specs.resolve_backbone):
+  weights fingerprinted (registry), the model copied, loaded and fingerprinted (--model), or a
+  KerasHub preset fetched and loaded (hub:PRESET, a --model preset directory)."""
   try:
-    if name in registered:
-      model = registered[name]
-      return models.resolve_model(
-          name, model["path"], layer, opts.image_size, opts.pooling, model["preprocessing"], model["output"],
-          model["safe_mode"], model_modules(opts))
-    size = opts.image_size or get_backbone(name).native_size
-    weights = resolve_weights(opts.weights, name, size)
-    if layer is None:
-      return BackboneSpec(name, size, weights)
-    dim = models.inspect_registry_layer(name, size, layer)
-    return BackboneSpec(entry, size, weights, layer=layer, feature_dim=dim)
+    return resolve_backbone(entry, name, layer, weights=opts.weights, image_size=opts.image_size,
+                            pooling=opts.pooling, model=registered.get(name), modules=model_modules(opts))
   except ValueError as e:
     raise LaunchError(_model_hints(as_flags(e), name)) from None
 

@@ -14,7 +14,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from pipeline import launch
 from pipeline.graph import build_graph
 from pipeline.options import EmbedOptions, LaunchError
-from transforms import checkpoint, decode_pool, progress, store
+from transforms import checkpoint, decode_pool, hub, progress, store
 from transforms.backbones import format_table
 from transforms.write import SUCCESS_FILE, read_summary
 
@@ -163,6 +163,8 @@ def run(argv=None, save_main_session=True) -> int:
   known, argv = info_request(argv)
   if known.list_backbones:
     print(format_table())
+    print()
+    print(hub.format_families())
     return 0
   if known.help:
     print_help()

@@ -7,8 +7,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
 
 from transforms import decode, shards
-from transforms.backbones import BACKBONES, get_backbone
 from transforms.decode_pool import default_memory_ceiling
+from transforms.specs import parse_backbones
 
 DEFAULT_BACKBONES = "vgg16,inception_v3,resnet50"
 
@@ -69,10 +69,12 @@ class EmbedOptions(PipelineOptions):
     _flag(parser, "output", default=None,
           help="Output directory (local or gs://).")
     _flag(parser, "backbones", default=DEFAULT_BACKBONES,
-          help="Comma list of registry backbones and --model names, each optionally NAME:LAYER for that "
-               "layer's pooled output (see --list-layers NAME); order = order in the vector.")
+          help="Comma list of registry backbones, --model names and KerasHub presets (hub:PRESET), each "
+               "optionally NAME:LAYER for that layer's pooled output (see --list-layers NAME), or, for a "
+               "KerasHub transformer, :cls or :mean (see --list-backbones); order = order in the vector.")
     _flag(parser, "model", action=_Joined, metavar="NAME=PATH", help="A user model for --backbones: a "
-          ".keras file or SavedModel directory, local or gs://. Repeatable, or ';'-separated.")
+          ".keras file, a SavedModel directory or a KerasHub preset directory, local or gs://. Repeatable, or "
+          "';'-separated.")
     _flag(parser, "model-preprocessing", action=_Joined, metavar="NAME=MODE",
           help="caffe | tf | torch | none (default: the model takes 0..255 RGB). Repeatable, or ';'-separated.")
     _flag(parser, "model-output", action=_Joined, metavar="NAME=KEY",
@@ -169,6 +171,22 @@ def parse_size(option: str, text: str) -> int:
   return int(float(match.group(1)) * unit)
 
 
+# Stages name their own arguments in their errors (`weights`); the command line names its flags.
+_FLAGS = {"`weights`": "--weights", "`backbones`": "--backbones", "`manifest`": "--input-manifest",
+          "`previous`": "--previous", "`layer`": "--backbones layer", "`image_size`": "--image-size",
+          "`output`": "--model-output", "`modules`": "--model-modules", "`model`": "--model",
+          "`image_column`": "--image-column", "`image_feature`": "--image-feature",
+          "`carry_features`": "--carry-features"}
+
+
+def as_flags(error: Exception) -> str:
+  """A stage's error message, first line, with its argument names worded as this tool's flags."""
+  text = str(error).splitlines()[0] if str(error) else type(error).__name__
+  for argument, flag in _FLAGS.items():
+    text = text.replace(argument, flag)
+  return text
+
+
 def _check_choice(option, value, choices):
   if value not in choices:
     raise LaunchError(
@@ -181,27 +199,13 @@ def _check_positive(option, value, minimum=1):
 
 
 def backbone_names(opts, models=()) -> list:
-  """The --backbones entries as (entry, registry or `models` name, layer or None); `models`: the
-  names --model registers (launch.user_models parses those options)."""
-  entries = [n.strip() for n in (opts.backbones or "").split(",") if n.strip()]
-  if not entries or len(set(entries)) != len(entries):
-    raise LaunchError(f"--backbones must name one or more backbones, each once; received: {opts.backbones!r}")
-  parsed = []
-  for entry in entries:
-    name, colon, layer = entry.partition(":")
-    if name not in BACKBONES and name not in models:
-      raise LaunchError(f"--backbones: unknown backbone {name!r}; valid names: {', '.join([*BACKBONES, *models])}")
-    if colon and not layer:
-      raise LaunchError(f"--backbones: {entry!r} names no layer after ':'")
-    minimum = get_backbone(name).min_size if name in BACKBONES else 1
-    size = opts.image_size or (get_backbone(name).native_size if name in BACKBONES else minimum)
-    if size < minimum:
-      raise LaunchError(f"--image-size {size} is too small for {name}: its minimum is {minimum}")
-    parsed.append((entry, name, layer or None))
-  unused = [name for name in models if name not in {n for _, n, _ in parsed}]
-  if unused:
-    raise LaunchError(f"--model {unused[0]} is registered but --backbones does not name it")
-  return parsed
+  """The --backbones entries as transforms.specs.parse_backbones gives them (entry, registry or
+  `models` name or hub:PRESET, layer or None); `models`: the names --model registers
+  (launch.user_models parses those options)."""
+  try:
+    return parse_backbones(opts.backbones or "", models, opts.image_size)
+  except ValueError as e:
+    raise LaunchError(as_flags(e)) from None
 
 
 def validate(opts, models=()) -> dict:

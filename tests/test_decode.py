@@ -429,9 +429,11 @@ def test_bad_arguments_raise_value_error():
   for kwargs in ({"resize": "stretch"}, {"max_pixels": 0}):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
       decode_and_resize(data, [4], **kwargs)
-  for sizes in ([], [0], [2.5]):
+  for sizes in ([], [-1], [2.5]):
     with pytest.raises(ValueError, match="sizes"):
       decode_and_resize(data, sizes)
+  # 0 is the full image, unresized (a KerasHub preset's converter resizes it).
+  assert decode_and_resize(data, [0]).arrays[0].shape == (4, 4, 3)
 
 
 def test_decode_error_survives_pickling():

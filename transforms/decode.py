@@ -13,6 +13,9 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError, featur
 # to Pillow's global.
 PIL_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 RESIZE_POLICIES = ("squash", "center-crop", "pad")
+# The size key of the full decoded image, unresized (EXIF-transposed, alpha on white, RGB): for a
+# KerasHub preset, whose own converter resizes it in float (transforms/hub.py).
+FULL = 0
 
 # Register every plugin now so the allow-list below sees them all; plugins
 # registered later (pillow-heif, ...) still count, since it is rebuilt per call.
@@ -63,7 +66,7 @@ class DecodedImage:
   """Size of the decoded image (after EXIF orientation, before resizing) and one array per target size."""
   width: int
   height: int
-  arrays: dict[int, np.ndarray]  # size -> uint8 (size, size, 3), C-contiguous, read-only
+  arrays: dict[int, np.ndarray]  # size -> uint8 (size, size, 3); FULL -> (height, width, 3); C-contiguous, read-only
 
 
 def decode_and_resize(
@@ -74,7 +77,8 @@ def decode_and_resize(
     fast: bool = False,
     option_names: Optional[Mapping[str, str]] = None,
 ) -> DecodedImage:
-  """Decodes `data` once and resizes it (bilinear) to each distinct square size.
+  """Decodes `data` once and resizes it (bilinear) to each distinct square size; size FULL (0) is
+  the decoded image itself, unresized (and then `fast`'s reduced decode is not used).
 
   With resize="squash" and fast=False, a plain 8-bit RGB or grey file without alpha
   or EXIF orientation gives exactly
@@ -91,8 +95,9 @@ def decode_and_resize(
     targets = sorted({operator.index(s) for s in sizes})
   except TypeError:
     raise ValueError(f"`sizes` must be integers; Received: sizes={sizes!r}") from None
-  if not targets or targets[0] < 1:
-    raise ValueError(f"`sizes` must be a non-empty sequence of positive integers; Received: sizes={sizes!r}")
+  if not targets or targets[0] < FULL:
+    raise ValueError(f"`sizes` must be a non-empty sequence of positive integers (or {FULL}, the full image); "
+                     f"Received: sizes={sizes!r}")
   if max_pixels is not None and max_pixels < 1:
     raise ValueError(f"`max_pixels` must be positive or None (no limit); Received: max_pixels={max_pixels!r}")
   if not data:
@@ -165,7 +170,7 @@ def _decode(data, targets, resize, max_pixels, fast, max_pixels_name):
           f"the image declares {width}x{height} = {width * height:,} pixels, over the limit of "
           f"{max_pixels:,} ({max_pixels_name}); it was not decoded. If the file is trusted, raise "
           f"{max_pixels_name}.")
-    if fast and isinstance(img, JpegImagePlugin.JpegImageFile):
+    if fast and targets[0] != FULL and isinstance(img, JpegImagePlugin.JpegImageFile):
       # libjpeg's DCT scaling by 1/2, 1/4 or 1/8, chosen so both sides stay >= the
       # largest target: not exact, but skips most of the decode of big photos.
       img.draft("RGB", (targets[-1], targets[-1]))
@@ -175,7 +180,7 @@ def _decode(data, targets, resize, max_pixels, fast, max_pixels_name):
     work = _to_rgb_or_grey(img)
     arrays = {}
     for size in targets:
-      resized = _resize(work, size, resize)
+      resized = work if size == FULL else _resize(work, size, resize)
       if resized.mode != "RGB":
         # Grey is resized as one band and widened after: the same bytes as
         # Keras's convert-then-resize, for a third of the work.
@@ -186,7 +191,7 @@ def _decode(data, targets, resize, max_pixels, fast, max_pixels_name):
 
 def resize_array(array: np.ndarray, sizes, resize: str = "squash") -> dict:
   """A decoded uint8 HxWx3 (RGB) or HxW (grey) array at each size, as `decode_and_resize` resizes
-  the image it decodes: {size: uint8 (size, size, 3)}."""
+  the image it decodes: {size: uint8 (size, size, 3)}; FULL: the image itself, as RGB."""
   array = np.asarray(array)
   if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
     raise ValueError(f"an image must be a uint8 array of shape (H, W, 3) or (H, W); received: "
@@ -194,7 +199,7 @@ def resize_array(array: np.ndarray, sizes, resize: str = "squash") -> dict:
   work = Image.fromarray(np.ascontiguousarray(array), "L" if array.ndim == 2 else "RGB")
   arrays = {}
   for size in sizes:
-    resized = _resize(work, size, resize)
+    resized = work if size == FULL else _resize(work, size, resize)
     arrays[size] = np.asarray(resized if resized.mode == "RGB" else resized.convert("RGB"))
   return arrays
 

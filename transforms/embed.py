@@ -56,9 +56,12 @@ class EmbedImages(beam.PTransform):
   Keyword arguments mean what the command-line options of the same names mean (README.md):
   `weights` imagenet | random | a directory; `pooling` avg | max; `image_size` one square size for
   all (None: each backbone's own); `resize` squash | center-crop | pad; `models` {NAME: path of a
-  .keras file or SavedModel} that `backbones` may then name, with `model_preprocessing` {NAME:
-  mode}, `model_outputs` {NAME: output key}, `unsafe_models` (names whose Lambda layers may load)
-  and `model_modules` (imported first: they register custom objects); `normalize` none | l2.
+  .keras file, a SavedModel or a KerasHub preset directory} that `backbones` may then name, with
+  `model_preprocessing` {NAME: mode}, `model_outputs` {NAME: output key}, `unsafe_models` (names
+  whose Lambda layers may load) and `model_modules` (imported first: they register custom
+  objects); `normalize` none | l2. `backbones` may also name KerasHub presets, `hub:PRESET[:cls|:mean]`
+  (and a preset directory's NAME[:cls|:mean]): each takes the full decoded image through its own
+  ImageConverter (transforms/hub.py).
 
   Decoding runs in isolated processes (`decode_processes`, 0: one per core) under a memory
   ceiling (`decode_memory` bytes; None: what `max_pixels` needs) and a timeout
@@ -261,7 +264,7 @@ class _EmbedDoFn(beam.DoFn):
 
   def _embed(self):
     ready, self._ready = self._ready, []
-    images = {s: np.stack([loaded.image.arrays[s] for _, loaded in ready]) for s in self._spec.sizes}
+    images = {s: fused.batch_images([loaded.image.arrays[s] for _, loaded in ready], s) for s in self._spec.sizes}
     started = time.perf_counter()
     embeddings, ok, failures, self._max_batch = fused.embed_robust(self._fused_model(), images, self._max_batch)
     self._latency.update(int((time.perf_counter() - started) * 1e6))

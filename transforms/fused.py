@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 
+from transforms import hub
 from transforms.backbones import preprocess
 from transforms.models import load_features
 
@@ -36,15 +37,27 @@ def l2_normalize(x):
   return tf.math.l2_normalize(x, axis=1)
 
 
+def batch_images(arrays, size):
+  """The batch FusedModel takes for one size key: uint8 arrays stacked; full-size images (hub.FULL_IMAGE),
+  which differ in size, as a list."""
+  return list(arrays) if size == hub.FULL_IMAGE else np.stack(arrays)
+
+
 class FusedModel:
-  """uint8 batches (one per input size) in, concatenated float32 pooled features out."""
+  """uint8 batches (one per input size) in, concatenated float32 pooled features out.
+
+  A KerasHub preset (transforms/hub.py) takes the full decoded images instead (size key
+  hub.FULL_IMAGE, a list): its own converter makes its fixed-size float batch, which enters the
+  graph beside the uint8 batches.
+  """
 
   def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none"):
     import keras
     import tensorflow as tf
     configure_tensorflow(allow_tf32)
     self.backbones = tuple(backbones)
-    self.sizes = tuple(sorted({b.size for b in self.backbones}))
+    is_hub = [hub.is_hub(b) for b in self.backbones]
+    self.sizes = tuple(sorted({b.size for b, h in zip(self.backbones, is_hub) if not h}))
     # Keras's dtype policy is read when layers are built, and is process-wide: set it for the
     # build only, so nothing else in this process (another run, the user's code) inherits it.
     policy = keras.mixed_precision.global_policy()
@@ -55,15 +68,23 @@ class FusedModel:
       self.models = [load_features(b, pooling) for b in self.backbones]
     finally:
       keras.mixed_precision.set_global_policy(policy)
+    self._converters = [hub.Converter(b) for b, h in zip(self.backbones, is_hub) if h]
     self.dim = sum(b.dim for b in self.backbones)
     modes = [b.preprocessing for b in self.backbones]
     position = {size: i for i, size in enumerate(self.sizes)}
+    # A preset's converted batch follows the uint8 batches, in the order of the presets.
+    converted = {i: len(self.sizes) + k for k, i in enumerate(i for i, h in enumerate(is_hub) if h)}
+    signature = [tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes]
+    signature += [tf.TensorSpec([None, *c.shape], tf.float32) for c in self._converters]
 
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes])
+    @tf.function(input_signature=signature)
     def forward(*images):
       parts = []
-      for spec, mode, model in zip(self.backbones, modes, self.models):
-        x = preprocess(tf.cast(images[position[spec.size]], tf.float32), mode)
+      for i, (spec, mode, model) in enumerate(zip(self.backbones, modes, self.models)):
+        if i in converted:
+          x = images[converted[i]]
+        else:
+          x = preprocess(tf.cast(images[position[spec.size]], tf.float32), mode)
         part = tf.cast(model(x, training=False), tf.float32)
         # Per backbone, so backbones with different feature scales weigh alike in a search.
         parts.append(l2_normalize(part) if normalize == "l2" else part)
@@ -73,9 +94,10 @@ class FusedModel:
     self._frozen = _freeze(forward, self.models)
 
   def __call__(self, images: dict) -> np.ndarray:
+    inputs = [images[s] for s in self.sizes] + [convert(images[hub.FULL_IMAGE]) for convert in self._converters]
     if self._frozen is not None:
-      return self._frozen(*[images[s] for s in self.sizes])[0].numpy()
-    return self._forward(*[images[s] for s in self.sizes]).numpy()
+      return self._frozen(*inputs)[0].numpy()
+    return self._forward(*inputs).numpy()
 
 
 # Freezing holds the weights in graph protos many times over (RSS grows by ~20x the weights'

@@ -15,7 +15,8 @@ class BackbonesModelHandler(ModelHandler):
   `PredictionResult.inference` is the vector `EmbedImages` gives for that image.
 
   The model arguments are `EmbedImages`'s; `min_batch_size`, `max_batch_size` and
-  `max_batch_duration_secs` are RunInference's batching knobs. RunInference builds the model once
+  `max_batch_duration_secs` are RunInference's batching knobs. A KerasHub preset (`hub:PRESET`, or
+  `models={NAME: preset directory}`) takes each image whole, through its own ImageConverter. RunInference builds the model once
   per process and shares it (`large_model=True`: once per machine).
   """
 
@@ -50,7 +51,7 @@ class BackbonesModelHandler(ModelHandler):
   def run_inference(self, batch: Sequence[np.ndarray], model: fused.FusedModel,
                     inference_args: Optional[dict[str, Any]] = None):
     resized = [decode.resize_array(image, self.model.sizes, self._resize) for image in batch]
-    vectors = model({s: np.stack([r[s] for r in resized]) for s in self.model.sizes})
+    vectors = model({s: fused.batch_images([r[s] for r in resized], s) for s in self.model.sizes})
     return [PredictionResult(image, vector) for image, vector in zip(batch, vectors)]
 
   def batch_elements_kwargs(self):

@@ -15,6 +15,7 @@ from typing import Optional
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import hub
 from transforms.backbones import build_backbone
 from transforms.weights import BackboneSpec, WeightsSource, load_backbone
 
@@ -48,8 +49,8 @@ def model_kind(uri: str) -> str:
     return SAVED_MODEL
   if uri.endswith(".keras") and FileSystems.exists(uri):
     return KERAS
-  raise ValueError(f"`model` {uri!r} is neither a .keras file (Keras 3 model.save) nor a SavedModel "
-                   "directory (with saved_model.pb)")
+  raise ValueError(f"`model` {uri!r} is neither a .keras file (Keras 3 model.save), a SavedModel "
+                   "directory (with saved_model.pb) nor a KerasHub preset directory (config.json with metadata.json)")
 
 
 def _files(uri: str, kind: str) -> list:
@@ -332,6 +333,8 @@ def load_features(spec: BackboneSpec, pooling: str):
     base = load_backbone(spec.base, spec.size, None, spec.weights)
     return feature_model(base, spec.layer, pooling, spec.base)
   source = spec.model
+  if source.kind == hub.KIND:
+    return hub.load_features(spec)
   local = local_copy(source)
   if source.kind == KERAS:
     return feature_model(load_keras(local, source.uri, source.safe_mode, source.modules), spec.layer, pooling,

@@ -3,6 +3,7 @@
 import dataclasses
 from typing import Optional
 
+from transforms import hub
 from transforms import models as model_files
 from transforms.backbones import BACKBONES, PREPROCESSING_MODES, get_backbone
 from transforms.weights import BackboneSpec, resolve_weights
@@ -36,13 +37,24 @@ def backbone_entries(backbones) -> list:
 
 
 def parse_backbones(backbones, models=(), image_size=None) -> list:
-  """The entries as (entry, registry or `models` name, layer or None), each size checked
-  against its backbone's minimum; ValueError naming `backbones` and the value received."""
+  """The entries as (entry, registry or `models` name or hub:PRESET, layer or None), each size
+  checked against its backbone's minimum; ValueError naming `backbones` and the value received.
+
+  `hub:PRESET[:cls|:mean]` is a KerasHub preset (its converter sets its size; resolving checks the
+  name): split at its second ':', as a preset name holds none. Elsewhere `:X` is a layer name, or
+  for a `models` preset directory its vector choice.
+  """
   entries = backbone_entries(backbones)
   if not entries or len(set(entries)) != len(entries):
     raise ValueError(f"`backbones` must name one or more backbones, each once; received: {backbones!r}")
   parsed = []
   for entry in entries:
+    if entry.startswith(hub.PREFIX):
+      preset, choice = hub.split_entry(entry)
+      if not preset or choice == "":
+        raise ValueError(f"`backbones`: {entry!r} must be hub:PRESET, hub:PRESET:cls or hub:PRESET:mean")
+      parsed.append((entry, f"{hub.PREFIX}{preset}", choice))
+      continue
     name, colon, layer = entry.partition(":")
     if name not in BACKBONES and name not in models:
       raise ValueError(f"`backbones`: unknown backbone {name!r}; valid names: {', '.join([*BACKBONES, *models])}")
@@ -63,7 +75,12 @@ def resolve_backbone(entry: str, name: str, layer: Optional[str], *, weights: st
                      pooling: str, model: Optional[dict] = None, modules: tuple = ()) -> BackboneSpec:
   """One entry resolved: a registry backbone's weights fingerprinted, or a user model (`model`:
   {path, preprocessing, output, safe_mode}) copied, loaded and fingerprinted; a layer's dim read
-  off the model."""
+  off the model. A KerasHub preset (hub:PRESET, or a `model` path that is a preset directory) is
+  fetched, fingerprinted and loaded once (transforms/hub.py); `layer` is then its vector choice."""
+  if name.startswith(hub.PREFIX):
+    return hub.resolve_preset(name, name[len(hub.PREFIX):], layer, pooling, directory=False)
+  if model is not None and hub.is_preset_dir(model["path"]):
+    return hub.resolve_preset(name, model["path"], layer, pooling, directory=True)
   if model is not None:
     return model_files.resolve_model(name, model["path"], layer, image_size, pooling, model.get("preprocessing", "none"),
                                 model.get("output"), model.get("safe_mode", True), modules)
