@@ -331,7 +331,7 @@ SAMPLE_VALUES = {
     "resume": "true", "resume_verify": "true", "checkpoint_every": "12.5",
     "input_format": "tar", "image_column": "jpg", "image_feature": "image/encoded",
     "carry_features": "image/class/label,image/filename",
-    "parquet_part_rows": "2048",
+    "parquet_part_rows": "2048", "engine": "auto",
 }
 
 

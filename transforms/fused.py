@@ -39,7 +39,10 @@ def l2_normalize(x):
 class FusedModel:
   """uint8 batches (one per input size) in, concatenated float32 pooled features out."""
 
-  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none"):
+  engine = "tensorflow"
+
+  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none",
+               freeze=True):
     import keras
     import tensorflow as tf
     configure_tensorflow(allow_tf32)
@@ -70,7 +73,8 @@ class FusedModel:
       return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
     self._forward = forward
-    self._frozen = _freeze(forward, self.models)
+    # freeze=False: for an engine that converts `forward` itself (transforms/openvino_engine.py).
+    self._frozen = _freeze(forward, self.models) if freeze else None
 
   def __call__(self, images: dict) -> np.ndarray:
     if self._frozen is not None:
