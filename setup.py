@@ -25,6 +25,8 @@ setuptools.setup(
         "test": ["pytest>=7", "gcp-storage-emulator", "playwright>=1.40,<1.66"],
         # `embed-images report`: projection, neighbour search and probes.
         "report": ["scikit-learn>=1.4,<1.10"],
+        # --engine openvino|auto on CPU workers (transforms/openvino_engine.py)
+        "openvino": ["openvino>=2025.4,<2026.5"],
     },
     entry_points={"console_scripts": ["embed-images=pipeline.cli:main"]},
 )

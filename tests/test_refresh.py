@@ -130,3 +130,19 @@ def test_model_difference_names_what_changed():
   other = json.loads(json.dumps(base))
   other["backbones"][0]["weights_fingerprint"] = "sha256:bb"
   assert refresh.model_difference(base, other) == "mobilenet_v2 weights_fingerprint changed: 'sha256:aa' -> 'sha256:bb'"
+
+
+def test_model_difference_takes_f32_rows_of_either_engine_but_not_reduced_precision_ones():
+  base = {"dim": 1280, "pooling": "avg", "normalize": "none", "resize": "squash", "fast_decode": False,
+          "mixed_precision": False, "allow_tf32": False,
+          "backbones": [{"name": "mobilenet_v2", "offset": 0, "dim": 1280, "input_size": 224,
+                         "preprocessing": "tf", "weights_fingerprint": "sha256:aa"}]}  # before engines: TF
+  openvino = dict(base, engine="openvino")
+  # f32: the engines agree within 1e-5 (tests/test_openvino.py), so rows carry over either way
+  assert refresh.model_difference(base, openvino) is None
+  assert refresh.model_difference(openvino, dict(base, engine="tensorflow")) is None
+  # float16 on TensorFlow and bf16 on OpenVINO are different numbers
+  mixed = dict(base, mixed_precision=True)
+  assert refresh.model_difference(mixed, dict(openvino, mixed_precision=True)) == (
+      "engine changed under mixed_precision: 'tensorflow' -> 'openvino'")
+  assert refresh.model_difference(dict(openvino, mixed_precision=True), dict(openvino, mixed_precision=True)) is None
