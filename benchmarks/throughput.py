@@ -571,7 +571,7 @@ def read_embeddings(mode, out):
   if mode.startswith("bare"):
     with open(os.path.join(out, "uris.json")) as f:
       uris = json.load(f)
-    vectors = np.load(os.path.join(out, "embeddings.npy" if mode == "bare" else "embeddings-frozen.npy"))
+    vectors = np.load(os.path.join(out, "embeddings-frozen.npy" if mode == "bare-frozen" else "embeddings.npy"))
   else:
     files = sorted(glob.glob(os.path.join(out, "embeddings*.parquet")))
     table = pq.read_table(files)
