@@ -247,3 +247,71 @@ def test_multi_process_openvino_run_matches_tensorflow_and_records_the_engine(tm
   assert _run(tmp_path / "again", "--engine", "openvino", "--previous", str(tmp_path / "tf")) == 0
   again = read_summary(str(tmp_path / "again"))
   assert again["refresh"]["reused"] is True and again["counts"]["carried_over"] == len(uris)
+
+
+LIBRARY_MODEL = dict(weights="random", image_size=32)
+LIBRARY_BACKBONES = ["mobilenet_v3_small", "mobilenet_v2"]
+
+
+def _each_close_to_tensorflow(joined):
+  """A matcher over (uri, {"tensorflow": [vector], engine: [vector], ...}): every engine's vector
+  within 1e-5 of TensorFlow's, every uri there once per engine."""
+  assert len(joined) == 5, [uri for uri, _ in joined]
+  for uri, by_engine in joined:
+    assert sorted(by_engine) == ["handler", "openvino", "tensorflow"], uri
+    assert all(len(vectors) == 1 for vectors in by_engine.values()), uri
+    want = np.asarray(by_engine["tensorflow"][0])
+    assert np.linalg.norm(want) > 0  # a row with something in it: the comparison means something
+    for engine in ("openvino", "handler"):
+      got = np.asarray(by_engine[engine][0])
+      assert got.dtype == np.float32 and got.shape == want.shape == (576 + 1280,)
+      assert relative_l2(got[None], want[None]).max() < F32_BAR, (uri, engine)
+
+
+def test_embed_images_and_the_model_handler_on_openvino_equal_tensorflow_rows(monkeypatch):
+  import apache_beam as beam
+  from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+  from apache_beam.testing.test_pipeline import TestPipeline as BeamPipeline
+  from apache_beam.testing.util import assert_that
+  from PIL import Image
+
+  from embed_images import BackbonesModelHandler, EmbedImages
+
+  photos = [str(p) for p in sorted(SAMPLES.glob("*.jpg"))[:5]]
+  tensorflow = EmbedImages(LIBRARY_BACKBONES, **LIBRARY_MODEL, batch_size=3)
+  openvino = EmbedImages(LIBRARY_BACKBONES, **LIBRARY_MODEL, batch_size=3, engine="openvino")
+  assert (tensorflow.layout["engine"], openvino.layout["engine"]) == ("tensorflow", "openvino")
+  handler = BackbonesModelHandler(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="openvino")
+  assert handler.layout["engine"] == "openvino"
+  assert isinstance(handler.load_model(), openvino_engine.OpenVINOModel)
+  arrays = [np.asarray(Image.open(uri).convert("RGB")) for uri in photos]
+  # The local runner runs in this process: count the images OpenVINO itself embedded.
+  on_openvino, call = [], openvino_engine.OpenVINOModel.__call__
+  monkeypatch.setattr(openvino_engine.OpenVINOModel, "__call__",
+                      lambda self, images: on_openvino.append(len(images[32])) or call(self, images))
+  with BeamPipeline() as p:
+    uris = p | "Uris" >> beam.Create(photos)
+    rows = {engine: (uris | f"Embed_{engine}" >> embed | f"Key_{engine}" >> beam.Map(lambda e: (e.uri, e.embedding)))
+            for engine, embed in (("tensorflow", tensorflow), ("openvino", openvino))}
+    rows["handler"] = (p | "Arrays" >> beam.Create(list(zip(photos, arrays)))
+                       | RunInference(KeyedModelHandler(handler))
+                       | beam.MapTuple(lambda uri, result: (uri, result.inference)))
+    assert_that(rows | beam.CoGroupByKey(), _each_close_to_tensorflow)
+  assert sum(on_openvino) == 2 * len(photos)  # EmbedImages's and the handler's, and no more
+
+
+def test_engine_arguments_of_the_library_name_the_argument(monkeypatch):
+  from embed_images import BackbonesModelHandler, EmbedImages
+  with pytest.raises(ValueError, match=r"`engine` must be one of tensorflow, openvino, auto; received: 'cuda'"):
+    EmbedImages(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="cuda")
+  with pytest.raises(ValueError, match=r"`engine` must be one of tensorflow, openvino, auto; received: 'ov'"):
+    BackbonesModelHandler(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="ov")
+  # two engines' models are two shared models: the engine is in the spec, so in the Shared key
+  assert repr(EmbedImages(LIBRARY_BACKBONES, **LIBRARY_MODEL).model) != repr(
+      EmbedImages(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="openvino").model)
+  monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` fails as if not installed
+  for make in (EmbedImages, BackbonesModelHandler):
+    with pytest.raises(openvino_engine.EngineUnavailable, match=r'`engine` openvino .* pip install "\.\[openvino\]"'):
+      make(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="openvino")
+  # auto is fine without the package: workers without it run TensorFlow
+  assert EmbedImages(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="auto").model.engine == "auto"
