@@ -30,6 +30,13 @@ F32_BAR, BF16_BAR = 1e-5, 5e-2
 USER_SIZE = 40
 
 
+@pytest.fixture(autouse=True)
+def model_cache(tmp_path, monkeypatch):
+  """Each test its own cache of converted models, empty: none writes to ~/.cache, none reads another's."""
+  monkeypatch.setenv(openvino_engine.MODEL_CACHE_ENV, str(tmp_path / "ov-cache"))
+  return tmp_path / "ov-cache"
+
+
 def _spec(name, size):
   return BackboneSpec(name, size, resolve_weights("random", name, size))
 
@@ -315,3 +322,45 @@ def test_engine_arguments_of_the_library_name_the_argument(monkeypatch):
       make(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="openvino")
   # auto is fine without the package: workers without it run TensorFlow
   assert EmbedImages(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="auto").model.engine == "auto"
+
+
+def test_a_converted_model_is_cached_by_what_it_is_made_of_and_read_back_without_building(model_cache, monkeypatch):
+  specs = [_spec("mobilenet_v3_small", 32), _spec("mobilenet_v2", 40)]
+  images = _batch((32, 40))
+  want = fused.FusedModel(specs)(images)
+  first = openvino_engine.make_engine("openvino", specs)(images)
+  entries = [p.name for p in model_cache.iterdir()]
+  assert entries == [openvino_engine.model_key(specs, "avg", "none")]
+  assert sorted(p.name for p in (model_cache / entries[0]).iterdir()) == ["model.bin", "model.xml"]
+
+  def no_build(*args, **kwargs):
+    raise AssertionError("a cached model must not be built again")
+  monkeypatch.setattr(fused.FusedModel, "__init__", no_build)
+  cached = openvino_engine.make_engine("openvino", specs)
+  assert cached.precision == "f32" and cached.dim == 576 + 1280 and cached.sizes == (32, 40)
+  again = cached(images)
+  np.testing.assert_array_equal(again, first)  # the same graph, weights kept in f32 (not fp16)
+  assert relative_l2(again, want).max() < F32_BAR
+  # what changes the graph changes the key: another pooling, normalize, weights or size is another model
+  keys = {openvino_engine.model_key(specs, "max", "none"), openvino_engine.model_key(specs, "avg", "l2"),
+          openvino_engine.model_key([_spec("mobilenet_v3_small", 48), specs[1]], "avg", "none"),
+          openvino_engine.model_key(specs, "avg", "none")}
+  assert len(keys) == 4
+  with pytest.raises(AssertionError, match="must not be built"):
+    openvino_engine.make_engine("openvino", specs, pooling="max")
+
+
+def test_the_model_cache_can_be_turned_off_and_a_damaged_entry_is_converted_again(model_cache, monkeypatch, caplog):
+  specs = [_spec("mobilenet_v3_small", 32)]
+  images = _batch((32,))
+  monkeypatch.setenv(openvino_engine.MODEL_CACHE_ENV, "off")
+  openvino_engine.make_engine("openvino", specs)
+  assert not model_cache.exists()
+  monkeypatch.setenv(openvino_engine.MODEL_CACHE_ENV, str(model_cache))
+  want = openvino_engine.make_engine("openvino", specs)(images)
+  entry = model_cache / openvino_engine.model_key(specs, "avg", "none")
+  (entry / "model.xml").write_text("<not a model")
+  with caplog.at_level(logging.WARNING, logger="transforms.openvino_engine"):
+    got = openvino_engine.make_engine("openvino", specs)(images)
+  assert any("could not read" in r.getMessage() for r in caplog.records)
+  np.testing.assert_array_equal(got, want)

@@ -1,7 +1,12 @@
 """Engines for the fused model: TensorFlow, or the same graph converted once per process and run on OpenVINO's CPU plugin."""
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 import threading
 
 import numpy as np
@@ -12,6 +17,11 @@ _LOG = logging.getLogger(__name__)
 
 ENGINES = ("tensorflow", "openvino", "auto")
 INSTALL = 'pip install "embed-images[openvino]" (from a checkout: pip install ".[openvino]")'
+# Converted models are kept here, keyed by what they are made of (model_key), so that a process
+# that already converted one (another worker process, the next run) reads it instead of building
+# the Keras model, tracing it and converting it again. "" or "off": no cache.
+MODEL_CACHE_ENV = "EMBED_IMAGES_MODEL_CACHE"
+_CACHE_FORMAT = 1  # bump when what is saved, or how, changes
 
 
 class EngineUnavailable(ImportError):
@@ -96,20 +106,87 @@ def compile_config(core, bf16: bool) -> dict:
   return {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
 
 
+def model_cache_dir():
+  """$EMBED_IMAGES_MODEL_CACHE, or ~/.cache/embed-images/openvino; None where it is "" or "off"."""
+  value = os.environ.get(MODEL_CACHE_ENV)
+  if value is None:
+    return os.path.join(os.path.expanduser("~"), ".cache", "embed-images", "openvino")
+  return None if value.strip().lower() in ("", "off", "none", "0") else value
+
+
+def model_key(backbones, pooling, normalize) -> str:
+  """What a converted model is made of: each backbone's spec (its weights' and a user model's
+  fingerprints included), pooling, normalize, and the versions that made the graph."""
+  versions = []
+  for package in ("openvino", "tensorflow", "keras"):
+    try:
+      versions.append(importlib.metadata.version(package))
+    except importlib.metadata.PackageNotFoundError:
+      versions.append(None)
+  text = repr((_CACHE_FORMAT, tuple(backbones), pooling, normalize, tuple(versions)))
+  return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def read_cached(key):
+  """The converted model cached under `key`, or None."""
+  root = model_cache_dir()
+  path = os.path.join(root, key, "model.xml") if root else None
+  if path is None or not os.path.exists(path):
+    return None
+  try:
+    return import_openvino().Core().read_model(path)
+  except Exception as e:  # a damaged entry: removed, so that the conversion writes it again
+    _LOG.warning("OpenVINO model cache: could not read %s (%s); converting again",
+                 path, str(e).splitlines()[0] if str(e) else type(e).__name__)
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    return None
+
+
+def write_cached(key, converted):
+  """Saves `converted` under `key`, atomically (a directory renamed into place); a failure to
+  write only costs the next process a conversion."""
+  root = model_cache_dir()
+  if not root:
+    return
+  try:
+    os.makedirs(root, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
+    # f32 as converted: save_model's default would store the weights in fp16.
+    import_openvino().save_model(converted, os.path.join(staging, "model.xml"), compress_to_fp16=False)
+    try:
+      os.rename(staging, os.path.join(root, key))
+    except OSError:  # another process got there first: its copy is the same model
+      shutil.rmtree(staging, ignore_errors=True)
+  except Exception as e:
+    _LOG.warning("OpenVINO model cache: could not write under %s (%s)", root, e)
+
+
+def convert_fused(model: "fused.FusedModel", converter=None):
+  """The fused model's graph converted for OpenVINO; ConversionError naming the backbone to blame."""
+  converter = converter or import_openvino().convert_model
+  try:
+    return converter(model._forward.get_concrete_function())
+  except Exception as e:  # the converter's own errors are many kinds: reworded, naming the backbone
+    raise ConversionError(f"OpenVINO cannot convert {_culprit(model, converter)}: "
+                          f"{type(e).__name__}: {e}".splitlines()[0]) from None
+
+
 class OpenVINOModel:
-  """A FusedModel's graph on OpenVINO's CPU plugin; the same call: {size: uint8 NHWC} -> float32 [N, dim]."""
+  """A FusedModel's graph on OpenVINO's CPU plugin; the same call: {size: uint8 NHWC} -> float32 [N, dim].
+
+  `model` is the FusedModel (its graph is converted) or an already converted model (`backbones`
+  then says what it holds)."""
 
   engine = "openvino"
 
-  def __init__(self, model: "fused.FusedModel", bf16=False, convert=None, core=None):
+  def __init__(self, model, bf16=False, convert=None, core=None, backbones=None):
     ov = import_openvino()
-    self.backbones, self.sizes, self.dim = model.backbones, model.sizes, model.dim
-    convert = convert or ov.convert_model
-    try:
-      converted = convert(model._forward.get_concrete_function())
-    except Exception as e:  # the converter's own errors are many kinds: reworded, naming the backbone
-      raise ConversionError(f"OpenVINO cannot convert {_culprit(model, convert)}: "
-                            f"{type(e).__name__}: {e}".splitlines()[0]) from None
+    if isinstance(model, fused.FusedModel):
+      self.backbones, converted = model.backbones, convert_fused(model, convert)
+    else:
+      self.backbones, converted = tuple(backbones), model
+    self.sizes = tuple(sorted({b.size for b in self.backbones}))
+    self.dim = sum(b.dim for b in self.backbones)
     self._core = core or ov.Core()
     self.config = compile_config(self._core, bf16)
     self._compiled = self._core.compile_model(converted, "CPU", self.config)
@@ -167,10 +244,18 @@ def make_engine(engine, backbones, pooling="avg", allow_tf32=False, mixed_precis
   if chosen == "tensorflow":
     return fused.FusedModel(backbones, pooling, allow_tf32, mixed_precision, normalize)
   import_openvino()
-  # Not frozen: OpenVINO takes the variables' graph and folds the weights itself.
-  base = fused.FusedModel(backbones, pooling, allow_tf32, False, normalize, freeze=False)
+  # A converter of the caller's own (tests) bypasses the cache both ways.
+  key = model_key(backbones, pooling, normalize) if convert is None else None
+  cached = read_cached(key) if key else None
+  if cached is not None:  # no Keras model, no trace, no conversion
+    return OpenVINOModel(cached, bf16=mixed_precision, backbones=backbones)
   try:
-    return OpenVINOModel(base, bf16=mixed_precision, convert=convert)
+    # Not frozen: OpenVINO takes the variables' graph and folds the weights itself.
+    base = fused.FusedModel(backbones, pooling, allow_tf32, False, normalize, freeze=False)
+    converted = convert_fused(base, convert)
+    if key:
+      write_cached(key, converted)
+    return OpenVINOModel(converted, bf16=mixed_precision, backbones=backbones)
   except ConversionError as e:
     if engine == "openvino":
       raise
