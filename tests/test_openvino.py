@@ -15,7 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.launch import build_config
 from pipeline.main import run
 from tests.recipe import relative_l2
-from transforms import fused, openvino_engine
+from transforms import fused, model_cache, openvino_engine
 from transforms.weights import BackboneSpec, resolve_weights
 from transforms.write import LAYOUT_KEY, embedding_matrix, read_summary
 
@@ -30,11 +30,11 @@ F32_BAR, BF16_BAR = 1e-5, 5e-2
 USER_SIZE = 40
 
 
-@pytest.fixture(autouse=True)
-def model_cache(tmp_path, monkeypatch):
-  """Each test its own cache of converted models, empty: none writes to ~/.cache, none reads another's."""
-  monkeypatch.setenv(openvino_engine.MODEL_CACHE_ENV, str(tmp_path / "ov-cache"))
-  return tmp_path / "ov-cache"
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+  """A cache of models of this test's own, empty (the suite runs without one: tests/conftest.py)."""
+  monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path / "model-cache"))
+  return tmp_path / "model-cache"
 
 
 def _spec(name, size):
@@ -324,14 +324,14 @@ def test_engine_arguments_of_the_library_name_the_argument(monkeypatch):
   assert EmbedImages(LIBRARY_BACKBONES, **LIBRARY_MODEL, engine="auto").model.engine == "auto"
 
 
-def test_a_converted_model_is_cached_by_what_it_is_made_of_and_read_back_without_building(model_cache, monkeypatch):
+def test_a_converted_model_is_cached_by_what_it_is_made_of_and_read_back_without_building(cache_dir, monkeypatch):
   specs = [_spec("mobilenet_v3_small", 32), _spec("mobilenet_v2", 40)]
   images = _batch((32, 40))
   want = fused.FusedModel(specs)(images)
   first = openvino_engine.make_engine("openvino", specs)(images)
-  entries = [p.name for p in model_cache.iterdir()]
+  entries = [p.name for p in cache_dir.iterdir() if p.name.startswith("openvino-")]
   assert entries == [openvino_engine.model_key(specs, "avg", "none")]
-  assert sorted(p.name for p in (model_cache / entries[0]).iterdir()) == ["model.bin", "model.xml"]
+  assert sorted(p.name for p in (cache_dir / entries[0]).iterdir()) == ["model.bin", "model.xml"]
 
   def no_build(*args, **kwargs):
     raise AssertionError("a cached model must not be built again")
@@ -350,17 +350,18 @@ def test_a_converted_model_is_cached_by_what_it_is_made_of_and_read_back_without
     openvino_engine.make_engine("openvino", specs, pooling="max")
 
 
-def test_the_model_cache_can_be_turned_off_and_a_damaged_entry_is_converted_again(model_cache, monkeypatch, caplog):
+def test_the_model_cache_can_be_turned_off_and_a_damaged_entry_is_converted_again(cache_dir, monkeypatch, caplog):
   specs = [_spec("mobilenet_v3_small", 32)]
   images = _batch((32,))
-  monkeypatch.setenv(openvino_engine.MODEL_CACHE_ENV, "off")
+  monkeypatch.setenv(model_cache.CACHE_ENV, "off")
   openvino_engine.make_engine("openvino", specs)
-  assert not model_cache.exists()
-  monkeypatch.setenv(openvino_engine.MODEL_CACHE_ENV, str(model_cache))
+  assert not cache_dir.exists()
+  monkeypatch.setenv(model_cache.CACHE_ENV, str(cache_dir))
   want = openvino_engine.make_engine("openvino", specs)(images)
-  entry = model_cache / openvino_engine.model_key(specs, "avg", "none")
+  entry = cache_dir / openvino_engine.model_key(specs, "avg", "none")
   (entry / "model.xml").write_text("<not a model")
-  with caplog.at_level(logging.WARNING, logger="transforms.openvino_engine"):
+  with caplog.at_level(logging.WARNING, logger="transforms.model_cache"):
     got = openvino_engine.make_engine("openvino", specs)(images)
   assert any("could not read" in r.getMessage() for r in caplog.records)
   np.testing.assert_array_equal(got, want)
+  assert (entry / "model.xml").read_text().startswith("<?xml")  # made again, and written again

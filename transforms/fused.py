@@ -1,9 +1,11 @@
 """The fused model: every backbone's preprocessing and features in one graph, uint8 batches in, one vector per image out."""
 
 import logging
+import os
 
 import numpy as np
 
+from transforms import model_cache
 from transforms.backbones import preprocess
 from transforms.models import load_features
 
@@ -43,11 +45,30 @@ class FusedModel:
 
   def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none",
                freeze=True):
-    import keras
     import tensorflow as tf
     configure_tensorflow(allow_tf32)
     self.backbones = tuple(backbones)
     self.sizes = tuple(sorted({b.size for b in self.backbones}))
+    self.dim = sum(b.dim for b in self.backbones)
+    signature = [tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes]
+    # A frozen graph made before from the same specs: no Keras model, no trace, no freeze (~3 of
+    # the ~7 s a MobileNetV2 run spends before its first rows; transforms/model_cache.py).
+    key = model_cache.model_key("tensorflow", self.backbones, pooling, normalize, bool(mixed_precision))
+    cached = model_cache.read(key, lambda directory: _read_frozen(directory, signature)) if freeze else None
+    if cached is not None:
+      self.models, self._forward, self._frozen = None, None, cached
+      return
+    self._build(pooling, mixed_precision, normalize, signature)
+    self._frozen = None
+    if freeze:
+      frozen = _freeze(self._forward, self.models)
+      if frozen is not None:
+        self._frozen = frozen[1]
+        model_cache.write(key, lambda directory: _write_frozen(directory, frozen[0]))
+
+  def _build(self, pooling, mixed_precision, normalize, signature):
+    import keras
+    import tensorflow as tf
     # Keras's dtype policy is read when layers are built, and is process-wide: set it for the
     # build only, so nothing else in this process (another run, the user's code) inherits it.
     policy = keras.mixed_precision.global_policy()
@@ -58,11 +79,10 @@ class FusedModel:
       self.models = [load_features(b, pooling) for b in self.backbones]
     finally:
       keras.mixed_precision.set_global_policy(policy)
-    self.dim = sum(b.dim for b in self.backbones)
     modes = [b.preprocessing for b in self.backbones]
     position = {size: i for i, size in enumerate(self.sizes)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes])
+    @tf.function(input_signature=signature)
     def forward(*images):
       parts = []
       for spec, mode, model in zip(self.backbones, modes, self.models):
@@ -72,9 +92,8 @@ class FusedModel:
         parts.append(l2_normalize(part) if normalize == "l2" else part)
       return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
-    self._forward = forward
     # freeze=False: for an engine that converts `forward` itself (transforms/openvino_engine.py).
-    self._frozen = _freeze(forward, self.models) if freeze else None
+    self._forward = forward
 
   def __call__(self, images: dict) -> np.ndarray:
     if self._frozen is not None:
@@ -89,8 +108,8 @@ _FREEZE_MAX_WEIGHT_BYTES = 16 << 20
 
 
 def _freeze(forward, models):
-  """`forward` with the weights as constants, or None where that gains nothing, costs too much
-  memory, or fails.
+  """(the frozen ConcreteFunction, `forward` with the weights as constants), or None where that
+  gains nothing, costs too much memory, or fails.
 
   With constant weights Grappler folds each inference-mode BatchNormalization into the
   convolution before it, which it cannot do through variables: on CPU, MobileNetV2 needs ~25%
@@ -112,10 +131,41 @@ def _freeze(forward, models):
     # bind its arguments to one and formats the whole batch into that error's text before it falls
     # back to the flat signature (~2.4 ms a batch of 32 at 32 px, ~20% of a near-free model's
     # forward). Called from inside a function of its own signature, that happens once, at tracing.
-    return tf.function(frozen, input_signature=forward.input_signature, autograph=False).get_concrete_function()
+    return frozen, _called_by_signature(frozen, forward.input_signature)
   except Exception as e:  # an internal API; the variables' graph computes the same
     _LOG.warning("running the model with variables, could not freeze its weights: %s", e)
     return None
+
+
+def _called_by_signature(function, signature):
+  import tensorflow as tf
+  return tf.function(function, input_signature=signature, autograph=False).get_concrete_function()
+
+
+def _write_frozen(directory, frozen):
+  """The frozen function's graph and the names of its inputs and output, for _read_frozen."""
+  import json
+  with open(os.path.join(directory, "graph.pb"), "wb") as f:
+    f.write(frozen.graph.as_graph_def().SerializeToString())
+  with open(os.path.join(directory, "signature.json"), "w") as f:
+    json.dump({"inputs": [t.name for t in frozen.inputs], "outputs": [t.name for t in frozen.outputs]}, f)
+
+
+def _read_frozen(directory, signature):
+  """The frozen graph _write_frozen wrote, callable as _freeze's is."""
+  import json
+  import tensorflow as tf
+  with open(os.path.join(directory, "signature.json")) as f:
+    names = json.load(f)
+  if len(names["inputs"]) != len(signature):
+    raise ValueError(f"{len(names['inputs'])} inputs, the model has {len(signature)}")
+  with open(os.path.join(directory, "graph.pb"), "rb") as f:
+    graph_def = tf.compat.v1.GraphDef.FromString(f.read())
+  imported = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(graph_def, name=""), [])
+  graph = imported.graph
+  pruned = imported.prune([graph.as_graph_element(n) for n in names["inputs"]],
+                          [graph.as_graph_element(n) for n in names["outputs"]])
+  return _called_by_signature(pruned, signature)
 
 
 def _all_layers(model):

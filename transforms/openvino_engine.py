@@ -1,27 +1,18 @@
 """Engines for the fused model: TensorFlow, or the same graph converted once per process and run on OpenVINO's CPU plugin."""
 
-import hashlib
-import importlib.metadata
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 import threading
 
 import numpy as np
 
-from transforms import fused
+from transforms import fused, model_cache
 
 _LOG = logging.getLogger(__name__)
 
 ENGINES = ("tensorflow", "openvino", "auto")
 INSTALL = 'pip install "embed-images[openvino]" (from a checkout: pip install ".[openvino]")'
-# Converted models are kept here, keyed by what they are made of (model_key), so that a process
-# that already converted one (another worker process, the next run) reads it instead of building
-# the Keras model, tracing it and converting it again. "" or "off": no cache.
-MODEL_CACHE_ENV = "EMBED_IMAGES_MODEL_CACHE"
-_CACHE_FORMAT = 1  # bump when what is saved, or how, changes
 
 
 class EngineUnavailable(ImportError):
@@ -106,59 +97,28 @@ def compile_config(core, bf16: bool) -> dict:
   return {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
 
 
-def model_cache_dir():
-  """$EMBED_IMAGES_MODEL_CACHE, or ~/.cache/embed-images/openvino; None where it is "" or "off"."""
-  value = os.environ.get(MODEL_CACHE_ENV)
-  if value is None:
-    return os.path.join(os.path.expanduser("~"), ".cache", "embed-images", "openvino")
-  return None if value.strip().lower() in ("", "off", "none", "0") else value
-
-
 def model_key(backbones, pooling, normalize) -> str:
-  """What a converted model is made of: each backbone's spec (its weights' and a user model's
-  fingerprints included), pooling, normalize, and the versions that made the graph."""
-  versions = []
-  for package in ("openvino", "tensorflow", "keras"):
-    try:
-      versions.append(importlib.metadata.version(package))
-    except importlib.metadata.PackageNotFoundError:
-      versions.append(None)
-  text = repr((_CACHE_FORMAT, tuple(backbones), pooling, normalize, tuple(versions)))
-  return hashlib.sha256(text.encode()).hexdigest()[:32]
+  """The cache key of a converted model (precision is the compiler's: one entry serves f32 and bf16)."""
+  return model_cache.model_key("openvino", tuple(backbones), pooling, normalize)
+
+
+def _read_converted(directory):
+  return import_openvino().Core().read_model(os.path.join(directory, "model.xml"))
+
+
+def _save_converted(converted):
+  # f32 as converted: save_model's default would store the weights in fp16.
+  return lambda directory: import_openvino().save_model(converted, os.path.join(directory, "model.xml"),
+                                                       compress_to_fp16=False)
 
 
 def read_cached(key):
   """The converted model cached under `key`, or None."""
-  root = model_cache_dir()
-  path = os.path.join(root, key, "model.xml") if root else None
-  if path is None or not os.path.exists(path):
-    return None
-  try:
-    return import_openvino().Core().read_model(path)
-  except Exception as e:  # a damaged entry: removed, so that the conversion writes it again
-    _LOG.warning("OpenVINO model cache: could not read %s (%s); converting again",
-                 path, str(e).splitlines()[0] if str(e) else type(e).__name__)
-    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
-    return None
+  return model_cache.read(key, _read_converted)
 
 
 def write_cached(key, converted):
-  """Saves `converted` under `key`, atomically (a directory renamed into place); a failure to
-  write only costs the next process a conversion."""
-  root = model_cache_dir()
-  if not root:
-    return
-  try:
-    os.makedirs(root, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{key}-", dir=root)
-    # f32 as converted: save_model's default would store the weights in fp16.
-    import_openvino().save_model(converted, os.path.join(staging, "model.xml"), compress_to_fp16=False)
-    try:
-      os.rename(staging, os.path.join(root, key))
-    except OSError:  # another process got there first: its copy is the same model
-      shutil.rmtree(staging, ignore_errors=True)
-  except Exception as e:
-    _LOG.warning("OpenVINO model cache: could not write under %s (%s)", root, e)
+  model_cache.write(key, _save_converted(converted))
 
 
 def convert_fused(model: "fused.FusedModel", converter=None):
