@@ -18,7 +18,9 @@ slower than plain Keras"). With --phases it first runs `python -m pipeline` once
 (tensorflow, and openvino where installed) on the same images, with its steps timed from inside the
 process (benchmarks/startup_phases.py: interpreter start-up, each import, launch checks, graph,
 runner, decode processes, model build, trace, freeze or OpenVINO's conversion and compilation,
-first and second batch, interpreter exit), and prints them in the order they began.
+first and second batch, interpreter exit), and prints them in the order they began: twice per
+engine, with an empty cache of models (transforms/model_cache.py) and with the one the first run
+filled.
 """
 
 import argparse
@@ -36,15 +38,16 @@ if REPO not in sys.path:
 
 from benchmarks.throughput import _machine, make_images, run_child, subset_dir  # noqa: E402
 
-def phases(args, images, engine, extra):
-  """One whole `python -m pipeline` run of the N images on `engine`, its steps timed
-  (benchmarks/startup_phases.py); prints them in the order they began and returns them."""
+def phases(args, images, engine, extra, model_cache, title):
+  """One whole `python -m pipeline` run of the N images on `engine` with `model_cache` as its cache
+  of models, its steps timed (benchmarks/startup_phases.py); prints them in the order they began
+  and returns them."""
   size = ["--image-size", str(args.image_size)] if args.image_size else []
   out = tempfile.mkdtemp(prefix=f"phases-{engine}-", dir=args.cache_dir)
   argv = ["--input", os.path.join(images, "*.jpg"), "--output", out, "--backbones", args.backbones,
           "--weights", "random", "--batch-size", str(args.batch_size), "--overwrite", "--engine", engine,
           *size, *extra]
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=REPO, EMBED_IMAGES_MODEL_CACHE=model_cache)
   spawned = time.time()
   began = time.perf_counter()
   done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "startup_phases.py"), repr(spawned), "--",
@@ -60,7 +63,7 @@ def phases(args, images, engine, extra):
     steps[name] = (min(first, start), spent + end - start, calls + 1)
   offset = -min(first for first, _, _ in steps.values())  # the interpreter's start-up began at 0
   steps["interpreter exit (after main returned)"] = (result["end"], wall - offset - result["end"], 1)
-  print(f"phases of one whole run, --engine {engine} ({args.n} images; wall {wall:.2f} s, spawn to exit):")
+  print(f"phases of one whole run, --engine {engine}, {title} ({args.n} images; wall {wall:.2f} s, spawn to exit):")
   for name, (first, spent, calls) in sorted(steps.items(), key=lambda item: item[1][0]):
     count = f" x{calls}" if calls > 1 else ""
     print(f"  {name + count:66} {spent:6.2f} s   (from {first + offset:5.2f} s)")
@@ -97,7 +100,12 @@ def main(argv=None):
   if args.phases:
     engines = ["tensorflow"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
     for engine in engines:
-      phases(args, images, engine, extra)
+      # A cache of models of this run's own: empty for the first run, filled by it for the second.
+      cache = tempfile.mkdtemp(prefix=f"model-cache-{engine}-", dir=args.cache_dir)
+      cold = phases(args, images, engine, extra, cache, "model cache empty")
+      warm = phases(args, images, engine, extra, cache, "model cache filled by the run before")
+      print(f"  {engine}: start-up {cold['startup']:.2f} s -> {warm['startup']:.2f} s with the model cache; "
+            f"wall {cold['wall']:.2f} s -> {warm['wall']:.2f} s", flush=True)
     if args.repeats == 0:
       return
   size = ["--image-size", str(args.image_size)] if args.image_size else []

@@ -95,14 +95,16 @@ def main():
     forward.get_concrete_function()
     record("trace the fused forward (tf.function)", start)
   wrap(fused, "_freeze", "freeze the weights (convert_variables_to_constants_v2)", before=trace_first)
+  wrap(fused, "_read_frozen", "TensorFlow: read the frozen graph from the model cache")
+  wrap(fused, "_write_frozen", "TensorFlow: write the frozen graph to the model cache")
 
   def trace_for_openvino(model, *args, **kwargs):
     start = now()
     model._forward.get_concrete_function()
     record("trace the fused forward (tf.function)", start)
   wrap(openvino_engine, "convert_fused", "OpenVINO: convert_model", before=trace_for_openvino)
-  wrap(openvino_engine, "read_cached", "OpenVINO: read the converted model from its cache")
-  wrap(openvino_engine, "write_cached", "OpenVINO: write the converted model to its cache")
+  wrap(openvino_engine, "read_cached", "OpenVINO: read the converted model from the model cache")
+  wrap(openvino_engine, "write_cached", "OpenVINO: write the converted model to the model cache")
   wrap(openvino_engine.OpenVINOModel, "__init__", "OpenVINO: compile (CPU plugin) + infer requests")
   batch_name = lambda n: {1: "first batch (forward)", 2: "second batch (forward)"}.get(n, "later batches (forward)")
   wrap(fused.FusedModel, "__call__", batch_name)

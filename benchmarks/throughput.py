@@ -616,11 +616,11 @@ def orchestrate(args):
   specs = [(n.strip(), args.image_size or get_backbone(n.strip()).native_size)
            for n in args.backbones.split(",") if n.strip()]
   modes = [m for m in MODES if m not in set(args.skip.split(",")) - {""}]
+  # Every run builds its model: with the cache of models (transforms/model_cache.py), the N run
+  # would build and the 2N run read it back, and the difference of the two, the marginal rate,
+  # would count the build as work saved.
+  os.environ["EMBED_IMAGES_MODEL_CACHE"] = "off"
   if args.engine == "openvino":
-    # Every OpenVINO run converts its model: with the cache of converted models, the N run would
-    # convert and the 2N run read it back, and the difference of the two, the marginal rate, would
-    # count the conversion as work saved.
-    os.environ["EMBED_IMAGES_MODEL_CACHE"] = "off"
     import openvino as ov
     from transforms.openvino_engine import supports_bf16
     bf16 = supports_bf16(ov.Core())
