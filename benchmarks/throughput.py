@@ -806,7 +806,8 @@ def orchestrate(args):
           f"{sink['seconds']:.1f} s = {share:.1%} (target < 5%: {'met' if share < 0.05 else 'NOT met'}); "
           + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(sink["spent"].items())))
   for mode, text in agreement.items():
-    print(f"{'agreement with plain Keras: ' + mode:48} {text}")
+    against = "plain Keras" if base == "keras" else TITLES[base].split(" ", 1)[1]
+    print(f"{'agreement with ' + against + ': ' + mode:48} {text}")
   if not args.keep:
     shutil.rmtree(work, ignore_errors=True)
 
