@@ -51,8 +51,9 @@ class FusedModel:
     self.sizes = tuple(sorted({b.size for b in self.backbones}))
     self.dim = sum(b.dim for b in self.backbones)
     signature = [tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes]
-    # A frozen graph made before from the same specs: no Keras model, no trace, no freeze (~3 of
-    # the ~7 s a MobileNetV2 run spends before its first rows; transforms/model_cache.py).
+    # A frozen graph made before from the same specs: no Keras model, no trace, no freeze. For
+    # MobileNetV2 at 224, 4.7 s of build, trace and freeze became a 1.0 s read (on the shared 2-vCPU
+    # machine under load; benchmarks/startup.py --phases). transforms/model_cache.py.
     key = model_cache.model_key("tensorflow", self.backbones, pooling, normalize, bool(mixed_precision))
     cached = model_cache.read(key, lambda directory: _read_frozen(directory, signature)) if freeze else None
     if cached is not None:
