@@ -1,4 +1,4 @@
-"""The OpenVINO engine against TensorFlow: every backbone kind, f32 enforced, bf16, auto's choice and fallback, the missing package, a multi-process run."""
+"""The OpenVINO engine against TensorFlow: every backbone kind, f32 enforced, bf16, auto's choice and fallback, the missing package, a multi-process run, EmbedImages and BackbonesModelHandler, the cache of converted models."""
 
 import json
 import logging
