@@ -6,6 +6,11 @@
 #   (or: gcloud builds submit --tag us-central1-docker.pkg.dev/PROJECT/REPO/embed-images:0.1.0 .)
 #
 # then launch with --sdk_container_image=<that tag> (and no --setup_file: the package is here).
+#
+# CPU workers (--engine openvino, or auto): no CUDA wheels, OpenVINO instead (the [openvino] extra):
+#
+#   docker build --build-arg TENSORFLOW=tensorflow --build-arg EXTRAS="[hub,openvino]" \
+#     -t us-central1-docker.pkg.dev/PROJECT/REPO/embed-images-cpu:0.1.0 .
 ARG BEAM_VERSION=2.77.0
 ARG LAUNCHER_BASE=gcr.io/dataflow-templates-base/python311-template-launcher-base:latest
 
@@ -22,7 +27,9 @@ WORKDIR /template
 COPY constraints.txt ./
 # GPU TensorFlow: CUDA and cuDNN come as pip wheels (nvidia-*-cu12), so no CUDA base image;
 # the driver is installed on the VM by Dataflow (install-nvidia-driver in the accelerator hint).
-RUN pip install --no-cache-dir -c constraints.txt "tensorflow[and-cuda]" keras
+# TENSORFLOW=tensorflow for the CPU image: the same TensorFlow without the ~3 GB of CUDA wheels.
+ARG TENSORFLOW="tensorflow[and-cuda]"
+RUN pip install --no-cache-dir -c constraints.txt "${TENSORFLOW}" keras
 
 COPY setup.py ./
 COPY pipeline ./pipeline
@@ -35,11 +42,13 @@ COPY dataflow/flex_main.py ./
 # KerasHub preset names) are downloaded into KerasHub's cache here, so workers need no internet for them.
 ARG BEAM_VERSION
 ARG HUB_PRESETS=""
+ARG EXTRAS="[hub]"
 ENV KAGGLEHUB_CACHE=/opt/kagglehub
-RUN pip install --no-cache-dir -c constraints.txt ".[hub]" \
+RUN pip install --no-cache-dir -c constraints.txt ".${EXTRAS}" \
     && python -c "import pipeline.main, transforms.embed, tensorflow, apache_beam; print(apache_beam.__version__, tensorflow.__version__)" \
+    && case "${EXTRAS}" in *openvino*) python -c "import openvino; print(openvino.get_version())";; esac \
     && test "$(python -c 'import apache_beam; print(apache_beam.__version__)')" = "${BEAM_VERSION}" \
-    && python -c "import sys, keras_hub; [(keras_hub.models.Backbone.from_preset(p), keras_hub.layers.ImageConverter.from_preset(p)) for p in sys.argv[1].split(',') if p]" "${HUB_PRESETS}"
+    && case "${EXTRAS}" in *hub*) python -c "import sys, keras_hub; [(keras_hub.models.Backbone.from_preset(p), keras_hub.layers.ImageConverter.from_preset(p)) for p in sys.argv[1].split(',') if p]" "${HUB_PRESETS}";; esac
 
 ENV FLEX_TEMPLATE_PYTHON_PY_FILE=/template/flex_main.py
 # Everything is installed: the launcher must not pip-install anything at launch.

@@ -28,6 +28,8 @@ setuptools.setup(
         # KerasHub presets (hub:PRESET). On Linux it pulls tensorflow-text, which needs the full
         # tensorflow wheel: install_requires has it already.
         "hub": ["keras-hub>=0.32,<0.33"],
+        # --engine openvino|auto on CPU workers (transforms/openvino_engine.py)
+        "openvino": ["openvino>=2025.4,<2026.5"],
     },
     entry_points={"console_scripts": ["embed-images=pipeline.cli:main"]},
 )

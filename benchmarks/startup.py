@@ -14,11 +14,18 @@ writing and exit included):
 
 The order alternates between repeats, so a slow spell of the shared host falls on both sides;
 it prints each side's best (least disturbed) time and pipeline / keras (issue 16: <= 1.0, "not
-slower than plain Keras"). With --phases it first prints where one process's start-up goes
-(imports, model build, freeze, first batches, decode processes), each timed in turn.
+slower than plain Keras"). With --phases it first runs `python -m pipeline` once per engine
+(tensorflow, and openvino where installed) on the same images, with its steps timed from inside the
+process (benchmarks/startup_phases.py: interpreter start-up, each import, launch checks, graph,
+runner, decode processes, model build, trace, freeze or OpenVINO's conversion and compilation,
+first and second batch, interpreter exit), and prints them in the order they began: twice per
+engine, with an empty cache of models (transforms/model_cache.py) and with the one the first run
+filled.
 """
 
 import argparse
+import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -31,51 +38,42 @@ if REPO not in sys.path:
 
 from benchmarks.throughput import _machine, make_images, run_child, subset_dir  # noqa: E402
 
-PHASES = r"""
-import sys, time
-started = time.perf_counter()
-last = [started]
-def lap(name):
-  now = time.perf_counter()
-  print(f"  {name:44} {now - last[0]:6.2f} s   (at {now - started:5.2f} s)", flush=True)
-  last[0] = now
-import numpy as np, PIL.Image; lap("import numpy, Pillow")
-import apache_beam; lap("import apache_beam")
-import tensorflow, keras; lap("import tensorflow, keras")
-import pipeline.main; lap("import pipeline.main (the rest of ours)")
-from transforms import fused as embed
-from transforms.weights import BackboneSpec, resolve_weights
-name, size, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-spec = BackboneSpec(name, size, resolve_weights("random", name, size))
-freeze, embed._freeze = embed._freeze, lambda forward, models: None
-model = embed.FusedModel([spec]); lap("build the model (keras.applications)")
-model._forward.get_concrete_function(); lap("trace the forward function")
-frozen = freeze(model._forward, model.models); lap("freeze (convert_variables_to_constants_v2)")
-batch = np.zeros((32, size, size, 3), np.uint8)
-if frozen is not None:
-  frozen(batch); lap("first batch of 32, frozen (Grappler)")
-  frozen(batch); lap("second batch of 32, frozen")
-model._forward(batch); lap("first batch of 32, variables")
-model._forward(batch); lap("second batch of 32, variables")
-from transforms.decode import DecodeSpec
-from transforms.decode_pool import DecodePool
-pool = DecodePool(2, None)
-pool.decode(open(path, "rb").read(), DecodeSpec(sizes=(size,))); lap("start 2 decode processes, first decode")
-pool.close()
-"""
-
-
-def phases(args, first_image):
-  from transforms.backbones import get_backbone
-  name = args.backbones.split(",")[0]
-  size = args.image_size or get_backbone(name).native_size
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
-  print(f"start-up phases in one process ({name} at {size} px), each timed in turn:", flush=True)
-  done = subprocess.run([sys.executable, "-c", PHASES, name, str(size), first_image], cwd=REPO, env=env,
-                        capture_output=True, text=True)
-  print(done.stdout, end="")
-  if done.returncode:
-    print(done.stderr[-2000:])
+def phases(args, images, engine, extra, model_cache, title):
+  """One whole `python -m pipeline` run of the N images on `engine` with `model_cache` as its cache
+  of models, its steps timed (benchmarks/startup_phases.py); prints them in the order they began
+  and returns them."""
+  size = ["--image-size", str(args.image_size)] if args.image_size else []
+  out = tempfile.mkdtemp(prefix=f"phases-{engine}-", dir=args.cache_dir)
+  argv = ["--input", os.path.join(images, "*.jpg"), "--output", out, "--backbones", args.backbones,
+          "--weights", "random", "--batch-size", str(args.batch_size), "--overwrite", "--engine", engine,
+          *size, *extra]
+  env = dict(os.environ, PYTHONPATH=REPO, EMBED_IMAGES_MODEL_CACHE=model_cache)
+  spawned = time.time()
+  began = time.perf_counter()
+  done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "startup_phases.py"), repr(spawned), "--",
+                         *argv], cwd=REPO, env=env, capture_output=True, text=True)
+  wall = time.perf_counter() - began
+  line = [l for l in done.stdout.splitlines() if l.startswith("PHASES ")]
+  if done.returncode or not line:
+    raise SystemExit(f"the {engine} run exited {done.returncode}: {done.stderr[-2000:]}")
+  result = json.loads(line[-1][len("PHASES "):])
+  steps = {}
+  for name, start, end in result["events"]:
+    first, spent, calls = steps.get(name, (start, 0.0, 0))
+    steps[name] = (min(first, start), spent + end - start, calls + 1)
+  offset = -min(first for first, _, _ in steps.values())  # the interpreter's start-up began at 0
+  steps["interpreter exit (after main returned)"] = (result["end"], wall - offset - result["end"], 1)
+  print(f"phases of one whole run, --engine {engine}, {title} ({args.n} images; wall {wall:.2f} s, spawn to exit):")
+  for name, (first, spent, calls) in sorted(steps.items(), key=lambda item: item[1][0]):
+    count = f" x{calls}" if calls > 1 else ""
+    print(f"  {name + count:66} {spent:6.2f} s   (from {first + offset:5.2f} s)")
+  batches = [spent for name, (_, spent, _) in steps.items() if name.endswith("(forward)")]
+  first_rows = steps["first batch (forward)"]
+  normal = steps.get("second batch (forward)", first_rows)[1]
+  startup = first_rows[0] + offset + first_rows[1] - normal
+  print(f"  start-up (until the first batch's rows, less one normal batch) {startup:6.2f} s; model time over all "
+        f"batches {sum(batches):.2f} s; wall {wall:.2f} s", flush=True)
+  return {"steps": steps, "wall": wall, "startup": startup}
 
 
 def main(argv=None):
@@ -85,7 +83,9 @@ def main(argv=None):
   parser.add_argument("--image-size", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--phases", action="store_true", help="first print where one process's start-up goes")
+  parser.add_argument("--phases", action="store_true",
+                      help="first time the steps of one whole run per engine (tensorflow, and openvino where "
+                           "installed); with --repeats 0, only that")
   parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "embed-images-bench"))
   args, extra = parser.parse_known_args(argv)
   extra = [a for a in extra if a != "--"]
@@ -98,7 +98,16 @@ def main(argv=None):
         f"{args.batch_size}, best of {args.repeats}; pipeline options: {' '.join(extra) or '(defaults)'}",
         flush=True)
   if args.phases:
-    phases(args, paths[0])
+    engines = ["tensorflow"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    for engine in engines:
+      # A cache of models of this run's own: empty for the first run, filled by it for the second.
+      cache = tempfile.mkdtemp(prefix=f"model-cache-{engine}-", dir=args.cache_dir)
+      cold = phases(args, images, engine, extra, cache, "model cache empty")
+      warm = phases(args, images, engine, extra, cache, "model cache filled by the run before")
+      print(f"  {engine}: start-up {cold['startup']:.2f} s -> {warm['startup']:.2f} s with the model cache; "
+            f"wall {cold['wall']:.2f} s -> {warm['wall']:.2f} s", flush=True)
+    if args.repeats == 0:
+      return
   size = ["--image-size", str(args.image_size)] if args.image_size else []
   commands = {
       "keras": [sys.executable, os.path.join(REPO, "benchmarks", "throughput.py"), "--mode", "keras",

@@ -1,7 +1,7 @@
 """Throughput of embed-images against the bare forward pass, plain Keras and Beam RunInference, in one run.
 
     python benchmarks/throughput.py [--n 1024] [--backbones mobilenet_v2] [--batch-size 32] [--repeats 3]
-    python benchmarks/throughput.py --hub small|tiny|PRESET_DIR [--n 256] ...   (a ViT-family KerasHub backbone)
+                                    [--engine openvino]
 
 On the same N and 2N JPEGs (500x375, quality 90, made from samples/*.jpg and cached in a temp
 directory), the same backbones and the same seeded random weights, it times:
@@ -13,6 +13,12 @@ directory), the same backbones and the same seeded random weights, it times:
   3. runinference: Beam's RunInference (KeyedModelHandler + TFModelHandlerNumpy, SAVED_WEIGHTS with
              create_model_fn) after a decode Map, then WriteToParquet, on the local FnApiRunner;
   4. pipeline: `embed-images --input ... --output ... --weights random` as a subprocess.
+
+With --engine openvino, also (`pip install ".[openvino]"`):
+  6. bare-openvino: the same batches through transforms/openvino_engine.py's OpenVINOModel, f32,
+             and bf16 where the CPU has it;
+  7. pipeline-openvino: 4 with --engine openvino; 7b pipeline-openvino-bf16: with
+             --mixed-precision as well (only where the CPU has bf16).
 
 2, 3 and 4 each run as a whole child process, timed from start to exit (imports, model building
 and pipeline start-up included), at N and at 2N: "whole" is N / t(N), "marginal" is
@@ -65,7 +71,15 @@ TITLES = {
     "runinference": "3 Beam RunInference + WriteToParquet",
     "pipeline": "4 embed-images (this pipeline)",
     "library": "5 EmbedImages in a user's own pipeline",
+    "bare-openvino": "6 bare forward, OpenVINO f32",
+    "bare-openvino-bf16": "6b bare forward, OpenVINO bf16",
+    "pipeline-openvino": "7 embed-images --engine openvino",
+    "pipeline-openvino-bf16": "7b ... --engine openvino --mixed-precision",
 }
+OPENVINO_MODES = ("bare-openvino", "pipeline-openvino", "pipeline-openvino-bf16")
+# Rows of the table that come from a bare child's timed variants: row -> (mode, variant).
+BARE_ROWS = {"bare": ("bare", "variables"), "bare-frozen": ("bare", "frozen"),
+             "bare-openvino": ("bare-openvino", "f32"), "bare-openvino-bf16": ("bare-openvino", "bf16")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +330,46 @@ def child_bare(args):
   _result(images=len(paths), passes=passes, cpus=cpus)
 
 
+def child_bare_openvino(args):
+  """OpenVINO's limit: the engine the pipeline runs (OpenVINOModel), on the same pre-decoded batches,
+  f32 and (where the CPU has it) bf16, passes alternating."""
+  import resource
+  import keras
+  import numpy as np
+  import openvino as ov
+  from transforms import openvino_engine
+  from transforms.weights import BackboneSpec, resolve_weights
+  specs = [BackboneSpec(name, size, resolve_weights("random", name, size)) for name, size in _specs(args)]
+  paths = list_images(args.images)
+  sizes = sorted({s.size for s in specs})
+  arrays = {s: np.stack([np.asarray(keras.utils.load_img(p, target_size=(s, s), interpolation="bilinear"))
+                         for p in paths]) for s in sizes}
+  started = time.perf_counter()
+  variants = {"f32": openvino_engine.make_engine("openvino", specs, args.pooling)}
+  convert_seconds = time.perf_counter() - started
+  if openvino_engine.supports_bf16(ov.Core()):
+    variants["bf16"] = openvino_engine.make_engine("openvino", specs, args.pooling, mixed_precision=True)
+  bs = args.batch_size
+  batches = [{s: arrays[s][i:i + bs] for s in sizes} for i in range(0, len(paths), bs)]
+  for run in variants.values():
+    for shape in {len(next(iter(b.values()))): b for b in batches}.values():
+      run(shape)
+  cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+  passes = {name: [] for name in variants}
+  cpus = {name: [] for name in variants}
+  outputs = {}
+  for _ in range(args.passes):
+    for name, run in variants.items():
+      began, cpu_began = time.perf_counter(), cpu()
+      outputs[name] = [run(b) for b in batches]
+      passes[name].append(time.perf_counter() - began)
+      cpus[name].append(cpu() - cpu_began)
+  np.save(os.path.join(args.out, "embeddings.npy"), np.concatenate(outputs["f32"]))
+  with open(os.path.join(args.out, "uris.json"), "w") as f:
+    json.dump(paths, f)
+  _result(images=len(paths), passes=passes, cpus=cpus, build_and_convert_seconds=convert_seconds)
+
+
 def child_keras(args):
   """The plain recipe, the way its documentation writes it, batch by batch."""
   if args.hub:
@@ -477,12 +531,9 @@ def child_pipeline_sink(args):
   _result(status=status, seconds=time.perf_counter() - started, spent=spent)
 
 
-def child_prepare_hub(args):
-  _result(preset=hub_preset(args))
-
-
-CHILDREN = {"bare": child_bare, "keras": child_keras, "prepare": child_prepare, "prepare-hub": child_prepare_hub,
-            "runinference": child_runinference, "pipeline-sink": child_pipeline_sink, "library": child_library}
+CHILDREN = {"bare": child_bare, "bare-openvino": child_bare_openvino, "keras": child_keras,
+            "prepare": child_prepare, "runinference": child_runinference, "pipeline-sink": child_pipeline_sink,
+            "library": child_library}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -625,11 +676,14 @@ def _pipeline_cmd():
 
 def command(mode, args, images, out):
   common = ["--backbones", args.backbones, "--batch-size", str(args.batch_size), "--pooling", args.pooling,
-            *(["--image-size", str(args.image_size)] if args.image_size else []),
-            *(["--hub", args.hub] if args.hub else [])]
-  if mode == "pipeline":
-    return [*_pipeline_cmd(), "--input", os.path.join(images, "*.jpg"), "--output", out, *cli_backbones(args),
-            "--weights", "random", "--batch-size", str(args.batch_size), "--pooling", args.pooling, "--overwrite"]
+            *(["--image-size", str(args.image_size)] if args.image_size else [])]
+  if mode.startswith("pipeline") and mode != "pipeline-sink":
+    engine = {"pipeline": [], "pipeline-openvino": ["--engine", "openvino"],
+              "pipeline-openvino-bf16": ["--engine", "openvino", "--mixed-precision"]}[mode]
+    return [*_pipeline_cmd(), "--input", os.path.join(images, "*.jpg"), "--output", out,
+            "--backbones", args.backbones, "--weights", "random", "--batch-size", str(args.batch_size),
+            "--pooling", args.pooling, "--overwrite",
+            *(["--image-size", str(args.image_size)] if args.image_size else []), *engine]
   return [sys.executable, os.path.abspath(__file__), "--mode", mode, "--images", images, "--out", out,
           "--cache-dir", args.cache_dir, "--passes", str(args.passes), *common]
 
@@ -640,11 +694,10 @@ def read_embeddings(mode, out):
   import pyarrow as pa
   import pyarrow.parquet as pq
   from transforms.write import embedding_matrix
-  if mode in BARE_ROWS.values():
+  if mode.startswith("bare"):
     with open(os.path.join(out, "uris.json")) as f:
       uris = json.load(f)
-    vectors = np.load(os.path.join(out, {"bare": "embeddings.npy", "bare-frozen": "embeddings-frozen.npy",
-                                         "bare-backbone": "embeddings-backbone.npy"}[mode]))
+    vectors = np.load(os.path.join(out, "embeddings-frozen.npy" if mode == "bare-frozen" else "embeddings.npy"))
   else:
     files = sorted(glob.glob(os.path.join(out, "embeddings*.parquet")))
     table = pq.read_table(files)
@@ -686,13 +739,20 @@ def _machine():
 
 def orchestrate(args):
   from transforms.backbones import get_backbone  # light: no TensorFlow in the parent
-  if args.hub:
-    specs = [(f"KerasHub preset {args.hub}", "its converter's size, ")]
-  else:
-    specs = [(n.strip(), args.image_size or get_backbone(n.strip()).native_size)
-             for n in args.backbones.split(",") if n.strip()]
-  skipped = set(args.skip.split(",")) - {""} | ({"runinference"} if args.hub else set())
-  modes = [m for m in MODES if m not in skipped]
+  specs = [(n.strip(), args.image_size or get_backbone(n.strip()).native_size)
+           for n in args.backbones.split(",") if n.strip()]
+  modes = [m for m in MODES if m not in set(args.skip.split(",")) - {""}]
+  # Every run builds its model: with the cache of models (transforms/model_cache.py), the N run
+  # would build and the 2N run read it back, and the difference of the two, the marginal rate,
+  # would count the build as work saved.
+  os.environ["EMBED_IMAGES_MODEL_CACHE"] = "off"
+  if args.engine == "openvino":
+    import openvino as ov
+    from transforms.openvino_engine import supports_bf16
+    bf16 = supports_bf16(ov.Core())
+    if not bf16:
+      print("this CPU has no bf16: the OpenVINO bf16 runs are left out", flush=True)
+    modes += [m for m in OPENVINO_MODES if (bf16 or not m.endswith("bf16")) and m not in args.skip.split(",")]
   sizes = (args.n, 2 * args.n)
   print(f"machine: {_machine()}", flush=True)
   print(f"backbones: {', '.join(f'{n} ({s}px)'.replace(', px', '') for n, s in specs)}; weights random (seeded); "
@@ -721,7 +781,7 @@ def orchestrate(args):
   runs = {m: {n: [] for n in sizes} for m in modes}
   for r in range(args.repeats):
     for mode in modes:
-      for n in sizes if mode != "bare" else sizes[:1]:
+      for n in sizes if not mode.startswith("bare") else sizes[:1]:
         out = os.path.join(work, f"{mode}-{n}-{r}")
         os.makedirs(out, exist_ok=True)
         probe = wait_for_quiet(args.wait_quiet)[1] if args.wait_quiet else host_probe()
@@ -734,7 +794,7 @@ def orchestrate(args):
         child["out"] = out
         runs[mode][n].append(child)
         extra = ""
-        if mode == "bare":
+        if mode.startswith("bare"):
           extra = "; forward img/s " + "; ".join(
               f"{name} " + ", ".join(f"{n / x:.1f}" for x in passes)
               for name, passes in child["result"]["passes"].items())
@@ -753,13 +813,13 @@ def orchestrate(args):
 
   # -- agreement: every side computed the same embeddings
   agreement = {}
-  if "keras" in modes:
+  # plain Keras's rows, or where it was skipped, the TensorFlow pipeline's
+  base = "keras" if "keras" in modes else "pipeline" if "pipeline" in modes else None
+  if base:
     import numpy as np
-    reference = read_embeddings("keras", runs["keras"][args.n][0]["out"])
-    bare_rows = [BARE_ROWS[v] for v in runs["bare"][args.n][0]["result"]["passes"] if v != "variables"] \
-        if "bare" in modes else []
-    for mode in modes + bare_rows:
-      if mode == "keras":
+    reference = read_embeddings(base, runs[base][args.n][0]["out"])
+    for mode in modes + (["bare-frozen"] if "bare" in modes else []):
+      if mode == base:
         continue
       got = read_embeddings(mode, runs["bare" if mode in BARE_ROWS.values() else mode][args.n][0]["out"])
       if set(got) != set(reference):
@@ -777,9 +837,10 @@ def orchestrate(args):
   print(f"{'':44}" + "".join(f"{h:>22}" for h in head[:3]) + f"{head[3]:>14}{head[4]:>16}")
   print(f"{'':44}" + "".join(f"{h:>22}" for h in sub[:3]) + f"{sub[3]:>14}{sub[4]:>16}")
   for mode in modes:
-    if mode == "bare":
-      for variant in runs[mode][args.n][0]["result"]["passes"]:
-        row = BARE_ROWS[variant]
+    if mode.startswith("bare"):
+      for row, (_, variant) in ((r, v) for r, v in BARE_ROWS.items() if v[0] == mode):
+        if variant not in runs[mode][args.n][0]["result"]["passes"]:
+          continue
         forward = [args.n / x for c in runs[mode][args.n] for x in c["result"]["passes"][variant]]
         cpu = [1000 * x / args.n for c in runs[mode][args.n] for x in c["result"]["cpus"][variant]]
         rates[row] = {"marginal": _stats(forward), "cpu_ms": statistics.median(cpu)}
@@ -811,13 +872,16 @@ def orchestrate(args):
   print(f"host probe (fixed 1e6-step Python loop) around the runs: median {statistics.median(probes):.0f} ms, "
         f"range {min(probes):.0f}-{max(probes):.0f} ms (fastest seen {_FASTEST_PROBE[0]:.0f} ms)")
   print("start-up, t(N) - N / marginal: " + ", ".join(
-      f"{mode} {rates[mode]['startup']:.1f} s" for mode in modes if mode != "bare"))
+      f"{mode} {rates[mode]['startup']:.1f} s" for mode in modes if not mode.startswith("bare")))
+  if "bare-openvino" in modes:
+    print("OpenVINO build + convert + compile, in the bare child: " + ", ".join(
+        f"{c['result']['build_and_convert_seconds']:.1f} s" for c in runs["bare-openvino"][args.n]))
 
   def per_repeat(mode, key):
     """This mode's rate in each repeat: paired ratios cancel slow spells of the host."""
-    if mode in BARE_ROWS.values():
-      variant = {row: v for v, row in BARE_ROWS.items()}[mode]
-      return [statistics.median(args.n / x for x in c["result"]["passes"][variant]) for c in runs["bare"][args.n]]
+    if mode in BARE_ROWS:
+      child, variant = BARE_ROWS[mode]
+      return [statistics.median(args.n / x for x in c["result"]["passes"][variant]) for c in runs[child][args.n]]
     small, large = runs[mode][sizes[0]], runs[mode][sizes[1]]
     if key == "whole_n":
       return [args.n / c["seconds"] for c in small]
@@ -835,13 +899,22 @@ def orchestrate(args):
 
   print()
   print("ratios: median [min-max] over repeats, each repeat's pipeline run against the same repeat's other run")
-  if args.hub:
-    lines = [("4/1 pipeline / bare converter+backbone, marginal", ratio("pipeline", "bare", "marginal"), 0.90),
-             ("4/1b pipeline / bare backbone alone, marginal", ratio("pipeline", "bare-backbone", "marginal"), None),
-             ("1/1b bare converter+backbone / backbone alone", ratio("bare", "bare-backbone", "marginal"), None)]
-  else:
-    lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85),
-             ("4/1f pipeline / frozen bare forward, marginal", ratio("pipeline", "bare-frozen", "marginal"), 0.85)]
+  lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85),
+           ("4/1f pipeline / frozen bare forward, marginal", ratio("pipeline", "bare-frozen", "marginal"), 0.85)]
+  if args.engine == "openvino":
+    # issue 24's targets: f32 >= 1.2x for MobileNetV2 (1.15x for ResNet50), bf16 >= 2x for MobileNetV2
+    f32_target = 1.15 if "resnet" in args.backbones else 1.2
+    lines += [("7/4 OpenVINO f32 / TF pipeline, marginal", ratio("pipeline-openvino", "pipeline", "marginal"),
+               f32_target),
+              ("7b/4 OpenVINO bf16 / TF pipeline, marginal", ratio("pipeline-openvino-bf16", "pipeline", "marginal"),
+               2.0),
+              ("7/6 OpenVINO pipeline / its bare forward, marginal",
+               ratio("pipeline-openvino", "bare-openvino", "marginal"), 0.85),
+              ("7b/6b the same, bf16", ratio("pipeline-openvino-bf16", "bare-openvino-bf16", "marginal"), 0.85),
+              ("6/1f OpenVINO f32 / TF frozen, bare forward", ratio("bare-openvino", "bare-frozen", "marginal"), None),
+              ("6/1 OpenVINO f32 / TF variables, bare forward", ratio("bare-openvino", "bare", "marginal"), None),
+              ("7/4 OpenVINO f32 / TF pipeline, whole run at 2N",
+               ratio("pipeline-openvino", "pipeline", "whole_2n"), None)]
   for other, number, target in (("keras", 2, 1.5), ("runinference", 3, 2.0)):
     lines += [(f"4/{number} pipeline / {other}, whole run at N", ratio("pipeline", other, "whole_n"), target),
               (f"4/{number} pipeline / {other}, whole run at 2N", ratio("pipeline", other, "whole_2n"), target),
@@ -864,7 +937,8 @@ def orchestrate(args):
           f"{sink['seconds']:.1f} s = {share:.1%} (target < 5%: {'met' if share < 0.05 else 'NOT met'}); "
           + ", ".join(f"{k} {v:.2f} s" for k, v in sorted(sink["spent"].items())))
   for mode, text in agreement.items():
-    print(f"{'agreement with plain Keras: ' + mode:48} {text}")
+    against = "plain Keras" if base == "keras" else TITLES[base].split(" ", 1)[1]
+    print(f"{'agreement with ' + against + ': ' + mode:48} {text}")
   if not args.keep:
     shutil.rmtree(work, ignore_errors=True)
 
@@ -880,6 +954,9 @@ def main(argv=None):
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--passes", type=int, default=2, help="timed passes of the bare forward per repeat")
+  parser.add_argument("--engine", choices=("tensorflow", "openvino"), default="tensorflow",
+                      help="openvino: also OpenVINO's bare forward and the pipeline with --engine openvino "
+                           "(and with --mixed-precision, bf16, where the CPU has it)")
   parser.add_argument("--skip", default="", help="comma list of modes to leave out: " + ",".join(MODES))
   parser.add_argument("--no-sink-profile", action="store_true", help="skip the in-process Parquet timing run")
   parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "embed-images-bench"))

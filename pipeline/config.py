@@ -52,6 +52,7 @@ class RunConfig:
   input_format: str = "auto"
   shard_layouts: tuple = ()  # transforms.shards.ShardLayout per shard format found at launch
   parquet_part_rows: int = 4096  # 0: a Parquet shard is never read in slices
+  engine: str = "tensorflow"  # tensorflow | openvino | auto (transforms/openvino_engine.py)
 
   @property
   def sizes(self):
@@ -69,7 +70,8 @@ class RunConfig:
 
 
 def model_spec(config: RunConfig) -> ModelSpec:
-  return ModelSpec(config.backbones, config.pooling, config.normalize, config.allow_tf32, config.mixed_precision)
+  return ModelSpec(config.backbones, config.pooling, config.normalize, config.allow_tf32, config.mixed_precision,
+                   config.engine)
 
 
 def model_layout(config: RunConfig) -> dict:

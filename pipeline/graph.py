@@ -43,7 +43,8 @@ def embed_images(config) -> EmbedImages:
       normalize=config.normalize, fast_decode=config.fast_decode, max_pixels=config.max_pixels,
       decode_timeout=config.decode_timeout, decode_memory=config.decode_memory,
       decode_processes=config.decode_threads, read_threads=config.read_threads, allow_tf32=config.allow_tf32,
-      mixed_precision=config.mixed_precision, known_digests=reuse_digests, option_names=OPTION_NAMES)
+      mixed_precision=config.mixed_precision, engine=config.engine, known_digests=reuse_digests,
+      option_names=OPTION_NAMES)
 
 
 class ReadDecodeEmbed(beam.PTransform):

@@ -192,6 +192,7 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       input_format=opts.input_format,
       shard_layouts=layouts,
       parquet_part_rows=opts.parquet_part_rows,
+      engine=opts.engine,
   )
   config = dataclasses.replace(config, layout=model_layout(config))
   if opts.previous:

@@ -6,7 +6,8 @@ import re
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
 
-from transforms import decode, shards
+from transforms import decode, openvino_engine, shards
+from transforms.backbones import BACKBONES, get_backbone
 from transforms.decode_pool import default_memory_ceiling
 from transforms.specs import parse_backbones
 
@@ -117,7 +118,12 @@ class EmbedOptions(PipelineOptions):
     _flag(parser, "allow-tf32", action="store_true", default=False,
           help="Allow TensorFloat-32 on GPU (faster, about 1e-3 off).")
     _flag(parser, "mixed-precision", action="store_true", default=False,
-          help="Run the backbones in mixed_float16 on GPU (faster, less exact).")
+          help="Run the backbones in mixed_float16 on GPU, in bf16 with --engine openvino where the CPU has "
+               "it (faster, less exact).")
+    _flag(parser, "engine", default="tensorflow",
+          help="tensorflow | openvino | auto: what runs the model. openvino: OpenVINO's CPU plugin, f32 "
+               "(pip install \".[openvino]\"); auto: openvino on workers without a GPU where it is "
+               "installed, else tensorflow.")
     _flag(parser, "num-shards", type=int, default=0,
           help="Number of embeddings files (0: the runner decides).")
     _flag(parser, "row-group-size", type=int, default=8192,
@@ -224,6 +230,10 @@ def validate(opts, models=()) -> dict:
   _check_choice("resize", opts.resize, decode.RESIZE_POLICIES)
   _check_choice("progress", opts.progress, ("auto", "on", "off"))
   _check_choice("normalize", opts.normalize, ("none", "l2"))
+  _check_choice("engine", opts.engine, openvino_engine.ENGINES)
+  if opts.engine == "openvino" and not openvino_engine.openvino_installed():
+    raise LaunchError(f"--engine openvino needs the openvino package, which is not installed here: "
+                      f"{openvino_engine.INSTALL}")
   _check_choice("input-format", opts.input_format, ("auto", "image", *shards.FORMATS))
   if opts.input_manifest and opts.input_format != "auto":
     raise LaunchError(f"--input-format goes with --input; received: --input-format {opts.input_format!r} "

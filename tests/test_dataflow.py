@@ -332,7 +332,7 @@ SAMPLE_VALUES = {
     "store_retry_seconds": "90",
     "input_format": "tar", "image_column": "jpg", "image_feature": "image/encoded",
     "carry_features": "image/class/label,image/filename",
-    "parquet_part_rows": "2048",
+    "parquet_part_rows": "2048", "engine": "auto",
 }
 
 

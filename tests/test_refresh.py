@@ -183,3 +183,19 @@ def test_the_refresh_and_store_options_refuse_bad_values_in_one_line(bucket, tmp
                        "--store-retry-seconds must be a positive number of seconds; received: 0.0")):
     assert _run(bucket, tmp_path / "out", *extra) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"embed-images: error: {line}"
+
+
+def test_model_difference_takes_f32_rows_of_either_engine_but_not_reduced_precision_ones():
+  base = {"dim": 1280, "pooling": "avg", "normalize": "none", "resize": "squash", "fast_decode": False,
+          "mixed_precision": False, "allow_tf32": False,
+          "backbones": [{"name": "mobilenet_v2", "offset": 0, "dim": 1280, "input_size": 224,
+                         "preprocessing": "tf", "weights_fingerprint": "sha256:aa"}]}  # before engines: TF
+  openvino = dict(base, engine="openvino")
+  # f32: the engines agree within 1e-5 (tests/test_openvino.py), so rows carry over either way
+  assert refresh.model_difference(base, openvino) is None
+  assert refresh.model_difference(openvino, dict(base, engine="tensorflow")) is None
+  # float16 on TensorFlow and bf16 on OpenVINO are different numbers
+  mixed = dict(base, mixed_precision=True)
+  assert refresh.model_difference(mixed, dict(openvino, mixed_precision=True)) == (
+      "engine changed under mixed_precision: 'tensorflow' -> 'openvino'")
+  assert refresh.model_difference(dict(openvino, mixed_precision=True), dict(openvino, mixed_precision=True)) is None

@@ -14,7 +14,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms import decode, decode_pool, fused
+from transforms import decode, decode_pool, fused, openvino_engine
 from transforms.load import LoadRequest, Loader, ReadAhead
 from transforms.results import Embedding, EmbeddingBatch, ImageError, ImageFailed, Reused
 from transforms.specs import ModelSpec, model_layout, resolve_backbones
@@ -59,9 +59,11 @@ class EmbedImages(beam.PTransform):
   .keras file, a SavedModel or a KerasHub preset directory} that `backbones` may then name, with
   `model_preprocessing` {NAME: mode}, `model_outputs` {NAME: output key}, `unsafe_models` (names
   whose Lambda layers may load) and `model_modules` (imported first: they register custom
-  objects); `normalize` none | l2. `backbones` may also name KerasHub presets, `hub:PRESET[:cls|:mean]`
-  (and a preset directory's NAME[:cls|:mean]): each takes the full decoded image through its own
-  ImageConverter (transforms/hub.py).
+  objects); `normalize` none | l2; `engine` tensorflow | openvino (OpenVINO's CPU plugin, f32;
+  `mixed_precision` is bf16 there) | auto (openvino on workers without a GPU where it is
+  installed). `backbones` may also name KerasHub presets, `hub:PRESET[:cls|:mean]` (and a preset
+  directory's NAME[:cls|:mean]): each takes the full decoded image through its own
+  ImageConverter (transforms/hub.py), on TensorFlow whatever the engine.
 
   Decoding runs in isolated processes (`decode_processes`, 0: one per core) under a memory
   ceiling (`decode_memory` bytes; None: what `max_pixels` needs) and a timeout
@@ -78,7 +80,7 @@ class EmbedImages(beam.PTransform):
                batch_size=32, models=None, model_preprocessing=None, model_outputs=None, unsafe_models=(),
                model_modules=(), normalize="none", fast_decode=False, max_pixels=decode.PIL_MAX_PIXELS,
                decode_timeout=60.0, decode_memory=None, decode_processes=0, read_threads=16,
-               max_batch_duration_secs=None, allow_tf32=False, mixed_precision=False,
+               max_batch_duration_secs=None, allow_tf32=False, mixed_precision=False, engine="tensorflow",
                known_digests: Optional[Callable[[Any], tuple]] = None, option_names=(),
                clock: Callable[[], float] = time.monotonic):
     super().__init__()
@@ -94,10 +96,11 @@ class EmbedImages(beam.PTransform):
     _check("max_batch_duration_secs", max_batch_duration_secs,
            max_batch_duration_secs is None or (isinstance(max_batch_duration_secs, (int, float))
                                                and max_batch_duration_secs >= 0), "None or seconds")
+    openvino_engine.check_engine(engine)
     specs = resolve_backbones(backbones, weights=weights, image_size=image_size, pooling=pooling, models=models,
                               model_preprocessing=model_preprocessing, model_outputs=model_outputs,
                               unsafe_models=unsafe_models, modules=tuple(model_modules))
-    self.model = ModelSpec(specs, pooling, normalize, bool(allow_tf32), bool(mixed_precision))
+    self.model = ModelSpec(specs, pooling, normalize, bool(allow_tf32), bool(mixed_precision), engine)
     if decode_memory is None:
       decode_memory = decode_pool.default_memory_ceiling(max_pixels)
     self.decode_spec = decode.DecodeSpec(
@@ -255,10 +258,8 @@ class _EmbedDoFn(beam.DoFn):
     if self._model is None:
       spec = self._model_spec
       started = time.perf_counter()
-      self._model = self._shared.acquire(
-          lambda: fused.FusedModel(spec.backbones, spec.pooling, spec.allow_tf32, spec.mixed_precision,
-                                   spec.normalize),
-          tag=repr(spec))
+      # The engine is in the spec, so in the key: two engines' models are two shared models.
+      self._model = self._shared.acquire(lambda: openvino_engine.build(spec), tag=repr(spec))
       self._load_latency.update(int((time.perf_counter() - started) * 1e3))
     return self._model
 

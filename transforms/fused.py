@@ -1,10 +1,11 @@
 """The fused model: every backbone's preprocessing and features in one graph, uint8 batches in, one vector per image out."""
 
 import logging
+import os
 
 import numpy as np
 
-from transforms import hub
+from transforms import hub, model_cache
 from transforms.backbones import preprocess
 from transforms.models import load_features
 
@@ -51,13 +52,41 @@ class FusedModel:
   graph beside the uint8 batches.
   """
 
-  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none"):
-    import keras
+  engine = "tensorflow"
+
+  def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none",
+               freeze=True):
     import tensorflow as tf
     configure_tensorflow(allow_tf32)
     self.backbones = tuple(backbones)
     is_hub = [hub.is_hub(b) for b in self.backbones]
     self.sizes = tuple(sorted({b.size for b, h in zip(self.backbones, is_hub) if not h}))
+    self.dim = sum(b.dim for b in self.backbones)
+    # A KerasHub preset (transforms/hub.py) takes the full decoded images (size key hub.FULL_IMAGE, a
+    # list): its own converter makes its fixed-size float batch, which enters the graph after the
+    # uint8 batches, in the order of the presets.
+    self._converters = [hub.Converter(b) for b, h in zip(self.backbones, is_hub) if h]
+    signature = [tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes]
+    signature += [tf.TensorSpec([None, *c.shape], tf.float32) for c in self._converters]
+    # A frozen graph made before from the same specs: no Keras model, no trace, no freeze. For
+    # MobileNetV2 at 224, 4.7 s of build, trace and freeze became a 1.0 s read (on the shared 2-vCPU
+    # machine under load; benchmarks/startup.py --phases). transforms/model_cache.py.
+    key = model_cache.model_key("tensorflow", self.backbones, pooling, normalize, bool(mixed_precision))
+    cached = model_cache.read(key, lambda directory: _read_frozen(directory, signature)) if freeze else None
+    if cached is not None:
+      self.models, self._forward, self._frozen = None, None, cached
+      return
+    self._build(pooling, mixed_precision, normalize, signature)
+    self._frozen = None
+    if freeze:
+      frozen = _freeze(self._forward, self.models)
+      if frozen is not None:
+        self._frozen = frozen[1]
+        model_cache.write(key, lambda directory: _write_frozen(directory, frozen[0]))
+
+  def _build(self, pooling, mixed_precision, normalize, signature):
+    import keras
+    import tensorflow as tf
     # Keras's dtype policy is read when layers are built, and is process-wide: set it for the
     # build only, so nothing else in this process (another run, the user's code) inherits it.
     policy = keras.mixed_precision.global_policy()
@@ -68,14 +97,11 @@ class FusedModel:
       self.models = [load_features(b, pooling) for b in self.backbones]
     finally:
       keras.mixed_precision.set_global_policy(policy)
-    self._converters = [hub.Converter(b) for b, h in zip(self.backbones, is_hub) if h]
-    self.dim = sum(b.dim for b in self.backbones)
     modes = [b.preprocessing for b in self.backbones]
     position = {size: i for i, size in enumerate(self.sizes)}
     # A preset's converted batch follows the uint8 batches, in the order of the presets.
-    converted = {i: len(self.sizes) + k for k, i in enumerate(i for i, h in enumerate(is_hub) if h)}
-    signature = [tf.TensorSpec([None, s, s, 3], tf.uint8) for s in self.sizes]
-    signature += [tf.TensorSpec([None, *c.shape], tf.float32) for c in self._converters]
+    presets = [i for i, spec in enumerate(self.backbones) if hub.is_hub(spec)]
+    converted = {i: len(self.sizes) + k for k, i in enumerate(presets)}
 
     @tf.function(input_signature=signature)
     def forward(*images):
@@ -90,8 +116,8 @@ class FusedModel:
         parts.append(l2_normalize(part) if normalize == "l2" else part)
       return parts[0] if len(parts) == 1 else tf.concat(parts, axis=1)
 
+    # freeze=False: for an engine that converts `forward` itself (transforms/openvino_engine.py).
     self._forward = forward
-    self._frozen = _freeze(forward, self.models)
 
   def __call__(self, images: dict) -> np.ndarray:
     inputs = [images[s] for s in self.sizes] + [convert(images[hub.FULL_IMAGE]) for convert in self._converters]
@@ -107,8 +133,8 @@ _FREEZE_MAX_WEIGHT_BYTES = 16 << 20
 
 
 def _freeze(forward, models):
-  """`forward` with the weights as constants, or None where that gains nothing, costs too much
-  memory, or fails.
+  """(the frozen ConcreteFunction, `forward` with the weights as constants), or None where that
+  gains nothing, costs too much memory, or fails.
 
   With constant weights Grappler folds each inference-mode BatchNormalization into the
   convolution before it, which it cannot do through variables: on CPU, MobileNetV2 needs ~25%
@@ -130,10 +156,41 @@ def _freeze(forward, models):
     # bind its arguments to one and formats the whole batch into that error's text before it falls
     # back to the flat signature (~2.4 ms a batch of 32 at 32 px, ~20% of a near-free model's
     # forward). Called from inside a function of its own signature, that happens once, at tracing.
-    return tf.function(frozen, input_signature=forward.input_signature, autograph=False).get_concrete_function()
+    return frozen, _called_by_signature(frozen, forward.input_signature)
   except Exception as e:  # an internal API; the variables' graph computes the same
     _LOG.warning("running the model with variables, could not freeze its weights: %s", e)
     return None
+
+
+def _called_by_signature(function, signature):
+  import tensorflow as tf
+  return tf.function(function, input_signature=signature, autograph=False).get_concrete_function()
+
+
+def _write_frozen(directory, frozen):
+  """The frozen function's graph and the names of its inputs and output, for _read_frozen."""
+  import json
+  with open(os.path.join(directory, "graph.pb"), "wb") as f:
+    f.write(frozen.graph.as_graph_def().SerializeToString())
+  with open(os.path.join(directory, "signature.json"), "w") as f:
+    json.dump({"inputs": [t.name for t in frozen.inputs], "outputs": [t.name for t in frozen.outputs]}, f)
+
+
+def _read_frozen(directory, signature):
+  """The frozen graph _write_frozen wrote, callable as _freeze's is."""
+  import json
+  import tensorflow as tf
+  with open(os.path.join(directory, "signature.json")) as f:
+    names = json.load(f)
+  if len(names["inputs"]) != len(signature):
+    raise ValueError(f"{len(names['inputs'])} inputs, the model has {len(signature)}")
+  with open(os.path.join(directory, "graph.pb"), "rb") as f:
+    graph_def = tf.compat.v1.GraphDef.FromString(f.read())
+  imported = tf.compat.v1.wrap_function(lambda: tf.compat.v1.import_graph_def(graph_def, name=""), [])
+  graph = imported.graph
+  pruned = imported.prune([graph.as_graph_element(n) for n in names["inputs"]],
+                          [graph.as_graph_element(n) for n in names["outputs"]])
+  return _called_by_signature(pruned, signature)
 
 
 def _all_layers(model):

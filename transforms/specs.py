@@ -19,6 +19,7 @@ class ModelSpec:
   normalize: str = "none"
   allow_tf32: bool = False
   mixed_precision: bool = False
+  engine: str = "tensorflow"  # tensorflow | openvino | auto (transforms/openvino_engine.py)
 
   @property
   def sizes(self) -> tuple:
@@ -152,5 +153,6 @@ def model_layout(model: ModelSpec, resize: str = "squash", fast_decode: bool = F
       "fast_decode": fast_decode,
       "mixed_precision": model.mixed_precision,
       "allow_tf32": model.allow_tf32,
+      "engine": model.engine,  # its version: "versions" (tensorflow, openvino)
       "versions": package_versions(),
   }
