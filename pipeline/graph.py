@@ -18,8 +18,8 @@ from transforms.listing import ListInputs
 from transforms.refresh import previous_files
 from transforms import shards
 from transforms.shards import ExpandShards, shard_format
-from transforms.write import (ERRORS_SCHEMA, ParquetTableSink, embeddings_schema, errors_to_table,
-                              summarize, write_summary)
+from transforms.write import (ERRORS_SCHEMA, REUSED_PREFIX, ParquetTableSink, embeddings_schema, errors_to_table,
+                              number_shards, summarize, write_summary)
 
 
 def resource_hints(config) -> dict:
@@ -96,6 +96,7 @@ class MatchInputs(beam.PTransform):
 
 def _write_summary_step(files, config, matched, embedded, carried, removed, deduplicated, failures, workers,
                         resumed):
+  files = number_shards(files, config.output)
   summary = summarize(
       matched, embedded, sorted(failures), files, layout=config.layout, inputs=config.inputs,
       output=config.output, started_at=config.started_at, max_failure_fraction=config.max_failure_fraction,
@@ -260,22 +261,30 @@ def build_graph(p: beam.Pipeline, config):
                | "AllRemoved" >> beam.Flatten()
                | "CountAllRemoved" >> beam.CombineGlobally(sum))
 
-  tables = embeddings
-  carried_count = resumed_count = None
+  carried_count = resumed_count = reused_tables = None
   if committed:
     uses = (results["reused"], reused_unread) | "AllReused" >> beam.Flatten()
     reused_tables, reused_errors = uses | "FetchRows" >> reuse.FetchRows(config.extra_fields)
-    tables = (embeddings, reused_tables) | "WithReused" >> beam.Flatten()
     errors = (errors, reused_errors) | "WithReusedErrors" >> beam.Flatten()
     carried_count = _count(uses | "Carried" >> beam.Filter(lambda u: u[1].source == reuse.PREVIOUS), "CountCarried")
     resumed_count = _count(uses | "Resumed" >> beam.Filter(
         lambda u: u[1].source == reuse.RESUME and u[1].kind == reuse.ROW), "CountResumed")
 
+  schema = embeddings_schema(config.dim, config.layout, config.extra_fields, listing=True)
+  tables = embeddings
+  if reused_tables is not None and config.num_shards:
+    # A fixed number of files groups every row by shard anyway: one sink for all.
+    tables = (embeddings, reused_tables) | "WithReused" >> beam.Flatten()
   embedding_files = tables | "WriteEmbeddings" >> beam.io.Write(ParquetTableSink(
-      FileSystems.join(config.output, "embeddings"),
-      embeddings_schema(config.dim, config.layout, config.extra_fields, listing=True),
-      num_shards=config.num_shards,
+      FileSystems.join(config.output, "embeddings"), schema, num_shards=config.num_shards,
       row_group_size=config.row_group_size))
+  written = [embedding_files]
+  if reused_tables is not None and not config.num_shards:
+    # The reused rows through a sink of their own, fused with the step that reads them back: a
+    # Flatten into one sink would hold every row of both in memory on the local runner. The
+    # summary step numbers both sinks' files as one set (write.number_shards).
+    written.append(reused_tables | "WriteReused" >> beam.io.Write(ParquetTableSink(
+        FileSystems.join(config.output, REUSED_PREFIX), schema, row_group_size=config.row_group_size)))
   error_files = (errors
                  | "ErrorTables" >> beam.BatchElements(min_batch_size=1, max_batch_size=1024)
                  | "ToArrow" >> beam.Map(errors_to_table)
@@ -296,7 +305,7 @@ def build_graph(p: beam.Pipeline, config):
   resumed_count = resumed_count if resumed_count is not None else p | "NoneResumed" >> beam.Create([0])
   # The summary's main input is the written file names, so it runs after both
   # writes have finalized: a job nobody waits on still ends with _SUCCESS.json.
-  return ((embedding_files, error_files)
+  return ((*written, error_files)
           | "WrittenFiles" >> beam.Flatten()
           | "AllFiles" >> beam.combiners.ToList()
           | "WriteSummary" >> beam.Map(

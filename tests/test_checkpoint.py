@@ -211,8 +211,9 @@ def test_resume_refuses_another_model_and_verify_rereads(tmp_path):
   assert status == 0, stderr
   counts = json.loads((out / "_SUCCESS.json").read_text())["counts"]
   assert (counts["resumed"], counts["embedded"]) == (2, 5)  # the changed file was embedded again
-  assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS.json", "embeddings-00000-of-00001.parquet",
-                                                   "errors-00000-of-00001.parquet"]
+  # Nothing but the outputs: the rows made and the rows reused numbered as one set of shards.
+  assert sorted(p.name for p in out.iterdir()) == ["_SUCCESS.json", "embeddings-00000-of-00002.parquet",
+                                                   "embeddings-00001-of-00002.parquet", "errors-00000-of-00001.parquet"]
   table, rows = _rows(out)
   sha = dict(zip(table.column("uri").to_pylist(), table.column("sha256").to_pylist()))
   assert sha[changed] == __import__("hashlib").sha256(bytes(data)).hexdigest()
@@ -263,8 +264,11 @@ def test_resume_on_gcs(tmp_path):
       counts = json.loads(f.read())["counts"]
     assert (counts["resumed"], counts["embedded"]) == (4, 3)
     assert not checkpoint.files(out)
-    with FileSystems.open(f"{out}/embeddings-00000-of-00001.parquet") as f:
-      got = pq.read_table(io.BytesIO(f.read()))
+    shards = sorted(m.path for m in FileSystems.match([f"{out}/embeddings-*.parquet"])[0].metadata_list)
+    assert [s.rsplit("/", 1)[1] for s in shards] == ["embeddings-00000-of-00002.parquet",
+                                                     "embeddings-00001-of-00002.parquet"]
+    got = pa.concat_tables(pq.read_table(io.BytesIO(FileSystems.open(s).read())) for s in shards)
+    assert got.num_rows == 7
     want = dict(zip(full.column("uri").to_pylist(), embedding_matrix(full.column("embedding"))))
     for uri, vector in zip(got.column("uri").to_pylist(), embedding_matrix(got.column("embedding"))):
       assert relative_l2(vector, want[uri]) < 1e-5

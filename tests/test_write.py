@@ -136,3 +136,18 @@ def test_summary_round_trip(tmp_path):
   summary = {"status": "ok", "counts": {"matched": 1}}
   write.write_summary(str(tmp_path), summary)
   assert write.read_summary(str(tmp_path)) == summary
+
+
+def test_number_shards_renames_both_sinks_files_into_one_set(tmp_path):
+  names = ["embeddings-00000-of-00002.parquet", "embeddings-00001-of-00002.parquet",
+           "embeddings-reused-00000-of-00001.parquet", "errors-00000-of-00001.parquet"]
+  for name in names:
+    (tmp_path / name).write_bytes(name.encode())
+  files = write.number_shards([str(tmp_path / n) for n in names], str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "embeddings-00000-of-00003.parquet", "embeddings-00001-of-00003.parquet", "embeddings-00002-of-00003.parquet",
+      "errors-00000-of-00001.parquet"]
+  assert (tmp_path / "embeddings-00002-of-00003.parquet").read_bytes() == names[2].encode()  # the reused rows
+  assert sorted(files) == sorted(str(p) for p in tmp_path.iterdir())
+  # A run with one sink only is left as it is.
+  assert write.number_shards(files, str(tmp_path)) == files

@@ -81,6 +81,32 @@ def rows_table(rows, extra_fields=()) -> pa.Table:
                        extra_fields)
 
 
+REUSED_PREFIX = "embeddings-reused"  # a refresh's reused rows, before `number_shards` renames them
+
+
+def number_shards(files, output) -> list:
+  """`files` with the embeddings files numbered as one set, `embeddings-SSSSS-of-NNNNN.parquet`.
+
+  A refresh writes the rows it makes and the rows it reuses through two sinks (so that neither
+  waits for the other in memory): this renames the second sink's files (`embeddings-reused-*`) and
+  the first's into one numbering. Names never collide: NNNNN is larger than the first sink's count.
+  Other files pass unchanged."""
+  directory = lambda f: FileSystems.split(f)[0]
+  names = [FileSystems.split(f)[1] for f in files]
+  reused = sorted(f for f, n in zip(files, names) if n.startswith(REUSED_PREFIX + "-"))
+  if not reused:
+    return list(files)
+  made = sorted(f for f, n in zip(files, names) if n.startswith("embeddings-") and f not in reused)
+  others = [f for f in files if f not in reused and f not in made]
+  ordered = made + reused
+  renamed = [FileSystems.join(directory(f), f"embeddings-{i:05d}-of-{len(ordered):05d}.parquet")
+             for i, f in enumerate(ordered)]
+  moves = [(a, b) for a, b in zip(ordered, renamed) if a != b]
+  if moves:
+    FileSystems.rename([a for a, _ in moves], [b for _, b in moves])
+  return renamed + others
+
+
 def error_row(uri, stage, error_type, message) -> dict:
   assert stage in ERROR_STAGES, stage
   return {"uri": uri, "stage": stage, "error_type": error_type, "message": str(message)}
