@@ -11,7 +11,9 @@ For each store and N, on N distinct small JPEGs, it runs `embed-images` from sta
 - an unchanged refresh with `--previous-verify` (today's old behaviour: read and hash everything).
 
 Per run: wall seconds and the ratio to the full run; peak RSS of the whole process tree (the run
-and its decode processes, summed, sampled every 50 ms from /proc); on gs:// (the GCS emulator
+and its decode processes, summed, sampled every 50 ms from /proc: forked children's shared pages
+count twice) and the main process's own peak (VmHWM, from _SUCCESS.json: on the local runner the
+process that holds every stage's data); on gs:// (the GCS emulator
 behind tests/fault_proxy.py, `--latency-ms` added to every request) the requests made and
 requests per object. Each run's counts are checked against what it must hold.
 """
@@ -91,7 +93,9 @@ def embed(pattern, out, args, env, *extra):
     cmd += ["--image-size", str(args.image_size)]
   seconds, rss = run(cmd, env)
   from transforms.write import read_summary
-  return seconds, rss, read_summary(out)["counts"]
+  summary = read_summary(out)
+  # The local runner's one process: its own peak (VmHWM), which sampling cannot miss or double count.
+  return seconds, (rss, summary["peak_rss_bytes"]["summary_process"]), summary["counts"]
 
 
 def bench(store, n, args, put, root, env, proxy):
@@ -124,10 +128,10 @@ def bench(store, n, args, put, root, env, proxy):
   full_s = results[0][1]
   where = "local disk" if store == "local" else f"GCS emulator, +{args.latency_ms:g} ms a request"
   print(f"\n{where}, N={n:,} ({args.backbones}{f' at {args.image_size} px' if args.image_size else ''})")
-  print(f"  {'run':<30}{'seconds':>9}{'vs full':>9}{'peak RSS GiB':>14}" + (
+  print(f"  {'run':<30}{'seconds':>9}{'vs full':>9}{'tree RSS GiB':>14}{'main VmHWM GiB':>16}" + (
       f"{'requests':>10}{'per object':>12}{'object reads':>14}" if proxy else ""))
   for label, seconds, rss, requests, reads in results:
-    line = f"  {label:<30}{seconds:>9.1f}{seconds / full_s:>9.2f}{rss / 2**30:>14.2f}"
+    line = f"  {label:<30}{seconds:>9.1f}{seconds / full_s:>9.2f}{rss[0] / 2**30:>14.2f}{rss[1] / 2**30:>16.3f}"
     if proxy is not None:
       line += f"{requests:>10}{requests / n:>12.4f}{reads:>14}"
     print(line, flush=True)

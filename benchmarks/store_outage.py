@@ -14,7 +14,6 @@ Without --retry-seconds, the runs use the default outage deadline (transforms/st
 """
 
 import argparse
-import io
 import os
 import subprocess
 import sys
@@ -26,13 +25,6 @@ MODEL = ("--backbones", "mobilenet_v3_small", "--image-size", "32", "--weights",
          "--progress", "off")
 
 
-def _jpeg(seed):
-  import numpy as np
-  from PIL import Image
-  pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-  out = io.BytesIO()
-  Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-  return out.getvalue()
 
 
 def cli(args, retry_seconds):
@@ -55,6 +47,7 @@ def main(argv=None):
   skip = set(filter(None, args.skip.split(",")))
   from apache_beam.io.filesystems import FileSystems
   from tests.fault_proxy import fault_proxy
+  from tests.corpus import noise_jpeg
   from tests.gcs_emulator import gcs_emulator
   from transforms import store
   print(f"deadline: {args.retry_seconds or store.DEFAULT_RETRY_SECONDS:g} s; N={args.n}", flush=True)
@@ -62,7 +55,7 @@ def main(argv=None):
     bucket = f"gs://{name}"
     for i in range(args.n):
       with FileSystems.create(f"{bucket}/photos/{i % 4}/{i:04d}.jpg") as f:
-        f.write(_jpeg(i))
+        f.write(noise_jpeg(i))
     pattern = f"{bucket}/photos/**/*.jpg"
     if "flaky" not in skip:
       proxy.reset_counts()

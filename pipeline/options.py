@@ -7,7 +7,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms import resources
 
 from transforms import decode, openvino_engine, shards
-from transforms.backbones import BACKBONES, get_backbone
 from transforms.decode_pool import default_memory_ceiling
 from transforms.specs import parse_backbones
 

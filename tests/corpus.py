@@ -233,3 +233,11 @@ def _png_chunks(width, height, bit_depth, color_type, idat):
 
   header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
   return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def noise_jpeg(seed: int, size: int = 32) -> bytes:
+  """A size x size JPEG of seeded random pixels: distinct bytes per seed, for store and refresh runs."""
+  pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+  out = io.BytesIO()
+  Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+  return out.getvalue()

@@ -1,14 +1,12 @@
 """A nightly refresh on gs://, counted through tests/fault_proxy.py: what is unchanged is never read."""
 
-import io
 import os
 import subprocess
 import sys
 
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from PIL import Image
 
+from tests.corpus import noise_jpeg
 from transforms.write import read_summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,11 +15,6 @@ MODEL = ("--backbones", "mobilenet_v3_small", "--image-size", "32", "--weights",
          "--progress", "off")
 
 
-def _jpeg(seed):
-  pixels = np.random.default_rng(seed).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-  out = io.BytesIO()
-  Image.fromarray(pixels).save(out, format="JPEG", quality=80)
-  return out.getvalue()
 
 
 def _put(uri, data):
@@ -43,7 +36,7 @@ def test_an_unchanged_refresh_costs_n_over_100_requests_and_reads_only_what_chan
   proxy, bucket = gcs_proxy, gcs_proxy.bucket
   photos = f"{bucket}/photos"
   for i in range(N):
-    _put(f"{photos}/{i // 128}/{i:04d}.jpg", _jpeg(i))
+    _put(f"{photos}/{i // 128}/{i:04d}.jpg", noise_jpeg(i, 16))
   pattern = f"{photos}/**/*.jpg"
 
   proxy.reset_counts()
@@ -62,7 +55,7 @@ def test_an_unchanged_refresh_costs_n_over_100_requests_and_reads_only_what_chan
   # 1% of the objects rewritten (a new generation each): only those are read.
   changed = [f"{photos}/{i // 128}/{i:04d}.jpg" for i in range(0, N, 100)]
   for uri in changed:
-    _put(uri, _jpeg(10_000 + len(uri)))
+    _put(uri, noise_jpeg(10_000 + len(uri), 16))
   proxy.reset_counts()
   _cli("--input", pattern, "--output", f"{bucket}/day3", "--previous", f"{bucket}/day2")
   counts = read_summary(f"{bucket}/day3")["counts"]

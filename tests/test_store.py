@@ -1,6 +1,5 @@
 """A flaky or dead store, end to end: gs:// -> gs:// command-line runs through tests/fault_proxy.py."""
 
-import io
 import os
 import subprocess
 import sys
@@ -10,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
-from PIL import Image
 
+from tests.corpus import noise_jpeg
 from tests.fault_proxy import fault_proxy
 from tests.gcs_emulator import gcs_emulator
 from transforms import store
@@ -32,11 +31,6 @@ def _get(uri):
     return f.read()
 
 
-def _jpeg(seed):
-  pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-  out = io.BytesIO()
-  Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-  return out.getvalue()
 
 
 def _cli(*args, retry_seconds=None):
@@ -70,7 +64,7 @@ def bucket():
     bucket = f"gs://{name}"
     uris = [f"{bucket}/photos/{'a' if i % 2 else 'b'}/{i:03d}.jpg" for i in range(N_IMAGES)]
     for i, uri in enumerate(uris):
-      _put(uri, _jpeg(i))
+      _put(uri, noise_jpeg(i))
     proxy.bucket = bucket
     yield proxy, uris
 

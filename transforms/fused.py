@@ -149,7 +149,6 @@ def _freeze(forward, models):
   if size > _FREEZE_MAX_WEIGHT_BYTES:
     return None
   try:
-    import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
     frozen = convert_variables_to_constants_v2(forward.get_concrete_function())
     # The frozen function has no structured signature: called directly, every call first fails to
