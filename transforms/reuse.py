@@ -20,6 +20,7 @@ the joins are shuffles on Dataflow and the vectors are read back where they are 
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
@@ -30,7 +31,7 @@ from transforms.write import embeddings_schema
 PREVIOUS, RESUME = "previous", "resume"
 ROW, ERROR = "row", "error"
 _READ_BUFFER = 1 << 20
-_TABLE_ROWS = 4096
+_BATCH_ROWS = 2048
 
 
 class Ref(NamedTuple):
@@ -188,22 +189,23 @@ class _FetchDoFn(beam.DoFn):
     with _open(path) as handle:
       parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
       wanted = _row_groups(parquet, [u.row for u in uses])
-      done, tables, pending = 0, [], []
+      done = 0
       for group, positions in wanted.items():
-        taken = parquet.read_row_group(group, columns=columns).take(pa.array(positions, pa.int64()))
-        these = uses[done:done + len(positions)]
-        done += len(positions)
-        if kind == ERROR:
-          for u, row in zip(these, taken.to_pylist()):
-            yield beam.pvalue.TaggedOutput("errors", dict(row, uri=u.uri))
-          continue
-        tables.append(taken)
-        pending.extend(these)
-        if len(pending) >= _TABLE_ROWS:
-          yield reused_table(pa.concat_tables(tables), pending, self._extra_fields)
-          tables, pending = [], []
-      if pending:
-        yield reused_table(pa.concat_tables(tables), pending, self._extra_fields)
+        # A slice of a row group at a time: what is held is _BATCH_ROWS rows, whatever the file.
+        positions, start = np.asarray(positions), 0
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group], columns=columns):
+          here = positions[(positions >= start) & (positions < start + batch.num_rows)] - start
+          start += batch.num_rows
+          if not len(here):
+            continue
+          taken = pa.Table.from_batches([batch]).take(pa.array(here, pa.int64()))
+          these = uses[done:done + len(here)]
+          done += len(here)
+          if kind == ERROR:
+            for u, row in zip(these, taken.to_pylist()):
+              yield beam.pvalue.TaggedOutput("errors", dict(row, uri=u.uri))
+          else:
+            yield reused_table(taken, these, self._extra_fields)
 
 
 class FetchRows(beam.PTransform):
