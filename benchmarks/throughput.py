@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--n 1024] [--backbones mobilenet_v2] [--batch-size 32] [--repeats 3]
                                     [--engine openvino]
+    python benchmarks/throughput.py --hub small|tiny|PRESET_DIR [--n 256] ...   (a ViT-family KerasHub backbone)
 
 On the same N and 2N JPEGs (500x375, quality 90, made from samples/*.jpg and cached in a temp
 directory), the same backbones and the same seeded random weights, it times:
@@ -61,8 +62,6 @@ JPEG_QUALITY = 90
 IMAGE_SEED = 20240605
 MODES = ("bare", "keras", "runinference", "pipeline", "library")
 HUB_NAME = "hubvit"  # the --model name of a --hub preset
-# The bare child's variants (its result's "passes" keys) and the table's row for each.
-BARE_ROWS = {"variables": "bare", "frozen": "bare-frozen", "backbone": "bare-backbone"}
 TITLES = {
     "bare": "1 bare forward (tf.function, uint8 batches)",
     "bare-frozen": "1f bare forward, weights frozen",
@@ -78,8 +77,12 @@ TITLES = {
 }
 OPENVINO_MODES = ("bare-openvino", "pipeline-openvino", "pipeline-openvino-bf16")
 # Rows of the table that come from a bare child's timed variants: row -> (mode, variant).
-BARE_ROWS = {"bare": ("bare", "variables"), "bare-frozen": ("bare", "frozen"),
+# The bare child's variants are its result's "passes" keys; a row shows only where its variant ran
+# (--hub: variables and backbone; otherwise variables and frozen).
+BARE_ROWS = {"bare": ("bare", "variables"), "bare-frozen": ("bare", "frozen"), "bare-backbone": ("bare", "backbone"),
              "bare-openvino": ("bare-openvino", "f32"), "bare-openvino-bf16": ("bare-openvino", "bf16")}
+# The file each bare row's vectors are saved in (uris.json beside it).
+BARE_FILES = {"bare-frozen": "embeddings-frozen.npy", "bare-backbone": "embeddings-backbone.npy"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,9 +534,13 @@ def child_pipeline_sink(args):
   _result(status=status, seconds=time.perf_counter() - started, spent=spent)
 
 
+def child_prepare_hub(args):
+  _result(preset=hub_preset(args))
+
+
 CHILDREN = {"bare": child_bare, "bare-openvino": child_bare_openvino, "keras": child_keras,
-            "prepare": child_prepare, "runinference": child_runinference, "pipeline-sink": child_pipeline_sink,
-            "library": child_library}
+            "prepare": child_prepare, "prepare-hub": child_prepare_hub, "runinference": child_runinference,
+            "pipeline-sink": child_pipeline_sink, "library": child_library}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,14 +683,14 @@ def _pipeline_cmd():
 
 def command(mode, args, images, out):
   common = ["--backbones", args.backbones, "--batch-size", str(args.batch_size), "--pooling", args.pooling,
-            *(["--image-size", str(args.image_size)] if args.image_size else [])]
+            *(["--image-size", str(args.image_size)] if args.image_size else []),
+            *(["--hub", args.hub] if args.hub else [])]
   if mode.startswith("pipeline") and mode != "pipeline-sink":
     engine = {"pipeline": [], "pipeline-openvino": ["--engine", "openvino"],
               "pipeline-openvino-bf16": ["--engine", "openvino", "--mixed-precision"]}[mode]
-    return [*_pipeline_cmd(), "--input", os.path.join(images, "*.jpg"), "--output", out,
-            "--backbones", args.backbones, "--weights", "random", "--batch-size", str(args.batch_size),
-            "--pooling", args.pooling, "--overwrite",
-            *(["--image-size", str(args.image_size)] if args.image_size else []), *engine]
+    return [*_pipeline_cmd(), "--input", os.path.join(images, "*.jpg"), "--output", out, *cli_backbones(args),
+            "--weights", "random", "--batch-size", str(args.batch_size), "--pooling", args.pooling,
+            "--overwrite", *engine]
   return [sys.executable, os.path.abspath(__file__), "--mode", mode, "--images", images, "--out", out,
           "--cache-dir", args.cache_dir, "--passes", str(args.passes), *common]
 
@@ -697,7 +704,7 @@ def read_embeddings(mode, out):
   if mode.startswith("bare"):
     with open(os.path.join(out, "uris.json")) as f:
       uris = json.load(f)
-    vectors = np.load(os.path.join(out, "embeddings-frozen.npy" if mode == "bare-frozen" else "embeddings.npy"))
+    vectors = np.load(os.path.join(out, BARE_FILES.get(mode, "embeddings.npy")))
   else:
     files = sorted(glob.glob(os.path.join(out, "embeddings*.parquet")))
     table = pq.read_table(files)
@@ -739,9 +746,14 @@ def _machine():
 
 def orchestrate(args):
   from transforms.backbones import get_backbone  # light: no TensorFlow in the parent
-  specs = [(n.strip(), args.image_size or get_backbone(n.strip()).native_size)
-           for n in args.backbones.split(",") if n.strip()]
-  modes = [m for m in MODES if m not in set(args.skip.split(",")) - {""}]
+  if args.hub:
+    specs = [(f"KerasHub preset {args.hub}", "its converter's size, ")]
+  else:
+    specs = [(n.strip(), args.image_size or get_backbone(n.strip()).native_size)
+             for n in args.backbones.split(",") if n.strip()]
+  # RunInference (3) is left out for a preset: TFModelHandlerNumpy takes one fixed-size tensor.
+  skipped = set(args.skip.split(",")) - {""} | ({"runinference"} if args.hub else set())
+  modes = [m for m in MODES if m not in skipped]
   # Every run builds its model: with the cache of models (transforms/model_cache.py), the N run
   # would build and the 2N run read it back, and the difference of the two, the marginal rate,
   # would count the build as work saved.
@@ -818,10 +830,13 @@ def orchestrate(args):
   if base:
     import numpy as np
     reference = read_embeddings(base, runs[base][args.n][0]["out"])
-    for mode in modes + (["bare-frozen"] if "bare" in modes else []):
+    # the TF bare child's other variants (frozen, or with --hub the backbone alone) are rows of their own
+    extra = [row for row, (child, variant) in BARE_ROWS.items() if child == "bare" and row != "bare"
+             and "bare" in modes and variant in runs["bare"][args.n][0]["result"]["passes"]]
+    for mode in modes + extra:
       if mode == base:
         continue
-      got = read_embeddings(mode, runs["bare" if mode in BARE_ROWS.values() else mode][args.n][0]["out"])
+      got = read_embeddings(mode, runs[BARE_ROWS[mode][0] if mode in BARE_ROWS else mode][args.n][0]["out"])
       if set(got) != set(reference):
         agreement[mode] = f"different rows ({len(got)} vs {len(reference)})"
         continue
@@ -899,8 +914,13 @@ def orchestrate(args):
 
   print()
   print("ratios: median [min-max] over repeats, each repeat's pipeline run against the same repeat's other run")
-  lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85),
-           ("4/1f pipeline / frozen bare forward, marginal", ratio("pipeline", "bare-frozen", "marginal"), 0.85)]
+  if args.hub:
+    lines = [("4/1 pipeline / bare converter+backbone, marginal", ratio("pipeline", "bare", "marginal"), 0.90),
+             ("4/1b pipeline / bare backbone alone, marginal", ratio("pipeline", "bare-backbone", "marginal"), None),
+             ("1/1b bare converter+backbone / backbone alone", ratio("bare", "bare-backbone", "marginal"), None)]
+  else:
+    lines = [("4/1 pipeline / bare forward, marginal", ratio("pipeline", "bare", "marginal"), 0.85),
+             ("4/1f pipeline / frozen bare forward, marginal", ratio("pipeline", "bare-frozen", "marginal"), 0.85)]
   if args.engine == "openvino":
     # issue 24's targets: f32 >= 1.2x for MobileNetV2 (1.15x for ResNet50), bf16 >= 2x for MobileNetV2
     f32_target = 1.15 if "resnet" in args.backbones else 1.2
@@ -970,6 +990,9 @@ def main(argv=None):
   parser.add_argument("--images", help=argparse.SUPPRESS)
   parser.add_argument("--out", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.hub and args.engine == "openvino" and not args.mode:
+    # transforms/openvino_engine.py refuses KerasHub presets under --engine openvino
+    parser.error("--hub runs on TensorFlow only: OpenVINO does not run KerasHub presets (drop --engine openvino)")
   if args.mode:
     CHILDREN[args.mode](args)
   else:
