@@ -502,7 +502,7 @@ def child_library(args):
 
 def child_pipeline_sink(args):
   """embed-images in this process, with the Parquet sink's methods and the Arrow tables timed."""
-  import transforms.embed
+  import transforms.checkpoint
   from apache_beam.io import filebasedsink
   from pipeline.main import run
   from transforms import write
@@ -526,7 +526,8 @@ def child_pipeline_sink(args):
     timed(write.ParquetTableSink, attr, f"sink.{attr}")
   for attr in ("initialize_write", "pre_finalize", "finalize_write"):
     timed(filebasedsink.FileBasedSink, attr, f"sink.{attr}")
-  timed(transforms.embed, "rows_to_table", "arrow tables (rows_to_table)")
+  # the embedded rows' Arrow tables are built in transforms/checkpoint.py (rows_to_table imported by name)
+  timed(transforms.checkpoint, "rows_to_table", "arrow tables (rows_to_table)")
   started = time.perf_counter()
   status = run(["--input", os.path.join(args.images, "*.jpg"), "--output", args.out, *cli_backbones(args),
                 "--weights", "random", "--batch-size", str(args.batch_size), "--overwrite"],
