@@ -216,9 +216,13 @@ def build_graph(p: beam.Pipeline, config):
     index = committed[0] if len(committed) == 1 else tuple(committed) | "AllCommitted" >> beam.Flatten()
     # One join by uri: a committed row whose listing is this object's is reused unread; the rest are
     # read, and reuse their row if the bytes hash the same (--previous-verify, --resume-verify: all).
+    # --dedupe reads and hashes every file anyway, and a new copy of an unchanged file must find
+    # that file among the inputs to ride on its row: under it, nothing is trusted unread.
+    trust_resume = not (config.resume_verify or config.dedupe)
+    trust_previous = not (config.previous_verify or config.dedupe)
     decided = ({"items": items | "KeyByUri" >> beam.Map(lambda item: (item.uri, item)), "committed": index}
                | "JoinCommitted" >> beam.CoGroupByKey()
-               | "Decide" >> beam.FlatMap(reuse.decide, not config.resume_verify, not config.previous_verify)
+               | "Decide" >> beam.FlatMap(reuse.decide, trust_resume, trust_previous)
                .with_outputs("reused", "gone", main="items"))
     items, reused_unread = decided.items, decided.reused
     items = _with_members(items, index)
