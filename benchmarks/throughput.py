@@ -287,7 +287,6 @@ def child_bare(args):
   embed-images runs for small backbones), passes alternating."""
   if args.hub:
     return child_bare_hub(args)
-  import resource
   import keras
   import numpy as np
   import tensorflow as tf
@@ -313,19 +312,7 @@ def child_bare(args):
   }
   bs = args.batch_size
   batches = [{s: arrays[s][i:i + bs] for s in sizes} for i in range(0, len(paths), bs)]
-  for run in variants.values():
-    for shape in {len(next(iter(b.values()))): b for b in batches}.values():
-      run(shape)  # trace every batch shape (the last one may be short)
-  cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-  passes = {name: [] for name in variants}
-  cpus = {name: [] for name in variants}
-  outputs = {}
-  for _ in range(args.passes):
-    for name, run in variants.items():
-      started, cpu_started = time.perf_counter(), cpu()
-      outputs[name] = [run(b) for b in batches]
-      passes[name].append(time.perf_counter() - started)
-      cpus[name].append(cpu() - cpu_started)
+  passes, cpus, outputs = timed_passes(variants, batches, args.passes)
   np.save(os.path.join(args.out, "embeddings.npy"), np.concatenate(outputs["variables"]))
   np.save(os.path.join(args.out, "embeddings-frozen.npy"), np.concatenate(outputs["frozen"]))
   with open(os.path.join(args.out, "uris.json"), "w") as f:
@@ -333,10 +320,30 @@ def child_bare(args):
   _result(images=len(paths), passes=passes, cpus=cpus)
 
 
+def timed_passes(variants, batches, n_passes):
+  """Each variant (a function of one batch) over every batch, `n_passes` times, alternating, after one
+  call per batch shape (the last may be short) to trace it: ({name: [wall s]}, {name: [CPU s]},
+  {name: its last pass's outputs})."""
+  import resource
+  for run in variants.values():
+    for shape in {len(next(iter(b.values()))): b for b in batches}.values():
+      run(shape)
+  cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+  passes = {name: [] for name in variants}
+  cpus = {name: [] for name in variants}
+  outputs = {}
+  for _ in range(n_passes):
+    for name, run in variants.items():
+      started, cpu_started = time.perf_counter(), cpu()
+      outputs[name] = [run(b) for b in batches]
+      passes[name].append(time.perf_counter() - started)
+      cpus[name].append(cpu() - cpu_started)
+  return passes, cpus, outputs
+
+
 def child_bare_openvino(args):
   """OpenVINO's limit: the engine the pipeline runs (OpenVINOModel), on the same pre-decoded batches,
   f32 and (where the CPU has it) bf16, passes alternating."""
-  import resource
   import keras
   import numpy as np
   import openvino as ov
@@ -354,19 +361,7 @@ def child_bare_openvino(args):
     variants["bf16"] = openvino_engine.make_engine("openvino", specs, args.pooling, mixed_precision=True)
   bs = args.batch_size
   batches = [{s: arrays[s][i:i + bs] for s in sizes} for i in range(0, len(paths), bs)]
-  for run in variants.values():
-    for shape in {len(next(iter(b.values()))): b for b in batches}.values():
-      run(shape)
-  cpu = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
-  passes = {name: [] for name in variants}
-  cpus = {name: [] for name in variants}
-  outputs = {}
-  for _ in range(args.passes):
-    for name, run in variants.items():
-      began, cpu_began = time.perf_counter(), cpu()
-      outputs[name] = [run(b) for b in batches]
-      passes[name].append(time.perf_counter() - began)
-      cpus[name].append(cpu() - cpu_began)
+  passes, cpus, outputs = timed_passes(variants, batches, args.passes)
   np.save(os.path.join(args.out, "embeddings.npy"), np.concatenate(outputs["f32"]))
   with open(os.path.join(args.out, "uris.json"), "w") as f:
     json.dump(paths, f)
