@@ -10,8 +10,6 @@ import sys
 
 import keras
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -27,10 +25,11 @@ from pipeline.launch import build_config  # noqa: E402
 from pipeline.main import run  # noqa: E402
 from pipeline.options import LaunchError  # noqa: E402
 from tests.gcs_emulator import gcs_emulator  # noqa: E402
+from tests.outputs import sorted_rows  # noqa: E402
 from tests.recipe import recipe_embeddings, relative_l2  # noqa: E402
 from transforms import decode, decode_pool, hub  # noqa: E402
 from transforms.weights import RANDOM_SEED, BackboneSpec, WeightsSource  # noqa: E402
-from transforms.write import embedding_matrix, read_summary  # noqa: E402
+from transforms.write import read_summary  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -89,16 +88,6 @@ def _run_args(presets, output, *extra, backbones=BACKBONES):
           *[f"--model={name}={path}" for name, path in presets.items()], *extra]
 
 
-def _rows(output):
-  files = sorted(m.path for m in FileSystems.match([f"{output}/embeddings-*.parquet"])[0].metadata_list)
-  tables = []
-  for f in files:
-    with FileSystems.open(f, compression_type="uncompressed") as handle:
-      tables.append(pq.read_table(pa.BufferReader(handle.read())))
-  table = pa.concat_tables(tables)
-  order = np.argsort(table.column("uri").to_pylist())
-  return [table.column("uri").to_pylist()[i] for i in order], embedding_matrix(table.column("embedding"))[order]
-
 
 @pytest.fixture(scope="module")
 def local_run(presets, tmp_path_factory):
@@ -125,7 +114,7 @@ def keras_hub_recipe(preset, vector, paths):
 
 
 def test_run_mixes_presets_and_a_registry_backbone_within_1e_4_of_keras_hub_recipe(local_run, presets):
-  uris, got = _rows(local_run)
+  uris, got = sorted_rows(local_run)
   assert uris == [str(p) for p in SAMPLES]
   layout = read_summary(str(local_run))["layout"]
   assert [b["dim"] for b in layout["backbones"]] == DIMS and got.shape[1] == sum(DIMS)
@@ -153,7 +142,7 @@ def test_run_mixes_presets_and_a_registry_backbone_within_1e_4_of_keras_hub_reci
 
 def _cli_slices(local_run, names):
   """uri -> the command line's vector for `names`, concatenated in that order."""
-  uris, rows = _rows(local_run)
+  uris, rows = sorted_rows(local_run)
   by_name = {b["name"]: b for b in read_summary(str(local_run))["layout"]["backbones"]}
   parts = [rows[:, by_name[n]["offset"]:by_name[n]["offset"] + by_name[n]["dim"]] for n in names]
   return dict(zip(uris, np.concatenate(parts, axis=1)))
@@ -217,9 +206,9 @@ def test_multi_process_run_with_presets_on_gcs_gives_the_same_rows(local_run, pr
           out.write(f.read_bytes())
     output = f"gs://{name}/runs/multi"
     assert run(_run_args(staged, output, "--direct_running_mode=multi_processing", "--direct_num_workers=2")) == 0
-    uris, rows = _rows(output)
+    uris, rows = sorted_rows(output)
     layout = read_summary(output)["layout"]
-  local_uris, local_rows = _rows(local_run)
+  local_uris, local_rows = sorted_rows(local_run)
   assert uris == local_uris
   np.testing.assert_allclose(rows, local_rows, rtol=1e-5, atol=1e-6)
   # Same files, same fingerprints: a gs:// copy of a preset is the same preset.

@@ -8,8 +8,6 @@ from unittest import mock
 
 import keras
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
@@ -19,10 +17,11 @@ from pipeline.launch import build_config
 from pipeline.main import run
 from pipeline.options import EmbedOptions, LaunchError
 from tests.gcs_emulator import gcs_emulator
+from tests.outputs import sorted_rows
 from tests.recipe import relative_l2
 from transforms import models
 from transforms.weights import RANDOM_SEED, WeightsSource, load_backbone
-from transforms.write import embedding_matrix, read_summary
+from transforms.write import read_summary
 
 # Keras's own TF-variable-to-numpy conversion, on numpy 2: noise from Keras, not from this code.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -76,16 +75,6 @@ def _run_args(keras_path, saved_model, output, *extra):
           "--model-output", "sm_map=feature_map;sm_emb=embedding", *extra]
 
 
-def _rows(output):
-  files = sorted(m.path for m in FileSystems.match([f"{output}/embeddings-*.parquet"])[0].metadata_list)
-  tables = []
-  for f in files:
-    with FileSystems.open(f, compression_type="uncompressed") as handle:
-      tables.append(pq.read_table(pa.BufferReader(handle.read())))
-  table = pa.concat_tables(tables)
-  order = np.argsort(table.column("uri").to_pylist())
-  return [table.column("uri").to_pylist()[i] for i in order], embedding_matrix(table.column("embedding"))[order]
-
 
 @pytest.fixture(scope="module")
 def local_run(model_files, tmp_path_factory):
@@ -111,7 +100,7 @@ def _recipe(model_files):
 
 
 def test_run_mixes_user_models_layers_and_registry_within_1e_4_of_the_recipe(local_run, model_files):
-  uris, got = _rows(local_run)
+  uris, got = sorted_rows(local_run)
   assert uris == [str(p) for p in SAMPLES]
   layout = read_summary(str(local_run))["layout"]
   assert [b["dim"] for b in layout["backbones"]] == DIMS and layout["dim"] == got.shape[1] == sum(DIMS)
@@ -145,9 +134,9 @@ def test_multi_process_run_on_gcs_gives_the_same_rows(local_run, model_files, tm
     args = _run_args(f"{bucket}/models/my_net.keras", f"{bucket}/models/my_net_sm", output,
                      "--direct_running_mode=multi_processing", "--direct_num_workers=2")
     assert run(args) == 0
-    uris, rows = _rows(output)
+    uris, rows = sorted_rows(output)
     layout = read_summary(output)["layout"]
-  local_uris, local_rows = _rows(local_run)
+  local_uris, local_rows = sorted_rows(local_run)
   assert uris == local_uris
   np.testing.assert_allclose(rows, local_rows, rtol=1e-5, atol=1e-6)
   # Same bytes, same fingerprints: a gs:// copy is the same model as the local file.
