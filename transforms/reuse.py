@@ -221,10 +221,3 @@ class FetchRows(beam.PTransform):
                | "ByFile" >> beam.GroupByKey()
                | "Read" >> beam.ParDo(_FetchDoFn(self._extra_fields)).with_outputs("errors", main="tables"))
     return fetched.tables, fetched.errors
-
-
-def count_rows(tables, label):
-  return (tables
-          | f"{label}Rows" >> beam.Map(lambda table: table.num_rows)
-          | f"Count{label}" >> beam.CombineGlobally(sum))
-
