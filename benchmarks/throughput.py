@@ -788,28 +788,33 @@ def orchestrate(args):
   _FASTEST_PROBE[0] = min(host_probe() for _ in range(5))
   runs = {m: {n: [] for n in sizes} for m in modes}
   for r in range(args.repeats):
-    for mode in modes:
-      for n in sizes if not mode.startswith("bare") else sizes[:1]:
-        out = os.path.join(work, f"{mode}-{n}-{r}")
-        os.makedirs(out, exist_ok=True)
-        probe = wait_for_quiet(args.wait_quiet)[1] if args.wait_quiet else host_probe()
-        child = run_child(command(mode, args, image_dirs[n], out), os.path.join(logs, f"{mode}-{n}-{r}"),
-                          args.timeout)
-        child["probe"] = (probe, host_probe())
-        if child["rc"] != 0:
-          raise SystemExit(f"{mode} at n={n} exited {child['rc']}; see {child['log']}.err")
-        child["result"] = _result_of(child)
-        child["out"] = out
-        runs[mode][n].append(child)
-        extra = ""
-        if mode.startswith("bare"):
-          extra = "; forward img/s " + "; ".join(
-              f"{name} " + ", ".join(f"{n / x:.1f}" for x in passes)
-              for name, passes in child["result"]["passes"].items())
-        print(f"  repeat {r + 1}/{args.repeats} {mode:>12} n={n:<5} {child['seconds']:7.2f} s "
-              f"({n / child['seconds']:6.1f} img/s whole), cpu {child['cpu']:6.1f} s, peak tree RSS "
-              f"{child['tree_rss'] / 2**20:5.0f} MiB, others {child['others'] / child['seconds']:.2f} cores, "
-              f"probe {child['probe'][0]:.0f}/{child['probe'][1]:.0f} ms{extra}", flush=True)
+    # The bare forward first, then the whole runs size by size, each size's modes back to back and
+    # in the other order every other repeat: a drift in this machine's speed (a shared VM's steal
+    # time) falls on both sides of each ratio alike, not on whichever mode always runs first.
+    whole = [m for m in modes if not m.startswith("bare")]
+    order = [(m, sizes[0]) for m in modes if m.startswith("bare")]
+    order += [(m, n) for n in sizes for m in (whole if r % 2 == 0 else whole[::-1])]
+    for mode, n in order:
+      out = os.path.join(work, f"{mode}-{n}-{r}")
+      os.makedirs(out, exist_ok=True)
+      probe = wait_for_quiet(args.wait_quiet)[1] if args.wait_quiet else host_probe()
+      child = run_child(command(mode, args, image_dirs[n], out), os.path.join(logs, f"{mode}-{n}-{r}"),
+                        args.timeout)
+      child["probe"] = (probe, host_probe())
+      if child["rc"] != 0:
+        raise SystemExit(f"{mode} at n={n} exited {child['rc']}; see {child['log']}.err")
+      child["result"] = _result_of(child)
+      child["out"] = out
+      runs[mode][n].append(child)
+      extra = ""
+      if mode.startswith("bare"):
+        extra = "; forward img/s " + "; ".join(
+            f"{name} " + ", ".join(f"{n / x:.1f}" for x in passes)
+            for name, passes in child["result"]["passes"].items())
+      print(f"  repeat {r + 1}/{args.repeats} {mode:>12} n={n:<5} {child['seconds']:7.2f} s "
+            f"({n / child['seconds']:6.1f} img/s whole), cpu {child['cpu']:6.1f} s, peak tree RSS "
+            f"{child['tree_rss'] / 2**20:5.0f} MiB, others {child['others'] / child['seconds']:.2f} cores, "
+            f"steal {child['steal']:.1f} s, probe {child['probe'][0]:.0f}/{child['probe'][1]:.0f} ms{extra}", flush=True)
 
   sink = None
   if "pipeline" in modes and not args.no_sink_profile:
