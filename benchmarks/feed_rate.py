@@ -95,7 +95,7 @@ def main(argv=None):
   os.makedirs(large)
   for i, path in enumerate(paths):
     os.symlink(path, os.path.join(small, f"{i:06d}.jpg"))
-    for k in range(4):
+    for k in range(0 if args.end_to_end else 4):  # the 4N folder only for the marginal rate's runs
       os.symlink(path, os.path.join(large, f"{k}-{i:06d}.jpg"))
   print(f"machine: {os.cpu_count()} cores; {args.backbone} at {args.size} px; N={args.n}, 4N={4 * args.n}; "
         f"best of {args.repeats}; pipeline options: {' '.join(extra) or '(defaults)'}")
