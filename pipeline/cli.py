@@ -5,6 +5,8 @@ makes a few hundred thousand long-lived objects, and the cyclic GC walks all of 
 full collection it triggers on the way (six, ~0.9 s in all, in a 1024-image local run), and once
 more at interpreter exit (~1.3 s). So the imports run with the GC paused, what they made is
 moved to the permanent generation (`gc.freeze`), and the heap is frozen again before exit.
+TensorFlow and Keras are imported where first needed (transforms/tensorflow_import.py), under
+the same pause and the capture below: a run that builds no model never imports them.
 `pipeline.main.run` itself, which tests and other programs call in-process, leaves the GC alone.
 
 Quiet: what a person sees is this program's own output. Without --verbose, Beam's "apitools not
@@ -17,6 +19,7 @@ replayed less those lines alone.
 """
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -25,6 +28,7 @@ import sys
 import tempfile
 
 import pipeline  # this module's own package, already imported: its USER_TF_LOG_LEVEL
+from transforms import tensorflow_import
 
 REPORT_COMMAND = "report"  # `embed-images report OUTPUT ...` (pipeline/report.py)
 VERBOSE_FLAG = "--verbose"  # taken out here: Beam and the job's own parser never see it
@@ -40,6 +44,12 @@ _FAILED_CUINIT = re.compile(r"E\d{4} .*\] failed call to cuInit: ")
 # What says there is no GPU here at all, so a failed cuInit tells nothing more.
 _NO_DRIVER = "Could not find cuda drivers on your machine"
 _NO_DEVICE = "CUDA_ERROR_NO_DEVICE"
+
+
+@contextlib.contextmanager
+def _first_tensorflow_import(quiet: bool):
+  with startup_without_gc(), tensorflow_noise_held_back() if quiet else contextlib.nullcontext():
+    yield
 
 
 @contextlib.contextmanager
@@ -125,14 +135,12 @@ def main(argv=None):
     os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
   with startup_without_gc():
     with contextlib.nullcontext() if verbose else without_apitools_warning():
-      from pipeline.main import EXIT_INTERRUPTED, info_request, run
-    known, _ = info_request(argv)
-    if not (known.list_backbones or known.help):
-      with tensorflow_noise_held_back() if quiet_tensorflow else contextlib.nullcontext():
-        import keras  # noqa: F401  (and TensorFlow: every job's launch checks and local worker need them)
-        import tensorflow as tf
-        # Looks for GPUs now, inside the capture: otherwise the first model build does, after it.
-        tf.config.list_physical_devices("GPU")
+      from pipeline.main import EXIT_INTERRUPTED, run
+  # TensorFlow is imported where something first needs it (transforms/tensorflow_import.py): at
+  # launch for a model that must be loaded to be checked, else on the local worker at the first
+  # batch to embed, else never (an unchanged refresh, --dry_run). That import is held back and
+  # GC-paused as these were.
+  tensorflow_import.on_first_import(functools.partial(_first_tensorflow_import, quiet_tensorflow))
   status = run(argv)
   if status in EXIT_INTERRUPTED.values():
     # Stopped by a signal: decode and worker processes are dead already, and a thread still in a

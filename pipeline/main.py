@@ -131,12 +131,13 @@ def restored_process_state():
   run in the same process (a library user, a test session) is configured only by its options.
   Keras's dtype policy is restored by FusedModel itself, right after the build."""
   tf = sys.modules.get("tensorflow")
-  tf32 = tf.config.experimental.tensor_float_32_execution_enabled() if tf else None
+  # Not imported yet (it is imported where first needed): TensorFlow's own default, on.
+  tf32 = tf.config.experimental.tensor_float_32_execution_enabled() if tf else True
   try:
     yield
   finally:
     tf = sys.modules.get("tensorflow")
-    if tf is not None and tf32 is not None:
+    if tf is not None:
       tf.config.experimental.enable_tensor_float_32_execution(tf32)
 
 

@@ -4,6 +4,8 @@ import dataclasses
 import functools
 import threading
 
+from transforms.tensorflow_import import load_tensorflow
+
 
 @dataclasses.dataclass(frozen=True)
 class Backbone:
@@ -104,6 +106,7 @@ def _divide(x, divisor):
 
 def build_backbone(name: str, size: int, pooling: str, weights):
   """keras.applications' own model, headless and pooled; `weights` is "imagenet" or None."""
+  load_tensorflow()
   import keras
   backbone = get_backbone(name)
   if size < backbone.min_size:

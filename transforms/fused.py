@@ -8,6 +8,7 @@ import numpy as np
 from transforms import hub, model_cache
 from transforms.backbones import preprocess
 from transforms.models import load_features
+from transforms.tensorflow_import import load_tensorflow
 
 _LOG = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class FusedModel:
 
   def __init__(self, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none",
                freeze=True):
-    import tensorflow as tf
+    tf = load_tensorflow()
     configure_tensorflow(allow_tf32)
     self.backbones = tuple(backbones)
     is_hub = [hub.is_hub(b) for b in self.backbones]

@@ -16,6 +16,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.decode import FULL
+from transforms.tensorflow_import import load_tensorflow
 from transforms.weights import BackboneSpec, WeightsSource
 
 _LOG = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def format_families() -> str:
 
 def keras_hub():
   """The keras_hub module; ValueError saying what to install where it is missing."""
+  load_tensorflow()
   try:
     import keras_hub as module
   except ImportError:

@@ -32,6 +32,7 @@ from apache_beam.io.filesystem import FileSystem
 from apache_beam.io.filesystems import FileSystems
 
 from transforms import read  # its client, and the store's retry policy installed
+from transforms.item import by_position
 
 _GCS = "gs://"
 PAGE_SIZE = 1000  # GCS's most per list request
@@ -51,6 +52,10 @@ class Listed:
 
   def as_row(self) -> dict:
     return dataclasses.asdict(self)
+
+  def __reduce__(self):
+    # One of these rides with every object through the listing and the reuse join.
+    return by_position(self)
 
 
 LISTING_TYPE = pa.struct([

@@ -17,6 +17,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms import hub
 from transforms.backbones import build_backbone
+from transforms.tensorflow_import import load_tensorflow
 from transforms.weights import BackboneSpec, WeightsSource, load_backbone
 
 KERAS, SAVED_MODEL = "keras", "saved_model"
@@ -118,6 +119,7 @@ def import_modules(modules) -> None:
 
 def load_keras(path: str, uri: str, safe_mode=True, modules=()):
   """keras.models.load_model with safe_mode on unless asked; its failures as one line naming the cause."""
+  load_tensorflow()
   import keras
   import_modules(modules)
   try:
@@ -234,7 +236,7 @@ def endpoint_input(fn):
 
 def open_saved_model(path: str, uri: str, endpoint: Optional[str] = None):
   """The SavedModel's endpoint as a Keras layer: `endpoint`, else serve, else serving_default."""
-  import tensorflow as tf
+  tf = load_tensorflow()
   if endpoint is None:
     loaded = tf.saved_model.load(path)
     found = [e for e in ENDPOINTS if hasattr(loaded, e) or e in loaded.signatures]

@@ -8,6 +8,7 @@ import threading
 import numpy as np
 
 from transforms import fused, hub, model_cache
+from transforms.tensorflow_import import load_tensorflow
 
 _LOG = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def openvino_version():
 
 
 def has_gpu() -> bool:
-  import tensorflow as tf
+  tf = load_tensorflow()
   return bool(tf.config.list_physical_devices("GPU"))
 
 

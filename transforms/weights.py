@@ -13,6 +13,7 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from transforms.backbones import build_backbone, get_backbone, keras_weights_filename
+from transforms.write import installed_version
 
 RANDOM_SEED = 1234
 _CHUNK_BYTES = 8 << 20
@@ -61,8 +62,7 @@ def resolve_weights(spec: str, name: str, size: int) -> WeightsSource:
   if spec == "imagenet":
     return WeightsSource("imagenet", None, f"imagenet:{keras_weights_filename(name, size)}")
   if spec == "random":
-    import keras
-    return WeightsSource("random", None, f"random:seed={RANDOM_SEED}:keras={keras.__version__}")
+    return WeightsSource("random", None, f"random:seed={RANDOM_SEED}:keras={installed_version('keras')}")
   if not _is_directory(spec):
     raise ValueError(
         f"`weights` must be imagenet, random or an existing directory (local or gs://); received: {spec!r}")

@@ -179,26 +179,35 @@ class ParquetTableSink(filebasedsink.FileBasedSink):
 def package_versions() -> dict:
   """Versions of what makes a vector, in this process: recorded at launch and by each worker."""
   import apache_beam
-  import keras
   import PIL
   import pyarrow
   versions = {
       "python": sys.version.split()[0],
       "apache_beam": apache_beam.__version__,
-      "keras": keras.__version__,
+      "keras": installed_version("keras"),
       "pillow": PIL.__version__,
       "pyarrow": pyarrow.__version__,
   }
-  try:
-    import tensorflow as tf
-    versions["tensorflow"] = tf.__version__
-  except ImportError:
-    pass
-  try:  # the distribution's metadata: importing openvino would cost every run ~0.2 s
-    versions["openvino"] = importlib.metadata.version("openvino")
-  except importlib.metadata.PackageNotFoundError:
-    pass
+  # The distributions' metadata: importing TensorFlow (4-6 s) or OpenVINO (~0.2 s) here would cost
+  # every launch that, an unchanged refresh, never needs either.
+  for key, names in (("tensorflow", TENSORFLOW_DISTRIBUTIONS), ("openvino", ("openvino",))):
+    version = installed_version(*names)
+    if version is not None:
+      versions[key] = version
   return versions
+
+
+TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-intel", "tensorflow-macos", "tf-nightly")
+
+
+def installed_version(*distributions):
+  """The version of the first of `distributions` installed (its metadata; nothing imported), else None."""
+  for name in distributions:
+    try:
+      return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+  return None
 
 
 def summarize(matched, embedded, failures, files, *, layout, inputs, output, started_at, max_failure_fraction,

@@ -1,0 +1,40 @@
+"""TensorFlow and Keras, imported at their first use, not at start-up.
+
+A run that needs no model (an unchanged refresh, a resume with nothing left, `--dry_run`) never
+pays TensorFlow's import (4-6 s here); one that does pays it where the model is first built, on the
+worker, while the decode processes already decode the first images.
+
+    from transforms.tensorflow_import import load_tensorflow
+    tf = load_tensorflow()  # imports TensorFlow and Keras once, looks for GPUs
+
+The command line (pipeline/cli.py) sets `on_first_import`: a context manager the first import runs
+under, which holds TensorFlow's start-up lines back and pauses the cyclic GC. Code that imports
+TensorFlow itself before this is called gets it without that wrapper: nothing breaks, the lines are
+only not held back.
+"""
+
+import contextlib
+import threading
+
+_first_import = [contextlib.nullcontext]
+_lock = threading.Lock()
+_loaded = []
+
+
+def on_first_import(wrapper) -> None:
+  """`wrapper()`: the context manager TensorFlow's first import runs under (None: none)."""
+  _first_import[0] = wrapper or contextlib.nullcontext
+
+
+def load_tensorflow():
+  """TensorFlow, with Keras imported and the GPUs looked for (once per process); returns `tensorflow`."""
+  if not _loaded:
+    with _lock:
+      if not _loaded:
+        with _first_import[0]():
+          import keras  # noqa: F401
+          import tensorflow as tf
+          # Inside the wrapper: otherwise the first model build looks for GPUs, and prints, after it.
+          tf.config.list_physical_devices("GPU")
+        _loaded.append(tf)
+  return _loaded[0]
