@@ -9,11 +9,12 @@ place); one that can't be read is removed and made again.
 """
 
 import hashlib
-import importlib.metadata
 import logging
 import os
 import shutil
 import tempfile
+
+from transforms.write import installed_version
 
 _LOG = logging.getLogger(__name__)
 
@@ -32,13 +33,8 @@ def cache_root():
 
 def model_key(engine: str, *parts) -> str:
   """`engine`-HASH of `parts` (repr'd: BackboneSpecs and plain values) and the package versions."""
-  versions = []
-  for package in _VERSIONED:
-    try:
-      versions.append(importlib.metadata.version(package))
-    except importlib.metadata.PackageNotFoundError:
-      versions.append(None)
-  text = repr((_FORMAT, engine, parts, tuple(versions)))
+  versions = tuple(installed_version(package) for package in _VERSIONED)
+  text = repr((_FORMAT, engine, parts, versions))
   return f"{engine}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
 
