@@ -86,3 +86,34 @@ def test_keys_name_the_engine_and_change_with_what_the_model_is_made_of():
               model_cache.model_key("tensorflow", (_spec("mobilenet_v2", 40),), "avg")}) == 4
   weights = dataclasses.replace(specs[0].weights, fingerprint="sha256:" + "0" * 64)
   assert model_cache.model_key("tensorflow", (dataclasses.replace(specs[0], weights=weights),), "avg") != key
+
+
+def test_keys_change_with_the_tensorflow_distribution_installed_whatever_its_name(monkeypatch):
+  # tensorflow-cpu (as on this machine and CPU workers) is TensorFlow too: its upgrade is a new key.
+  from transforms import write
+  specs = (_spec("mobilenet_v2", 32),)
+  installed = {"tensorflow-cpu": "2.20.0", "keras": "3.12.0"}
+  monkeypatch.setattr(model_cache, "installed_version",
+                      lambda *names: next((installed[n] for n in names if n in installed), None))
+  key = model_cache.model_key("tensorflow", specs, "avg")
+  installed["tensorflow-cpu"] = "2.21.0"
+  assert model_cache.model_key("tensorflow", specs, "avg") != key
+  assert "tensorflow-cpu" in write.TENSORFLOW_DISTRIBUTIONS
+
+
+def test_keras_weights_file_name_is_learned_once_then_known_without_tensorflow(cache_dir):
+  # A nightly --weights imagenet launch: the first process derives the name from Keras (importing
+  # TensorFlow); the next finds it in the cache and imports no TensorFlow at all.
+  import json
+  import subprocess
+  import sys
+  code = ("import json, sys\nfrom transforms.weights import resolve_weights\n"
+          "source = resolve_weights('imagenet', 'mobilenet_v2', 96)\n"
+          "print(json.dumps([source.fingerprint, 'tensorflow' in sys.modules]))\n")
+  env = dict(os.environ, **{model_cache.CACHE_ENV: str(cache_dir)})
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  runs = [json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    cwd=repo, env=env, timeout=300).stdout.strip().splitlines()[-1])
+          for _ in range(2)]
+  want = "imagenet:mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_96_no_top.h5"
+  assert runs == [[want, True], [want, False]]

@@ -266,3 +266,20 @@ def test_reads_down_after_the_listing_stop_the_run_and_resume_goes_on(bucket, cl
   np.testing.assert_allclose(vectors, clean_vectors, rtol=1e-5, atol=1e-6)
   print(f"\nreads down after 8: resumed {summary['counts'].get('resumed', 0)}, "
         f"{proxy.counts['read']} reads on --resume")
+
+
+def test_opening_a_file_for_reading_retries_its_metadata_under_the_deadline(bucket, monkeypatch):
+  # Beam's reader (the previous run's Parquet, checkpoints) reloads the object's metadata first,
+  # with google's default retry (120 s) unless transforms/store.py hands it ours.
+  from transforms import read  # noqa: F401  (installs the policy in this process, as every worker does)
+  proxy, uris = bucket
+  monkeypatch.setattr(store, "OUTAGE", store.Outage(seconds=2))
+  proxy.reset_counts()
+  proxy.down(kind="metadata", status=503)
+  try:
+    with pytest.raises(store.StoreUnavailable, match="last status: 503"):
+      FileSystems.open(uris[0], compression_type="uncompressed")
+  finally:
+    proxy.up()
+  assert 1 < proxy.counts["metadata"] <= 12, dict(proxy.counts)  # retried, then given up at the deadline
+  assert _get(uris[0]) == noise_jpeg(0)  # the store back: the same call reads again

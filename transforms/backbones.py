@@ -129,10 +129,18 @@ def keras_weights_filename(name: str, size: int) -> str:
   """The file name Keras's get_file fetches for this backbone's no-top ImageNet weights at `size`.
 
   Taken from Keras itself rather than restated: the constructor is run with weights="imagenet"
-  and stopped at its get_file call. That costs one model build (about a second; several for the
-  largest), so the answer is cached. MobileNet V1/V2 name a file per input size (and fall
+  and stopped at its get_file call. That costs a TensorFlow import and one model build (seconds),
+  so the answer is kept, in this process and in the model cache (transforms/model_cache.py, keyed
+  by the Keras and TensorFlow versions): a nightly `--weights imagenet` refresh that reuses every
+  row launches without importing TensorFlow. MobileNet V1/V2 name a file per input size (and fall
   back to the 224 file for sizes without one); the other families use one file for all sizes.
   """
+  from transforms import model_cache
+  return model_cache.remembered(model_cache.model_key("keras-weights-file", name, size),
+                                lambda: _derive_weights_filename(name, size))
+
+
+def _derive_weights_filename(name: str, size: int) -> str:
   from keras.src.utils import file_utils
 
   def stop_at_get_file(fname, *args, **kwargs):

@@ -1,6 +1,8 @@
 """The item: one input on its way from a listing to a row, with what is known of it so far."""
 
 import dataclasses
+import functools
+import operator
 from typing import Any, Optional
 
 
@@ -64,12 +66,27 @@ class Item:
 def by_position(instance):
   """A dataclass's __reduce__: pickled (Beam's coder for values it has no other coder for) as its
   class and its values by position, less the field names and the trailing values left at their
-  defaults; a third the bytes of pickle's default for an Item with a listing."""
-  fields = dataclasses.fields(instance)
-  values = [getattr(instance, f.name) for f in fields]
-  while len(values) > 1 and values[-1] == _default(fields[len(values) - 1]):
-    values.pop()
-  return type(instance), tuple(values)
+  defaults; a third the bytes of pickle's default for an Item with a listing.
+
+  Called for every element at every stage boundary of the local runner (an unchanged refresh of
+  30,720 objects pickles ~280,000 Items and Listeds): the fields and defaults are looked up once
+  per class, and the values taken by one C-level attrgetter."""
+  get, defaults = _positions(type(instance))
+  values = get(instance)
+  n = len(values)
+  while n > 1 and values[n - 1] == defaults[n - 1]:
+    n -= 1
+  return type(instance), values[:n]
+
+
+@functools.lru_cache(maxsize=None)
+def _positions(cls):
+  """(attrgetter of every field, in order, giving a tuple; each field's default value)."""
+  fields = dataclasses.fields(cls)
+  names = [f.name for f in fields]
+  # attrgetter of one name returns the value, not a 1-tuple
+  get = operator.attrgetter(*names) if len(names) > 1 else (lambda obj, name=names[0]: (getattr(obj, name),))
+  return get, tuple(_default(f) for f in fields)
 
 
 def _default(field):

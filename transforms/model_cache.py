@@ -9,18 +9,21 @@ place); one that can't be read is removed and made again.
 """
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 
-from transforms.write import installed_version
+from transforms.write import TENSORFLOW_DISTRIBUTIONS, installed_version
 
 _LOG = logging.getLogger(__name__)
 
 CACHE_ENV = "EMBED_IMAGES_MODEL_CACHE"  # a directory; "" or "off": no cache
 _FORMAT = 1  # bump when what is saved, or how, changes
-_VERSIONED = ("tensorflow", "keras", "openvino")
+# Each package by the distributions that install it: tensorflow-cpu is TensorFlow too, and an
+# upgrade of it must not find the old graph.
+_VERSIONED = (TENSORFLOW_DISTRIBUTIONS, ("keras",), ("openvino",))
 
 
 def cache_root():
@@ -33,7 +36,7 @@ def cache_root():
 
 def model_key(engine: str, *parts) -> str:
   """`engine`-HASH of `parts` (repr'd: BackboneSpecs and plain values) and the package versions."""
-  versions = tuple(installed_version(package) for package in _VERSIONED)
+  versions = tuple(installed_version(*distributions) for distributions in _VERSIONED)
   text = repr((_FORMAT, engine, parts, versions))
   return f"{engine}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
@@ -74,3 +77,23 @@ def write(key: str, save):
   finally:
     if staging is not None:
       shutil.rmtree(staging, ignore_errors=True)
+
+
+def remembered(key: str, compute):
+  """compute()'s JSON value, computed once per machine and kept under `key` (a `model_key`): what
+  costs a TensorFlow import to learn (Keras's weights file name) need not cost every launch one."""
+  value = read(key, _read_json)
+  if value is None:
+    value = compute()
+    write(key, lambda directory: _write_json(directory, value))
+  return value
+
+
+def _read_json(directory):
+  with open(os.path.join(directory, "value.json")) as f:
+    return json.load(f)["value"]
+
+
+def _write_json(directory, value):
+  with open(os.path.join(directory, "value.json"), "w") as f:
+    json.dump({"value": value}, f)

@@ -190,3 +190,24 @@ def install():
   # Beam's own choice is google's DEFAULT_RETRY with its 429 counter, which ours keeps (on_error).
   _installed.append(gcsio_retry.get_retry)
   gcsio_retry.get_retry = lambda pipeline_options: retry()
+  _reload_under_the_deadline()
+
+
+def _reload_under_the_deadline():
+  """Beam's BeamBlobReader (every FileSystems.open of a gs:// file for reading: the previous run's
+  Parquet, checkpoints) reloads the object's metadata with `blob.reload()`, google's default retry:
+  up to 120 s a call, outside the outage deadline. Here that reload takes the reader's own retry,
+  which `get_retry` above made ours."""
+  from apache_beam.io.gcp import gcsio
+  reader = gcsio.BeamBlobReader
+  original = reader.__init__
+
+  @functools.wraps(original)
+  def __init__(self, blob, *args, **kwargs):
+    given = kwargs.get("retry", args[2] if len(args) > 2 else None)  # (chunk_size, metric, retry, ...)
+    blob.reload = functools.partial(blob.reload, retry=given or retry())
+    try:
+      original(self, blob, *args, **kwargs)
+    finally:
+      del blob.reload  # the instance's: Blob.reload again
+  reader.__init__ = __init__
