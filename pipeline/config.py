@@ -43,6 +43,8 @@ class RunConfig:
   dedupe: bool = False
   previous: Optional[str] = None  # set only when the previous run's rows are valid for this one
   previous_verify: bool = False  # re-read every object instead of trusting an unchanged listing
+  # --previous's rows hold this run's extra columns: an unchanged shard's images reuse theirs, unread
+  previous_shard_columns: bool = False
   refresh: Optional[dict] = None  # what happened to --previous, and why; goes into _SUCCESS.json
   layout: Optional[dict] = None  # computed once at launch (model_layout); carried by value to workers
   checkpoint_every: float = 0.0  # seconds; 0: no checkpoints (the command line's default is 30)

@@ -15,7 +15,7 @@ from transforms.manifest import ReadManifest, label_item
 from transforms.progress import CountProgress
 from transforms import reuse
 from transforms.listing import ListInputs
-from transforms.refresh import previous_files
+from transforms.refresh import previous_error_files, previous_files
 from transforms import shards
 from transforms.shards import ExpandShards, shard_format
 from transforms.write import (ERRORS_SCHEMA, REUSED_PREFIX, ParquetTableSink, embeddings_schema, errors_to_table,
@@ -155,17 +155,24 @@ def input_items(p, config):
   return items
 
 
-def _with_members(items, index):
+def _with_members(items, index, p, config, trust_previous):
   """Shard items with `members` set to their images' Refs (uri `SHARD#KEY`), from `index` ((uri, Ref)
   of committed rows), joined by the shard's path: references, never images, travel with a shard
-  into the embed stage."""
+  into the embed stage. A shard --previous shows unchanged is not read (reuse.attach_members):
+  (items, its rows' (file, Use)s, its (shard, found, seen) counts)."""
   files, shard_items = items | "FilesOrShards" >> beam.Partition(lambda item, n: int(bool(item.shard_format)), 2)
   by_shard = index | "RefsByShard" >> beam.FlatMap(
       lambda entry: [(entry[0].rpartition("#")[0], entry)] if "#" in entry[0] else [])
-  joined = ({"shards": shard_items | "KeyShard" >> beam.Map(lambda item: (item.uri, item)), "refs": by_shard}
+  groups = {"shards": shard_items | "KeyShard" >> beam.Map(lambda item: (item.uri, item)), "refs": by_shard}
+  trusted = trust_previous and bool(config.previous) and config.previous_shard_columns
+  if trusted:
+    groups["damaged"] = (p | "PreviousErrorFiles" >> beam.Create(previous_error_files(config.previous))
+                         | "PreviousErrors" >> beam.FlatMap(reuse.error_uris))
+  joined = (groups
             | "JoinMembers" >> beam.CoGroupByKey()
-            | "AttachMembers" >> beam.FlatMap(reuse.attach_members))
-  return (files, joined) | "FilesAndShards" >> beam.Flatten()
+            | "AttachMembers" >> beam.FlatMap(reuse.attach_members, trusted).with_outputs(
+                "reused", "shard_count", main="items"))
+  return (files, joined.items) | "FilesAndShards" >> beam.Flatten(), joined.reused, joined.shard_count
 
 
 def _split_parquet(item, rows_per_part):
@@ -225,7 +232,8 @@ def build_graph(p: beam.Pipeline, config):
                | "Decide" >> beam.FlatMap(reuse.decide, trust_resume, trust_previous)
                .with_outputs("reused", "gone", main="items"))
     items, reused_unread = decided.items, decided.reused
-    items = _with_members(items, index)
+    items, shards_unread, unread_counts = _with_members(items, index, p, config, trust_previous)
+    reused_unread = (reused_unread, shards_unread) | "ReusedUnread" >> beam.Flatten()
   if config.previous:
     # A shard's images have no item of their own: those of shards still matched are counted against
     # what the shard's reader finds (below); those of shards gone are removed.
@@ -255,6 +263,8 @@ def build_graph(p: beam.Pipeline, config):
             | "AllErrors" >> beam.Flatten())
   workers = results["worker_stats"] | "WorkerStats" >> beam.combiners.ToList()
   shard_counts = results["shard_count"]
+  if committed:  # the shards left unread, counted as their reader would have
+    shard_counts = (shard_counts, unread_counts) | "WithUnreadShards" >> beam.Flatten()
   matched = ((matched_files, shard_counts | "FoundInShards" >> beam.MapTuple(lambda _, found, seen: found))
              | "FilesAndShardImages" >> beam.Flatten()
              | "CountAllMatched" >> beam.CombineGlobally(sum))

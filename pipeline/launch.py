@@ -360,7 +360,8 @@ def _with_previous(config, previous, ignore_bad):
   if reason:
     logging.warning("--previous %s: %s; re-embedding everything", previous, reason)
     return dataclasses.replace(config, refresh={"previous": previous, "reused": False, "reason": reason})
-  return dataclasses.replace(config, previous=previous,
+  shard_columns = bool(config.shard_layouts) and refresh.kept_columns(previous, config.extra_fields)
+  return dataclasses.replace(config, previous=previous, previous_shard_columns=shard_columns,
                              refresh={"previous": previous, "reused": True, "reason": "same model"})
 
 

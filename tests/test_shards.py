@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import pathlib
 import shutil
 import tarfile
@@ -367,7 +368,9 @@ def test_resume_reuses_the_committed_rows_of_shard_images(dataset, mixed_run, tm
   marked = pa.array([[0.5] * len(v) for v in committed.column("embedding").to_pylist()],
                     committed.schema.field("embedding").type)
   committed = committed.set_column(committed.schema.get_field_index("embedding"), "embedding", marked)
-  assert committed.column("listing").null_count == len(wanted)  # a shard's image has no listing of its own
+  # A shard's image records its shard's listing (what lets a refresh leave an unchanged shard unread).
+  sizes = {row["uri"]: row["listing"]["size"] for row in committed.select(["uri", "listing"]).to_pylist()}
+  assert sizes == {uri: os.path.getsize(uri.rpartition("#")[0]) for uri in wanted}
   out = tmp_path / "out"
   checkpoint.write_layout(str(out), summary["layout"])
   pq.write_table(committed, out / "_checkpoints" / "embeddings-x-y-000000.parquet")
@@ -426,6 +429,62 @@ def test_images_gone_from_a_shard_are_counted_removed(tmp_path):
   assert sorted(embeddings.column("uri").to_pylist()) == [f"{shard}#0000", f"{shard}#0002", f"{shard}#0009"]
   rows = {row["uri"]: row["txt"] for row in embeddings.to_pylist()}
   assert rows[f"{shard}#0000"] == "a"  # a carried row takes this run's columns
+
+
+def _same_listing_other_bytes(path):
+  """Overwrites `path`'s contents with zeros and puts its mtime back: its listing (size, mtime_ns) is
+  unchanged, so only a run that reads it can tell. A Parquet shard keeps its footer (the launch
+  reads its schema) and loses its pages."""
+  before = os.stat(path)
+  data = path.read_bytes()
+  keep = 8 + int.from_bytes(data[-8:-4], "little") if path.suffix == ".parquet" else 0
+  path.write_bytes(data[:4] + b"\0" * (len(data) - 4 - keep) + data[len(data) - keep:] if keep else b"\0" * len(data))
+  os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def test_a_refresh_leaves_a_shard_whose_listing_is_unchanged_unread(tmp_path):
+  # The launch reads the first shard of each format for its columns (pipeline/launch.py:
+  # shard_layouts): 00000.tar stays whole for that; 00001.tar and the Parquet shard's pages go.
+  folder = tmp_path / "in"
+  folder.mkdir()
+  first, tar, parquet = folder / "00000.tar", folder / "00001.tar", folder / "00002.parquet"
+  write_webdataset(first, [("0000", {"jpg": jpeg(NAMES[5]), "txt": b"first"})])
+  write_webdataset(tar, [(f"{i:04d}", {"jpg": jpeg(name), "txt": name.encode()}) for i, name in enumerate(NAMES[:3])])
+  pq.write_table(pa.table({"image": pa.array([jpeg(n) for n in NAMES[3:5]], pa.binary()), "n": [3, 4]}), parquet)
+  inputs = [f"{folder}/*.tar", str(parquet)]
+  day1, _, _ = embed(inputs, tmp_path / "day1")
+  assert day1.num_rows == 6
+  for path in (tar, parquet):
+    _same_listing_other_bytes(path)
+
+  day2, errors, summary = embed(inputs, tmp_path / "day2", "--previous", str(tmp_path / "day1"))
+  counts = summary["counts"]
+  assert (counts["matched"], counts["carried_over"], counts["embedded"], counts["removed"], counts["failed"]) == (
+      6, 6, 0, 0, 0)
+  assert errors.num_rows == 0
+  # The rows as day 1 made them, columns from the shards included: nothing was read.
+  assert day2.sort_by("uri").drop(["listing"]).equals(day1.sort_by("uri").drop(["listing"]))
+  assert day2.sort_by("uri").column("listing").equals(day1.sort_by("uri").column("listing"))
+
+  # Reading them (--previous-verify) finds what is there now: the whole shard's image reused by its
+  # digest, a tar of zeros (an empty archive), Parquet pages that can't be read (one error row for the
+  # shard): 3 + 2 images no longer found in them.
+  _, errors, summary = embed(inputs, tmp_path / "verify", "--previous", str(tmp_path / "day1"), "--previous-verify")
+  assert (summary["counts"]["carried_over"], summary["counts"]["removed"]) == (1, 5)
+  assert {uri.rpartition("#")[0] or uri for uri in errors.column("uri").to_pylist()} == {str(parquet)}
+
+
+def test_a_shard_with_a_failed_image_last_time_is_read_again(tmp_path):
+  shard = tmp_path / "in" / "00000.tar"
+  shard.parent.mkdir()
+  write_webdataset(shard, [("0000", {"jpg": jpeg(NAMES[0])}), ("0001", {"jpg": GARBAGE}), ("0002", {"jpg": jpeg(NAMES[1])})])
+  embed([str(shard)], tmp_path / "day1")
+  # Unchanged: the failed image is retried, as a loose file that failed is, so the shard is read;
+  # the others reuse their rows by digest.
+  _, errors, summary = embed([str(shard)], tmp_path / "day2", "--previous", str(tmp_path / "day1"))
+  counts = summary["counts"]
+  assert (counts["matched"], counts["carried_over"], counts["embedded"], counts["failed"]) == (3, 2, 0, 1)
+  assert errors.column("uri").to_pylist() == [f"{shard}#0001"]
 
 
 def test_a_parquet_shard_of_many_row_groups_is_read_in_slices(tmp_path):

@@ -68,3 +68,20 @@ def previous_files(previous: str) -> list:
   """(path, kind) of the previous run's embeddings files, for reuse.CommittedIndex: listed once, at launch."""
   from transforms import reuse
   return sorted((m.path, reuse.ROW) for m in FileSystems.match([previous_embeddings(previous)])[0].metadata_list)
+
+
+def previous_error_files(previous: str) -> list:
+  """The previous run's errors files: a shard with an error row in them is read again."""
+  return sorted(m.path for m in FileSystems.match([FileSystems.join(previous, "errors-*.parquet")])[0].metadata_list)
+
+
+def kept_columns(previous: str, extra_fields) -> bool:
+  """Whether the previous run's rows hold every extra column this run writes, of the same type:
+  then an unchanged shard's images take their columns from those rows, unread."""
+  import pyarrow.parquet as pq
+  files = FileSystems.match([previous_embeddings(previous)])[0].metadata_list
+  if not files:
+    return False
+  with FileSystems.open(files[0].path, compression_type="uncompressed") as handle:
+    schema = pq.read_schema(handle)
+  return all(f.name in schema.names and schema.field(f.name).type == f.type for f in extra_fields)

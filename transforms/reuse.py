@@ -45,7 +45,8 @@ class Ref(NamedTuple):
 
 
 class Use(NamedTuple):
-  """A committed row reused for one uri of this run, with this run's columns and listing."""
+  """A committed row reused for one uri of this run, with this run's columns and listing (`columns`
+  None: the committed row's own, for an image of a shard left unread)."""
   row: int
   kind: str
   source: str
@@ -136,17 +137,48 @@ def reused_by(item, sha256) -> Optional[Ref]:
   return next((ref for ref in item.reuse if ref.sha256 == sha256), None)
 
 
-def attach_members(joined):
-  """CoGroupByKey {"shards", "refs"} by shard path -> shard items with `members`: their images'
-  Refs by uri, an interrupted run's first."""
+def attach_members(joined, trust_previous=False):
+  """CoGroupByKey {"shards", "refs", "damaged"} by shard path -> shard items with `members`: their
+  images' Refs by uri, an interrupted run's first.
+
+  With `trust_previous`, a shard whose listing is the one every --previous row of its images
+  recorded, with no error row of it in --previous and no row of it in an interrupted run, is not
+  read at all: each of those rows is reused (a "reused" (file, Use) whose columns come from the
+  committed row), and its images are counted ("shard_count": shard, found, seen), as the shard's
+  reader would have. An unchanged shard holds the same images, and the previous run made a row
+  for each of them (an image that failed has an error row, which keeps the shard read)."""
   _, groups = joined
   by_uri = {}
   for uri, ref in groups["refs"]:
     by_uri.setdefault(uri, []).append(ref)
   members = {uri: tuple(ref for source, ref in sorted(_ordered(refs).items(), key=lambda kv: kv[0] != RESUME))
              for uri, refs in by_uri.items()}
+  damaged = any(True for _ in groups.get("damaged", ()))
   for item in groups["shards"]:
+    if trust_previous and not damaged and _unchanged_shard(item, members):
+      for uri, refs in members.items():
+        yield beam.pvalue.TaggedOutput("reused", (refs[0].path, Use(refs[0].row, ROW, PREVIOUS, uri, None, item.listed)))
+      yield beam.pvalue.TaggedOutput("shard_count", (item.uri, len(members), len(members)))
+      continue
     yield item.replace(members=members) if members else item
+
+
+def _unchanged_shard(item, members) -> bool:
+  """Whether every image of the shard has a --previous row made from this very listing of it."""
+  if item.listed is None or not members or item.row_groups is not None:
+    return False
+  return all(len(refs) == 1 and refs[0].source == PREVIOUS and refs[0].kind == ROW
+             and same_object(refs[0].listed, item.listed) for refs in members.values())
+
+
+def error_uris(path):
+  """(shard path, uri) of each error row of one --previous errors file: a shard with one is read again
+  (its failed images are retried, as loose files that failed are)."""
+  with _open(path) as handle:
+    parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
+    for batch in parquet.iter_batches(batch_size=8192, columns=["uri"]):
+      for uri in batch.column("uri").to_pylist():
+        yield (uri.rpartition("#")[0] or uri), uri
 
 
 # --- reading reused rows back ------------------------------------------------------
@@ -165,14 +197,23 @@ def _row_groups(parquet, rows):
 
 
 def reused_table(taken: pa.Table, uses, extra_fields) -> pa.Table:
-  """Output rows for `uses` from the committed rows `taken` (sha256, width, height, embedding), in order."""
+  """Output rows for `uses` from the committed rows `taken` (sha256, width, height, embedding, and
+  the extra columns where a Use has no columns of its own: an unread shard's image), in order."""
   embedding = taken.column("embedding").combine_chunks()
   schema = embeddings_schema(embedding.type.list_size, extra_fields=extra_fields, listing=True)
   arrays = [pa.array([u.uri for u in uses], pa.string()), taken.column("sha256"), taken.column("width"),
             taken.column("height"), embedding,
-            *[pa.array([u.columns.get(f.name) for u in uses], f.type) for f in extra_fields],
+            *[_extra_column(taken, uses, f) for f in extra_fields],
             listing_array([u.listed for u in uses])]
   return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _extra_column(taken, uses, field):
+  if all(u.columns is not None for u in uses):
+    return pa.array([u.columns.get(field.name) for u in uses], field.type)
+  committed = taken.column(field.name).to_pylist()
+  return pa.array([committed[i] if u.columns is None else u.columns.get(field.name) for i, u in enumerate(uses)],
+                  field.type)
 
 
 class _FetchDoFn(beam.DoFn):
@@ -186,6 +227,8 @@ class _FetchDoFn(beam.DoFn):
     uses = sorted(uses, key=lambda u: u.row)
     kind = uses[0].kind
     columns = ["sha256", "width", "height", "embedding"] if kind == ROW else ["stage", "error_type", "message"]
+    if kind == ROW and any(u.columns is None for u in uses):  # an unread shard's images: their own columns
+      columns += [f.name for f in self._extra_fields]
     with _open(path) as handle:
       parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
       wanted = _row_groups(parquet, [u.row for u in uses])

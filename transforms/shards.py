@@ -480,7 +480,8 @@ class ExpandShards(beam.DoFn):
       previous_seen += any(ref.source == "previous" for ref in item.members.get(uri, ()))
       if uri in item.skip_members:  # --dedupe: another input with the same bytes makes its row
         continue
-      image = Item(uri, columns=columns, duplicates=item.member_duplicates.get(uri, ()),
+      # With the shard's listing: its row records it, and the next --previous may leave the shard unread.
+      image = Item(uri, columns=columns, listed=item.listed, duplicates=item.member_duplicates.get(uri, ()),
                    reuse=item.members.get(uri, ()))
       if member.error is not None:
         yield beam.pvalue.TaggedOutput(self.ERRORS_TAG, (image, ImageError.from_row(member.error)))
