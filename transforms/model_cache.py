@@ -41,6 +41,12 @@ def model_key(engine: str, *parts) -> str:
   return f"{engine}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
 
+def holds(key: str) -> bool:
+  """Whether there is an entry under `key` (not whether it reads: `read` says that)."""
+  root = cache_root()
+  return bool(root) and os.path.isdir(os.path.join(root, key))
+
+
 def read(key: str, load):
   """`load(directory)` of the entry under `key`, or None where there is none (or no cache)."""
   root = cache_root()

@@ -1,8 +1,10 @@
 """Engines for the fused model: TensorFlow, or the same graph converted once per process and run on OpenVINO's CPU plugin."""
 
+import glob
 import importlib.util
 import logging
 import os
+import sys
 import threading
 
 import numpy as np
@@ -61,7 +63,17 @@ def openvino_version():
     return None
 
 
+# The device files a GPU driver makes on Linux (CUDA, ROCm, WSL2's GPU paravirtualization): without
+# one TensorFlow finds no GPU there.
+_GPU_DEVICE_FILES = ("/dev/nvidia[0-9]*", "/dev/kfd", "/dev/dxg")
+
+
 def has_gpu() -> bool:
+  """Whether TensorFlow sees a GPU here. On Linux with no GPU driver's device file, no, without
+  importing TensorFlow (4-6 s): a launch that resolves `auto` needs no import it would not make anyway."""
+  if "tensorflow" not in sys.modules and sys.platform.startswith("linux") and not any(
+      glob.glob(pattern) for pattern in _GPU_DEVICE_FILES):
+    return False
   tf = load_tensorflow()
   return bool(tf.config.list_physical_devices("GPU"))
 
@@ -193,14 +205,9 @@ def build(spec) -> "fused.FusedModel | OpenVINOModel":
                      spec.normalize)
 
 
-def make_engine(engine, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none",
-                convert=None):
-  """The fused model on the engine asked for: FusedModel (TensorFlow) or OpenVINOModel.
-
-  `auto` falls back to TensorFlow, with one warning line, where OpenVINO cannot convert the model;
-  `openvino` raises ConversionError there. With OpenVINO, `mixed_precision` means bf16 where the CPU
-  has it (the Keras graph stays float32: OpenVINO lowers the precision itself).
-  """
+def _engine_for(engine, backbones) -> str:
+  """`engine` resolved for these backbones: KerasHub presets stay on TensorFlow (ConversionError under
+  `openvino`, one warning line under `auto`)."""
   chosen = resolve_engine(engine)
   presets = [b.name for b in backbones if hub.is_hub(b)]
   if chosen != "tensorflow" and presets:
@@ -210,23 +217,61 @@ def make_engine(engine, backbones, pooling="avg", allow_tf32=False, mixed_precis
                             f"use --engine tensorflow")
     _LOG.warning("engine auto: KerasHub presets (%s) run on TensorFlow", ", ".join(presets))
     chosen = "tensorflow"
-  if chosen == "tensorflow":
-    return fused.FusedModel(backbones, pooling, allow_tf32, mixed_precision, normalize)
+  return chosen
+
+
+def _converted(backbones, pooling, allow_tf32, normalize, convert=None):
+  """The converted model: from the model cache, else converted (and cached); ConversionError."""
   import_openvino()
   # A converter of the caller's own (tests) bypasses the cache both ways.
   key = model_key(backbones, pooling, normalize) if convert is None else None
   cached = read_cached(key) if key else None
   if cached is not None:  # no Keras model, no trace, no conversion
-    return OpenVINOModel(cached, bf16=mixed_precision, backbones=backbones)
+    return cached
+  # Not frozen: OpenVINO takes the variables' graph and folds the weights itself.
+  base = fused.FusedModel(backbones, pooling, allow_tf32, False, normalize, freeze=False)
+  converted = convert_fused(base, convert)
+  if key:
+    write_cached(key, converted)
+  return converted
+
+
+def engine_here(engine, backbones, pooling="avg", allow_tf32=False, normalize="none", convert=True) -> str:
+  """The engine a build of this model on this machine runs, decided where the conversion happens:
+  `engine` resolved (`_engine_for`), and for openvino the model converted into the model cache now
+  (or found there), so that the build reads it back instead of converting again. A model OpenVINO
+  cannot convert is ConversionError under `openvino`, and under `auto` TensorFlow, with one warning
+  line. `convert` False (a dry run): the engine as resolved, nothing converted."""
+  chosen = _engine_for(engine, backbones)
+  if chosen == "tensorflow" or not convert:
+    return chosen
+  key = model_key(backbones, pooling, normalize)
+  if model_cache.holds(key):
+    return chosen
   try:
-    # Not frozen: OpenVINO takes the variables' graph and folds the weights itself.
-    base = fused.FusedModel(backbones, pooling, allow_tf32, False, normalize, freeze=False)
-    converted = convert_fused(base, convert)
-    if key:
-      write_cached(key, converted)
-    return OpenVINOModel(converted, bf16=mixed_precision, backbones=backbones)
+    _converted(backbones, pooling, allow_tf32, normalize)
   except ConversionError as e:
     if engine == "openvino":
       raise
     _LOG.warning("engine auto: %s; running on TensorFlow", e)
+    return "tensorflow"
+  return chosen
+
+
+def make_engine(engine, backbones, pooling="avg", allow_tf32=False, mixed_precision=False, normalize="none",
+                convert=None):
+  """The fused model on the engine asked for: FusedModel (TensorFlow) or OpenVINOModel.
+
+  `auto` falls back to TensorFlow, with one warning line, where OpenVINO cannot convert the model;
+  `openvino` raises ConversionError there. With OpenVINO, `mixed_precision` means bf16 where the CPU
+  has it (the Keras graph stays float32: OpenVINO lowers the precision itself).
+  """
+  if _engine_for(engine, backbones) == "openvino":
+    try:
+      converted = _converted(backbones, pooling, allow_tf32, normalize, convert)
+      return OpenVINOModel(converted, bf16=mixed_precision, backbones=backbones)
+    except ConversionError as e:
+      if engine == "openvino":
+        raise
+      _LOG.warning("engine auto: %s; running on TensorFlow", e)
   return fused.FusedModel(backbones, pooling, allow_tf32, mixed_precision, normalize)
