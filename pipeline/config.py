@@ -54,7 +54,10 @@ class RunConfig:
   input_format: str = "auto"
   shard_layouts: tuple = ()  # transforms.shards.ShardLayout per shard format found at launch
   parquet_part_rows: int = 4096  # 0: a Parquet shard is never read in slices
-  engine: str = "tensorflow"  # tensorflow | openvino | auto (transforms/openvino_engine.py)
+  # tensorflow | openvino | auto (transforms/openvino_engine.py): on local runners what launch decided
+  # runs (launch.decide_engine), on others --engine as given (each worker resolves auto itself)
+  engine: str = "tensorflow"
+  engine_requested: Optional[str] = None  # --engine as given; None: `engine`
 
   @property
   def sizes(self):
@@ -78,4 +81,4 @@ def model_spec(config: RunConfig) -> ModelSpec:
 
 def model_layout(config: RunConfig) -> dict:
   """What a reader needs to interpret the vector, in Parquet metadata and _SUCCESS.json."""
-  return specs.model_layout(model_spec(config), config.resize, config.fast_decode)
+  return specs.model_layout(model_spec(config), config.resize, config.fast_decode, config.engine_requested)

@@ -3,8 +3,9 @@
 1. `check_arguments`: the whole command line against every option ours or Beam's defines (an
    unknown or misspelled option, a value of the wrong type: one line, exit 2);
 2. `options.validate`: the values themselves (no I/O);
-3. `build_config`: weights resolved and fingerprinted, a manifest's schema read, each --input
-   matched, --previous judged, the layout computed once;
+3. `build_config`: weights resolved and fingerprinted, the engine decided (local runners: the
+   model converted for OpenVINO now), a manifest's schema read, each --input matched, --previous
+   judged, the layout computed once;
 4. `existing_outputs` / `plan_output`: an output holding a run is refused without --overwrite
    (or, interrupted, --resume, which keeps its checkpoints of the same model); `clear_outputs`
    deletes what must go only when the job is really about to run (never in a dry run, which
@@ -25,7 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _
 
 from pipeline.config import RunConfig, model_layout
 from pipeline.options import EmbedOptions, LaunchError, _bool_value, _check_choice, as_flags, backbone_names, validate
-from transforms import checkpoint, manifest, models, refresh, shards, store
+from transforms import checkpoint, manifest, models, openvino_engine, refresh, shards, store
 from transforms.backbones import BACKBONES, PREPROCESSING_MODES, get_backbone
 from transforms.specs import resolve_backbone
 from transforms.weights import BackboneSpec
@@ -192,12 +193,30 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       input_format=opts.input_format,
       shard_layouts=layouts,
       parquet_part_rows=opts.parquet_part_rows,
-      engine=opts.engine,
+      engine=decide_engine(options, specs),
+      engine_requested=opts.engine,
   )
   config = dataclasses.replace(config, layout=model_layout(config))
   if opts.previous:
     config = _with_previous(config, opts.previous.rstrip("/"), opts.ignore_bad_previous)
   return config
+
+
+def decide_engine(options: PipelineOptions, specs) -> str:
+  """The engine the layout records. On a local runner the worker is this machine: --engine is
+  resolved here (auto: openvino where it is installed and there is no GPU) and, for openvino, the
+  model converted now, into the model cache the worker reads it from (not in a dry run). A model
+  OpenVINO cannot convert is one line here under --engine openvino; under auto the run is on
+  TensorFlow, and so is its layout. Elsewhere (Dataflow) each worker resolves --engine itself, on
+  its own hardware: the layout records what was asked."""
+  opts = options.view_as(EmbedOptions)
+  if runner_name(options) not in LOCAL_RUNNERS:
+    return opts.engine
+  try:
+    return openvino_engine.engine_here(opts.engine, specs, opts.pooling, bool(opts.allow_tf32), opts.normalize,
+                                       convert=not dry_run(options))
+  except (openvino_engine.ConversionError, openvino_engine.EngineUnavailable) as e:
+    raise LaunchError(f"--engine {opts.engine}: {e}") from None
 
 
 def first_shards(patterns, input_format="auto") -> dict:

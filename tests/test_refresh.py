@@ -199,3 +199,20 @@ def test_model_difference_takes_f32_rows_of_either_engine_but_not_reduced_precis
   assert refresh.model_difference(mixed, dict(openvino, mixed_precision=True)) == (
       "engine changed under mixed_precision: 'tensorflow' -> 'openvino'")
   assert refresh.model_difference(dict(openvino, mixed_precision=True), dict(openvino, mixed_precision=True)) is None
+
+
+def test_model_difference_compares_the_engine_that_ran_not_the_one_asked_for():
+  base = {"dim": 1280, "pooling": "avg", "normalize": "none", "resize": "squash", "fast_decode": False,
+          "mixed_precision": True, "allow_tf32": False,
+          "backbones": [{"name": "mobilenet_v2", "offset": 0, "dim": 1280, "input_size": 224,
+                         "preprocessing": "tf", "weights_fingerprint": "sha256:aa"}]}
+  # a local run records the engine it resolved (and what was asked): auto that ran on openvino is openvino
+  asked_auto = dict(base, engine="openvino", engine_requested="auto")
+  assert refresh.model_difference(dict(base, engine="openvino", engine_requested="openvino"), asked_auto) is None
+  assert refresh.model_difference(dict(base, engine="tensorflow", engine_requested="tensorflow"),
+                                  dict(base, engine="tensorflow", engine_requested="auto")) is None
+  # a layout from before engine_requested recorded auto itself: what ran is unknown, so under mixed
+  # precision its rows are not taken, and in f32 they are (the engines agree)
+  old_auto = dict(base, engine="auto")
+  assert refresh.model_difference(old_auto, asked_auto) == "engine changed under mixed_precision: 'auto' -> 'openvino'"
+  assert refresh.model_difference(dict(old_auto, mixed_precision=False), dict(asked_auto, mixed_precision=False)) is None

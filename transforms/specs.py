@@ -126,8 +126,13 @@ def resolve_backbones(backbones, *, weights="imagenet", image_size=None, pooling
   return tuple(specs)
 
 
-def model_layout(model: ModelSpec, resize: str = "squash", fast_decode: bool = False) -> dict:
-  """What a reader needs to interpret the vector, in Parquet metadata and _SUCCESS.json."""
+def model_layout(model: ModelSpec, resize: str = "squash", fast_decode: bool = False,
+                 engine_requested: Optional[str] = None) -> dict:
+  """What a reader needs to interpret the vector, in Parquet metadata and _SUCCESS.json.
+
+  `engine` is the model's: the one that ran where it was decided before the job (a local run's
+  launch), else the one asked for (`auto`: each worker decides); `engine_requested` (None: the
+  same) is the one asked for."""
   entries, offset = [], 0
   for spec in model.backbones:
     entries.append({
@@ -154,5 +159,6 @@ def model_layout(model: ModelSpec, resize: str = "squash", fast_decode: bool = F
       "mixed_precision": model.mixed_precision,
       "allow_tf32": model.allow_tf32,
       "engine": model.engine,  # its version: "versions" (tensorflow, openvino)
+      "engine_requested": engine_requested or model.engine,
       "versions": package_versions(),
   }
