@@ -36,15 +36,15 @@ def reuse_digests(item) -> tuple:
   return item.digests()
 
 
-def embed_images(config) -> EmbedImages:
-  """The library's transform as this run's options configure it."""
+def embed_images(config, shared_model=None) -> EmbedImages:
+  """The library's transform as this run's options configure it; `shared_model` as EmbedImages takes it."""
   return EmbedImages(
       config.backbones, pooling=config.pooling, resize=config.resize, batch_size=config.batch_size,
       normalize=config.normalize, fast_decode=config.fast_decode, max_pixels=config.max_pixels,
       decode_timeout=config.decode_timeout, decode_memory=config.decode_memory,
       decode_processes=config.decode_threads, read_threads=config.read_threads, allow_tf32=config.allow_tf32,
       mixed_precision=config.mixed_precision, engine=config.engine, known_digests=reuse_digests,
-      option_names=OPTION_NAMES)
+      option_names=OPTION_NAMES, shared_model=shared_model)
 
 
 class ReadDecodeEmbed(beam.PTransform):
@@ -53,15 +53,16 @@ class ReadDecodeEmbed(beam.PTransform):
   embeds, and the rows are committed as checkpoints in the same fused stage, so only paths cross
   the shuffle into it and rows are durable as they are made."""
 
-  def __init__(self, config):
+  def __init__(self, config, shared_model=None):
     super().__init__()
     self._config = config
+    self._shared_model = shared_model
 
   def expand(self, items):
     config = self._config
     expanded = items | "ExpandShards" >> beam.ParDo(ExpandShards(config.shard_layouts, config.extra_fields)).with_outputs(
         ExpandShards.ERRORS_TAG, ExpandShards.SHARD_COUNT_TAG, main="images")
-    embedded = expanded.images | "EmbedImages" >> embed_images(config).batches().as_one_output()
+    embedded = expanded.images | "EmbedImages" >> embed_images(config, self._shared_model).batches().as_one_output()
     # Under this composite's resource hints too (Beam fuses only steps of the same hints), and
     # straight after the model, with no Flatten between (the local runner would materialize it):
     # the commits run where and when the rows are made.
@@ -202,7 +203,9 @@ def _count(pcoll, label):
   return pcoll | label >> beam.combiners.Count.Globally()
 
 
-def build_graph(p: beam.Pipeline, config):
+def build_graph(p: beam.Pipeline, config, shared_model=None):
+  """The job on `p`; `shared_model`: the Shared handle the embed stage acquires its model through
+  (pipeline/main.py builds the model ahead through it), None: a handle of its own."""
   items = input_items(p, config)
   if config.progress:
     items = items | "ProgressMatched" >> beam.Map(CountProgress("matched"))
@@ -250,7 +253,7 @@ def build_graph(p: beam.Pipeline, config):
         config.read_threads, config.shard_layouts, config.extra_fields)
   items = items | "SplitParquetShards" >> beam.FlatMap(_split_parquet, config.parquet_part_rows)
 
-  embed = ReadDecodeEmbed(config)
+  embed = ReadDecodeEmbed(config, shared_model)
   hints = resource_hints(config)
   if hints:
     # On the composite alone: only paths are shuffled into accelerator workers;

@@ -9,13 +9,16 @@ import sys
 import threading
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, SetupOptions
+from apache_beam.utils import shared
 
 from pipeline import launch
+from pipeline.config import model_spec
 from pipeline.graph import build_graph
 from pipeline.options import EmbedOptions, LaunchError
 from transforms import checkpoint, decode_pool, hub, progress, store
 from transforms.backbones import format_table
+from transforms.embed import BuildAhead
 from transforms.write import SUCCESS_FILE, read_summary
 
 PROG = "embed-images"
@@ -42,6 +45,15 @@ def local_runner(options):
   encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
   return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
       beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+
+def builds_ahead(options, config) -> bool:
+  """Whether the model is built at launch, beside the job's first stages: where the embed stage runs
+  in this process (a local runner, not multi_processing, whose workers build their own) and the run
+  embeds from scratch. A refresh or a resume may embed nothing: it builds at its first batch, if any."""
+  return (launch.runner_name(options) in launch.LOCAL_RUNNERS
+          and options.view_as(DirectOptions).direct_running_mode != "multi_processing"
+          and not config.previous and not config.resume)
 
 
 def info_request(argv):
@@ -202,9 +214,12 @@ def run(argv=None, save_main_session=True) -> int:
     return _dry_run(options, config, doomed)
 
   with stop_on_signals() as received, restored_process_state():
+    model_handle, ahead = shared.Shared(), None
     try:
+      if builds_ahead(options, config):
+        ahead = BuildAhead(model_handle, model_spec(config))
       p = beam.Pipeline(runner=local_runner(options), options=options)
-      build_graph(p, config)
+      build_graph(p, config, model_handle)
       # Only now, with the job built and about to run, is a previous run deleted.
       launch.clear_outputs(doomed)
       if config.checkpoint_every and not config.resume:
@@ -228,6 +243,10 @@ def run(argv=None, save_main_session=True) -> int:
             f"{go_on}", file=sys.stderr)
       return EXIT_INTERRUPTED[received[0]]
     finally:
+      if ahead is not None and not received:
+        # A run that ended before its first batch: the build must not go on changing this process's
+        # state (TensorFlow's, Keras's) after restored_process_state has put it back.
+        ahead.join()
       progress.close_all()
   return _report(config)
 

@@ -5,6 +5,7 @@ import logging
 import pathlib
 import subprocess
 import sys
+import threading
 
 import keras
 import numpy as np
@@ -187,10 +188,12 @@ def test_auto_is_openvino_on_cpu_workers_where_installed_and_tensorflow_elsewher
 
 def _converter_refusing(op_type):
   """openvino.convert_model, except that it fails on a graph holding `op_type`, as on an op it lacks."""
+  original = ov.convert_model  # as it is now: a test may put this converter in its place
+
   def convert(function):
     if op_type in {op.type for op in function.graph.get_operations()}:
       raise RuntimeError(f"Check failed: no translator for {op_type}\n(and more lines)")
-    return ov.convert_model(function)
+    return original(function)
   return convert
 
 
@@ -230,6 +233,71 @@ def test_engine_openvino_without_the_package_is_one_line_and_exit_2(tmp_path):
 def _run(out, *extra):
   return run(["--input", str(SAMPLES / "*.jpg"), "--output", str(out), "--backbones", "mobilenet_v2",
               "--weights", "random", "--image-size", "48", "--batch-size", "3", *extra])
+
+
+def _layouts(out):
+  """The layout of _SUCCESS.json, checked equal to the Parquet metadata's."""
+  layout = json.loads(pq.read_schema(sorted(pathlib.Path(out).glob("embeddings-*"))[0]).metadata[LAYOUT_KEY])
+  assert read_summary(str(out))["layout"] == layout
+  return layout
+
+
+@pytest.fixture
+def builds(monkeypatch):
+  """The specs openvino_engine.build is called with, and the thread each call ran in."""
+  calls, build = [], openvino_engine.build
+  monkeypatch.setattr(openvino_engine, "build",
+                      lambda spec: calls.append((spec.engine, threading.current_thread().name)) or build(spec))
+  return calls
+
+
+SMALL_RUN = ("--backbones", "mobilenet_v3_small", "--weights", "random", "--image-size", "32", "--batch-size", "3")
+
+
+def _small_run(out, *extra):
+  return run(["--input", str(SAMPLES / "*.jpg"), "--output", str(out), *SMALL_RUN, *extra])
+
+
+def test_a_local_run_records_the_engine_that_ran_built_once_ahead_beside_the_first_stages(tmp_path, builds):
+  assert _small_run(tmp_path / "auto", "--engine", "auto") == 0
+  layout = _layouts(tmp_path / "auto")
+  # this machine has no GPU and has OpenVINO: auto is openvino here, and the layout says so
+  assert (layout["engine"], layout["engine_requested"]) == ("openvino", "auto")
+  # one build, made by the thread launch started, and the one the embed stage used
+  assert builds == [("openvino", "build-model-ahead")]
+  assert _small_run(tmp_path / "tf") == 0
+  assert (_layouts(tmp_path / "tf")["engine"], _layouts(tmp_path / "tf")["engine_requested"]) == (
+      "tensorflow", "tensorflow")
+  # f32 rows of the engines are interchangeable: a refresh on tensorflow of the auto run reuses them
+  builds.clear()
+  assert _small_run(tmp_path / "again", "--previous", str(tmp_path / "auto")) == 0
+  again = read_summary(str(tmp_path / "again"))
+  assert again["refresh"]["reused"] is True and again["counts"]["carried_over"] == len(list(SAMPLES.glob("*.jpg")))
+  assert builds == []  # nothing to embed, nothing built, not even ahead
+
+
+def test_a_model_openvino_cannot_convert_is_one_line_at_launch_under_openvino(tmp_path, monkeypatch, capsys, builds):
+  monkeypatch.setattr(ov, "convert_model", _converter_refusing("BiasAdd"))  # mobilenet_v3_small holds BiasAdd
+  assert _small_run(tmp_path / "o", "--engine", "openvino") == 2
+  assert capsys.readouterr().err.splitlines() == [
+      "embed-images: error: --engine openvino: OpenVINO cannot convert backbone mobilenet_v3_small: "
+      "RuntimeError: Check failed: no translator for BiasAdd"]
+  assert builds == [] and not (tmp_path / "o").exists()
+
+
+def test_under_auto_a_model_openvino_cannot_convert_runs_and_is_recorded_on_tensorflow(tmp_path, monkeypatch,
+                                                                                       caplog, builds):
+  converts = []
+  refusing = _converter_refusing("BiasAdd")
+  monkeypatch.setattr(ov, "convert_model", lambda function: converts.append(1) or refusing(function))
+  with caplog.at_level(logging.WARNING, logger="transforms.openvino_engine"):
+    assert _small_run(tmp_path / "o", "--engine", "auto") == 0
+  lines = [r.getMessage() for r in caplog.records if r.name == "transforms.openvino_engine"]
+  assert len(lines) == 1 and "backbone mobilenet_v3_small" in lines[0] and lines[0].endswith("running on TensorFlow")
+  layout = _layouts(tmp_path / "o")
+  assert (layout["engine"], layout["engine_requested"]) == ("tensorflow", "auto")
+  # converted at launch only (the fused graph, then the backbone alone to name it): the build is TensorFlow's
+  assert len(converts) == 2 and builds == [("tensorflow", "build-model-ahead")]
 
 
 def _rows(out):

@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import logging
 import os
+import threading
 import time
 from typing import Any, Callable, Optional
 
@@ -74,6 +75,10 @@ class EmbedImages(beam.PTransform):
   `known_digests(key)`, for keyed input, gives sha256 digests of rows already made for that key:
   an image whose bytes hash to one is not decoded, and comes out as `(key, Reused(sha256))` on the
   `reused` output of `with_outputs()`.
+
+  `shared_model` is the `apache_beam.utils.shared.Shared` handle the model is acquired through on
+  the worker (None: a fresh one); a caller that starts the build ahead (`BuildAhead`) in the
+  process the DoFn will run in passes the same handle.
   """
 
   def __init__(self, backbones, *, weights="imagenet", pooling="avg", image_size=None, resize="squash",
@@ -82,7 +87,7 @@ class EmbedImages(beam.PTransform):
                decode_timeout=60.0, decode_memory=None, decode_processes=0, read_threads=16,
                max_batch_duration_secs=None, allow_tf32=False, mixed_precision=False, engine="tensorflow",
                known_digests: Optional[Callable[[Any], tuple]] = None, option_names=(),
-               clock: Callable[[], float] = time.monotonic):
+               shared_model: Optional[shared.Shared] = None, clock: Callable[[], float] = time.monotonic):
     super().__init__()
     _check("pooling", pooling, pooling in ("avg", "max"), "avg or max")
     _check("resize", resize, resize in decode.RESIZE_POLICIES, " or ".join(decode.RESIZE_POLICIES))
@@ -113,6 +118,7 @@ class EmbedImages(beam.PTransform):
     self._decode_processes = decode_processes
     self._known_digests = known_digests
     self._clock = clock
+    self._shared_model = shared_model or shared.Shared()
     self._outputs = "main"  # main | errors (with_exception_handling) | all (with_outputs) | one
     self._batches = False
 
@@ -144,7 +150,7 @@ class EmbedImages(beam.PTransform):
   def _dofn(self):
     return _EmbedDoFn(self.model, self.decode_spec, self._batch_size, self._max_batch_duration_secs,
                       self._read_threads, self._decode_processes, self._known_digests, self._batches,
-                      self._outputs == "main", self._outputs == "one", self._clock)
+                      self._outputs == "main", self._outputs == "one", self._shared_model, self._clock)
 
   def expand(self, images):
     results = images | "ReadDecodeEmbed" >> beam.ParDo(self._dofn()).with_outputs(
@@ -156,6 +162,38 @@ class EmbedImages(beam.PTransform):
     if self._outputs == "errors":
       return results[MAIN_TAG], results[ERRORS_TAG]
     return results[MAIN_TAG]
+
+
+def acquire_model(handle: shared.Shared, spec: ModelSpec):
+  """The model of `spec` through `handle`: built once per process, by the first thread to ask."""
+  return handle.acquire(lambda: openvino_engine.build(spec), tag=repr(spec))
+
+
+class BuildAhead:
+  """Builds the model of `spec` in a daemon thread through `handle`, the Shared handle an
+  `EmbedImages` in this process acquires it through: started at launch, the build (TensorFlow's
+  import, the Keras build, trace and freeze, or OpenVINO's cache read and compile) overlaps the
+  job's first stages, and the first batch finds the model made, or waits for it (Shared's acquire
+  blocks while another thread constructs the same key) instead of starting a second build.
+
+  `model` holds the built model while the run lasts: Shared keeps only a weak reference. A build
+  that raises leaves nothing in the handle: the DoFn builds again and raises the same error where
+  it always has, at its first batch."""
+
+  def __init__(self, handle: shared.Shared, spec: ModelSpec):
+    self.model = None
+    self.error = None
+    self._thread = threading.Thread(target=self._build, args=(handle, spec), name="build-model-ahead", daemon=True)
+    self._thread.start()
+
+  def _build(self, handle, spec):
+    try:
+      self.model = acquire_model(handle, spec)
+    except Exception as e:  # raised again by the DoFn's own build, if a batch needs the model
+      self.error = e
+
+  def join(self):
+    self._thread.join()
 
 
 @dataclasses.dataclass
@@ -188,14 +226,14 @@ class _EmbedDoFn(beam.DoFn):
   across windows, and emits each input in its own window at its own timestamp."""
 
   def __init__(self, model: ModelSpec, spec, batch_size, max_batch_duration_secs, read_threads, decode_processes,
-               known_digests, as_batches, raise_errors, one_output, clock):
+               known_digests, as_batches, raise_errors, one_output, shared_model, clock):
     self._model_spec, self._spec = model, spec
     self._batch_size, self._max_wait = batch_size, max_batch_duration_secs
     self._read_threads, self._decode_processes = read_threads, decode_processes
     self._known_digests, self._as_batches, self._raise_errors = known_digests, as_batches, raise_errors
     self._clock = clock
     self._tags = {ERRORS_TAG: None, REUSED_TAG: None} if one_output else {ERRORS_TAG: ERRORS_TAG, REUSED_TAG: REUSED_TAG}
-    self._shared = shared.Shared()
+    self._shared = shared_model
     self._embedded = Metrics.counter(METRICS_NAMESPACE, "num_embedded")
     self._inferences = Metrics.counter(METRICS_NAMESPACE, "num_inferences")
     self._failed = {s: Metrics.counter(METRICS_NAMESPACE, f"num_failed_{s}") for s in ("read", "decode", "embed")}
@@ -258,8 +296,9 @@ class _EmbedDoFn(beam.DoFn):
     if self._model is None:
       spec = self._model_spec
       started = time.perf_counter()
-      # The engine is in the spec, so in the key: two engines' models are two shared models.
-      self._model = self._shared.acquire(lambda: openvino_engine.build(spec), tag=repr(spec))
+      # The engine is in the spec, so in the key: two engines' models are two shared models. A
+      # BuildAhead of the same handle and spec still building: Shared waits for it.
+      self._model = acquire_model(self._shared, spec)
       self._load_latency.update(int((time.perf_counter() - started) * 1e3))
     return self._model
 
