@@ -137,9 +137,10 @@ def main(argv=None):
     with contextlib.nullcontext() if verbose else without_apitools_warning():
       from pipeline.main import EXIT_INTERRUPTED, run
   # TensorFlow is imported where something first needs it (transforms/tensorflow_import.py): at
-  # launch for a model that must be loaded to be checked, else on the local worker at the first
-  # batch to embed, else never (an unchanged refresh, --dry_run). That import is held back and
-  # GC-paused as these were.
+  # launch for a model that must be loaded to be checked (or converted for OpenVINO), else by the
+  # model's build: ahead, in a thread beside the job's first stages, for an in-process run from
+  # scratch (pipeline/main.py), at the first batch to embed for a refresh or a resume, else never
+  # (an unchanged refresh, --dry_run). That import is held back and GC-paused as these were.
   tensorflow_import.on_first_import(functools.partial(_first_tensorflow_import, quiet_tensorflow))
   status = run(argv)
   if status in EXIT_INTERRUPTED.values():

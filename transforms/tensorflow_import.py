@@ -1,8 +1,9 @@
 """TensorFlow and Keras, imported at their first use, not at start-up.
 
 A run that needs no model (an unchanged refresh, a resume with nothing left, `--dry_run`) never
-pays TensorFlow's import (4-6 s here); one that does pays it where the model is first built, on the
-worker, while the decode processes already decode the first images.
+pays TensorFlow's import (4-6 s here); one that does pays it where the model is first built: on a
+local in-process run from scratch in a thread started at launch, beside the job's first stages
+(pipeline/main.py), else on the worker at its first batch.
 
     from transforms.tensorflow_import import load_tensorflow
     tf = load_tensorflow()  # imports TensorFlow and Keras once, looks for GPUs
