@@ -26,6 +26,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 
 import pipeline  # this module's own package, already imported: its USER_TF_LOG_LEVEL
 from transforms import tensorflow_import
@@ -95,26 +96,51 @@ def without_tensorflow_noise(text: str) -> str:
   return "".join(kept)
 
 
+_held_back = []  # the release of the capture in force, if any (at most one: TensorFlow imports once)
+
+
 @contextlib.contextmanager
 def tensorflow_noise_held_back():
   """Captures file descriptor 2 (TensorFlow's C++ logs go there, not through sys.stderr) to a file
-  for the block, then writes what it caught to stderr less `without_tensorflow_noise`'s lines."""
+  for the block, then writes what it caught to stderr less `without_tensorflow_noise`'s lines.
+
+  The block may run in the build-ahead thread while the job's main thread goes on: what the main
+  thread prints meanwhile is caught too and written at the end. `release_held_back` ends the
+  capture early, from any thread: an interrupted run must not exit with its last line in the file."""
   sys.stderr.flush()
   saved = os.dup(2)
+  lock = threading.Lock()
   # A file, not a pipe: nothing needs to read it while the block runs, however much is written.
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
+
+    def release():
+      with lock:
+        if released:
+          return
+        released.append(True)
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        captured.seek(0)
+        kept = without_tensorflow_noise(captured.read().decode("utf-8", errors="replace"))
+        if kept:
+          sys.stderr.write(kept)
+          sys.stderr.flush()
+
+    released = []
+    _held_back.append(release)
     try:
       yield
     finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      kept = without_tensorflow_noise(captured.read().decode("utf-8", errors="replace"))
-      if kept:
-        sys.stderr.write(kept)
-        sys.stderr.flush()
+      _held_back.remove(release)
+      release()
+
+
+def release_held_back():
+  """Ends a `tensorflow_noise_held_back` capture still in force (another thread's), writing what it caught."""
+  for release in list(_held_back):
+    release()
 
 
 def main(argv=None):
@@ -145,7 +171,8 @@ def main(argv=None):
   status = run(argv)
   if status in EXIT_INTERRUPTED.values():
     # Stopped by a signal: decode and worker processes are dead already, and a thread still in a
-    # read must not hold the exit until it returns.
+    # read (or in TensorFlow's import, its stderr held back) must not hold the exit until it returns.
+    release_held_back()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

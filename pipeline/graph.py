@@ -143,14 +143,18 @@ def _distinct(items):
   return found
 
 
+def _with_shard_format(item, kind):
+  found = shard_format(item.uri, kind)
+  return item if found is None else item.replace(shard_format=found)  # a copy only for a shard
+
+
 def input_items(p, config):
   """An Item per input: from the --input globs or the manifest, with its extra columns."""
   if config.manifest:
     return p | "ReadManifest" >> ReadManifest(config.manifest, config.manifest_schema)
   items = p | "MatchInputs" >> MatchInputs(config.inputs)
   # A shard (by extension, or --input-format) stays one item, flagged with its format.
-  items = items | "ShardFormat" >> beam.Map(
-      lambda item, kind: item.replace(shard_format=shard_format(item.uri, kind)), config.input_format)
+  items = items | "ShardFormat" >> beam.Map(_with_shard_format, config.input_format)
   if config.label_from_dir:
     return items | "LabelFromDir" >> beam.Map(label_item)
   return items
@@ -160,10 +164,9 @@ def _with_members(items, index, p, config, trust_previous):
   """Shard items with `members` set to their images' Refs (uri `SHARD#KEY`), from `index` ((uri, Ref)
   of committed rows), joined by the shard's path: references, never images, travel with a shard
   into the embed stage. A shard --previous shows unchanged is not read (reuse.attach_members):
-  (items, its rows' (file, Use)s, its (shard, found, seen) counts)."""
+  (items, its rows' (file, reuse.Batch of Uses)s, its (shard, found, seen) counts)."""
   files, shard_items = items | "FilesOrShards" >> beam.Partition(lambda item, n: int(bool(item.shard_format)), 2)
-  by_shard = index | "RefsByShard" >> beam.FlatMap(
-      lambda entry: [(entry[0].rpartition("#")[0], entry)] if "#" in entry[0] else [])
+  by_shard = index | "RefsByShard" >> beam.FlatMap(reuse.shard_refs)
   groups = {"shards": shard_items | "KeyShard" >> beam.Map(lambda item: (item.uri, item)), "refs": by_shard}
   trusted = trust_previous and bool(config.previous) and config.previous_shard_columns
   if trusted:
@@ -224,19 +227,19 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
         checkpoint.committed_files(config.output), reuse.RESUME))
   if committed:
     index = committed[0] if len(committed) == 1 else tuple(committed) | "AllCommitted" >> beam.Flatten()
-    # One join by uri: a committed row whose listing is this object's is reused unread; the rest are
-    # read, and reuse their row if the bytes hash the same (--previous-verify, --resume-verify: all).
+    # One join by uri, a bucket of uris at a time: a committed row whose listing is this object's is
+    # reused unread; the rest are read, and reuse their row if the bytes hash the same
+    # (--previous-verify, --resume-verify: all).
     # --dedupe reads and hashes every file anyway, and a new copy of an unchanged file must find
     # that file among the inputs to ride on its row: under it, nothing is trusted unread.
     trust_resume = not (config.resume_verify or config.dedupe)
     trust_previous = not (config.previous_verify or config.dedupe)
-    decided = ({"items": items | "KeyByUri" >> beam.Map(lambda item: (item.uri, item)), "committed": index}
+    decided = ({"items": items | "ByBucket" >> beam.ParDo(reuse.ByBucket()), "committed": index}
                | "JoinCommitted" >> beam.CoGroupByKey()
-               | "Decide" >> beam.FlatMap(reuse.decide, trust_resume, trust_previous)
+               | "Decide" >> beam.FlatMap(reuse.decide_bucket, trust_resume, trust_previous)
                .with_outputs("reused", "gone", main="items"))
-    items, reused_unread = decided.items, decided.reused
-    items, shards_unread, unread_counts = _with_members(items, index, p, config, trust_previous)
-    reused_unread = (reused_unread, shards_unread) | "ReusedUnread" >> beam.Flatten()
+    items, shards_unread, unread_counts = _with_members(decided.items, index, p, config, trust_previous)
+    reused_unread = (decided.reused, shards_unread)
   if config.previous:
     # A shard's images have no item of their own: those of shards still matched are counted against
     # what the shard's reader finds (below); those of shards gone are removed.
@@ -280,12 +283,17 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
 
   carried_count = resumed_count = reused_tables = None
   if committed:
-    uses = (results["reused"], reused_unread) | "AllReused" >> beam.Flatten()
+    # One Flatten of the three: each level of Flatten is another copy of every Use on the local runner.
+    uses = (results["reused"], *reused_unread) | "AllReused" >> beam.Flatten()
     reused_tables, reused_errors = uses | "FetchRows" >> reuse.FetchRows(config.extra_fields)
     errors = (errors, reused_errors) | "WithReusedErrors" >> beam.Flatten()
-    carried_count = _count(uses | "Carried" >> beam.Filter(lambda u: u[1].source == reuse.PREVIOUS), "CountCarried")
-    resumed_count = _count(uses | "Resumed" >> beam.Filter(
-        lambda u: u[1].source == reuse.RESUME and u[1].kind == reuse.ROW), "CountResumed")
+    carried_count = (uses
+                     | "Carried" >> beam.MapTuple(lambda _, used: sum(u.source == reuse.PREVIOUS for u in used.values))
+                     | "CountCarried" >> beam.CombineGlobally(sum))
+    resumed_count = (uses
+                     | "Resumed" >> beam.MapTuple(
+                         lambda _, used: sum(u.source == reuse.RESUME and u.kind == reuse.ROW for u in used.values))
+                     | "CountResumed" >> beam.CombineGlobally(sum))
 
   schema = embeddings_schema(config.dim, config.layout, config.extra_fields, listing=True)
   tables = embeddings

@@ -16,7 +16,7 @@ from pipeline import launch
 from pipeline.config import model_spec
 from pipeline.graph import build_graph
 from pipeline.options import EmbedOptions, LaunchError
-from transforms import checkpoint, decode_pool, hub, progress, store
+from transforms import checkpoint, decode_pool, hub, progress, store, tensorflow_import
 from transforms.backbones import format_table
 from transforms.embed import BuildAhead
 from transforms.write import SUCCESS_FILE, read_summary
@@ -142,13 +142,14 @@ def restored_process_state():
   """What a run sets process-wide (TensorFlow's TF32 switch) is put back after it, so a second
   run in the same process (a library user, a test session) is configured only by its options.
   Keras's dtype policy is restored by FusedModel itself, right after the build."""
-  tf = sys.modules.get("tensorflow")
+  tf = tensorflow_import.loaded()
   # Not imported yet (it is imported where first needed): TensorFlow's own default, on.
   tf32 = tf.config.experimental.tensor_float_32_execution_enabled() if tf else True
   try:
     yield
   finally:
-    tf = sys.modules.get("tensorflow")
+    # Not while the build-ahead thread of an interrupted run is still importing it.
+    tf = tensorflow_import.loaded()
     if tf is not None:
       tf.config.experimental.enable_tensor_float_32_execution(tf32)
 

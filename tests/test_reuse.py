@@ -81,7 +81,9 @@ def test_rows_are_fetched_back_by_position_with_todays_uri_columns_and_listing(t
   index = dict(reuse.read_index((path, "row"), "previous"))
   assert index["old13"] == reuse.Ref("previous", path, 13, "row", f"{13:064x}", None)
   wanted = [3, 19, 4, 12, 0]
-  uses = [(path, reuse.Use(i, "row", "previous", f"new{i}", {}, LOCAL)) for i in wanted]
+  # Two batches for one file (two buckets' worth): read back as one.
+  uses = [(path, reuse.Batch([reuse.Use(i, "row", "previous", f"new{i}", {}, LOCAL) for i in wanted[:2]])),
+          (path, reuse.Batch([reuse.Use(i, "row", "previous", f"new{i}", {}, LOCAL) for i in wanted[2:]]))]
   with beam.Pipeline() as p:
     tables, _ = p | beam.Create(uses) | reuse.FetchRows(())
     rows = tables | beam.FlatMap(lambda t: zip(t.column("uri").to_pylist(), t.column("sha256").to_pylist(),
@@ -89,3 +91,33 @@ def test_rows_are_fetched_back_by_position_with_todays_uri_columns_and_listing(t
                                                map(tuple, embedding_matrix(t.column("embedding")).tolist()),
                                                map(from_row, t.column("listing").to_pylist())))
     assert_that(rows, equal_to([(f"new{i}", f"{i:064x}", i, tuple(vectors[i].tolist()), LOCAL) for i in wanted]))
+
+
+def test_the_join_moves_a_list_per_bucket_and_decides_as_one_uri_at_a_time_would(tmp_path):
+  # 40 committed rows in one file: 30 still listed the same (reused unread), 5 touched (read), 5 gone.
+  n = 40
+  listings = [Listed(size=i + 1, mtime_ns=1_000 + i) for i in range(n)]
+  table = rows_to_table([f"img{i}.jpg" for i in range(n)], [f"{i:064x}" for i in range(n)], [1] * n, [1] * n,
+                        np.zeros((n, 2), np.float32), listings=listings)
+  path = str(tmp_path / "previous.parquet")
+  pq.write_table(table, path)
+  items = ([Item(f"img{i}.jpg", listed=listings[i]) for i in range(30)]
+           + [Item(f"img{i}.jpg", listed=Listed(size=i + 1, mtime_ns=5)) for i in range(30, 35)]
+           + [Item("new.jpg", listed=LOCAL)])
+  index = list(reuse.bucketed_index((path, "row"), "previous", buckets=4, flush=16))
+  # A Refs per bucket every 16 rows: never more than 16 rows held, and every row once.
+  assert len(index) > 4 and all(len(refs.uris) <= 16 for _, refs in index)
+  assert sorted(uri for _, refs in index for uri, _ in refs.refs()) == sorted(f"img{i}.jpg" for i in range(n))
+  assert all(reuse.bucket_of(uri, 4) == bucket for bucket, refs in index for uri in refs.uris)
+  with beam.Pipeline() as p:
+    joined = ({"items": p | "Items" >> beam.Create(items) | beam.ParDo(reuse.ByBucket(buckets=4, flush=7)),
+               "committed": p | "Index" >> beam.Create(index)}
+              | beam.CoGroupByKey()
+              | beam.FlatMap(reuse.decide_bucket).with_outputs("reused", "gone", main="items"))
+    assert_that(joined.items | beam.Map(lambda item: (item.uri, [ref.row for ref in item.reuse])),
+                equal_to([(f"img{i}.jpg", [i]) for i in range(30, 35)] + [("new.jpg", [])]), label="read")
+    assert_that(joined.gone, equal_to([f"img{i}.jpg" for i in range(35, n)]), label="gone")
+    # At most a list per bucket and file: the reused rows travel as lists, not one by one.
+    assert_that(joined.reused | beam.combiners.Count.Globally(), equal_to([4]), label="lists")
+    assert_that(joined.reused | beam.FlatMapTuple(lambda file, uses: [(file, u.uri, u.row) for u in uses.values]),
+                equal_to([(path, f"img{i}.jpg", i) for i in range(30)]), label="reused")

@@ -181,7 +181,7 @@ def batch_table(batch: EmbeddingBatch, extra_fields) -> pa.Table:
 class CommitRows(beam.DoFn):
   """After the model, in the same stage: `EmbeddingBatch`es, `(Item, ImageError)`s and
   `(Item, Reused)`s in (EmbedImages.as_one_output()); Arrow tables of output rows (main), error
-  rows (`errors`), and the committed rows to reuse (`reused`: (file, reuse.Use), for reuse.FetchRows)
+  rows (`errors`), and the committed rows to reuse (`reused`: (file, reuse.Batch of Uses), for reuse.FetchRows)
   out, each item's --dedupe duplicates included. Rows and decode/embed errors are committed under
   `<output>/_checkpoints/` as they pass (with `every_seconds`); per bundle, the worker's decode
   processes and package versions are tagged `worker_stats`."""
@@ -225,10 +225,10 @@ class CommitRows(beam.DoFn):
     self._started(item.uri)
     if isinstance(value, Reused):  # the bytes hash as a committed row's
       ref = reuse.reused_by(item, value.sha256)
-      for each in item.items():
-        if ref.source == reuse.PREVIOUS:
-          self._carried.inc()
-        yield beam.pvalue.TaggedOutput(self.REUSED_TAG, reuse.use(ref, each))
+      uses = [reuse.use(ref, each)[1] for each in item.items()]
+      if ref.source == reuse.PREVIOUS:
+        self._carried.inc(len(uses))
+      yield beam.pvalue.TaggedOutput(self.REUSED_TAG, (ref.path, reuse.Batch(uses)))
       return
     committed = []
     for each in item.items():

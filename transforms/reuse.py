@@ -3,20 +3,25 @@ interrupted run's checkpoints).
 
 A committed row is found by reference, never carried by value until it is written again:
 
-1. `CommittedIndex`: per committed Parquet file, (uri, `Ref`) for each of its rows; only the `uri`,
-   `sha256` and `listing` columns are read, a row group at a time.
-2. `decide`: joined by uri with this run's items. Where the committed row's listing shows the same
+1. `CommittedIndex`: per committed Parquet file, its rows' references (`Refs`: uri, position, digest,
+   listing), by bucket of the uri; only the `uri`, `sha256` and `listing` columns are read, a row
+   group at a time.
+2. `decide`: joined by uri with this run's items, a bucket at a time (`ByBucket`, `decide_bucket`):
+   what crosses the shuffle is a list per bucket, not an element per object. Where the committed row's listing shows the same
    object as this run's listing (transforms/listing.py: `same_object`), the row is reused unread: a
    `Use` of it, keyed by its file. Otherwise the item goes on with the Refs (`Item.reuse`): the embed
    step reads and hashes the bytes, and reuses the row if they hash the same (`Reused`), else embeds.
    Previous rows of uris no longer listed are `gone`.
-3. `FetchRows`: the `Use`s grouped by file; each file's wanted rows read back by position, a row group
+3. `FetchRows`: the `Use`s, (file, Batch of Uses), grouped by file; each file's wanted rows read back by position, a row group
    at a time, as output tables with this run's uri, columns and listing.
 
 Memory is one small reference per row (a path, a position, a digest, a listing), never a vector;
-the joins are shuffles on Dataflow and the vectors are read back where they are written.
+the joins are shuffles on Dataflow and the vectors are read back where they are written. A bucket
+(`BUCKETS` of them, by a hash of the uri) holds 1/512 of the objects: ~20,000 references for a
+bucket of 10M objects, in one worker's memory for its join.
 """
 
+import zlib
 from typing import NamedTuple, Optional
 
 import apache_beam as beam
@@ -24,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
 
 from transforms.listing import from_row, listing_array, same_object
 from transforms.write import embeddings_schema
@@ -32,6 +38,8 @@ PREVIOUS, RESUME = "previous", "resume"
 ROW, ERROR = "row", "error"
 _READ_BUFFER = 1 << 20
 _BATCH_ROWS = 2048
+BUCKETS = 512  # the join's keys: a list of a bucket's objects crosses the shuffle, not each object
+_FLUSH = 65536  # objects held by one worker before its lists go on, whatever the bundle
 
 
 class Ref(NamedTuple):
@@ -42,6 +50,12 @@ class Ref(NamedTuple):
   kind: str  # ROW (an embeddings file) or ERROR (a checkpoint's errors file)
   sha256: str
   listed: object  # transforms.listing.Listed, or None
+
+
+class Batch(NamedTuple):
+  """Values that cross a shuffle together as one pickle: Beam's coder pickles a list's values one by
+  one, which is most of what an unchanged refresh costs, object by object."""
+  values: list
 
 
 class Use(NamedTuple):
@@ -81,8 +95,75 @@ def read_index(entry, source: str):
         row += 1
 
 
+def bucket_of(uri: str, buckets: int = BUCKETS) -> int:
+  """The join's key for a uri: the same for an input and its committed rows, on every worker."""
+  return zlib.crc32(uri.encode("utf-8", "surrogatepass")) % buckets
+
+
+class Refs(NamedTuple):
+  """Committed rows of one file whose uris fall in one bucket, by column: a few lists cross the
+  shuffle, not a Ref per row."""
+  source: str
+  path: str
+  kind: str
+  uris: list
+  rows: list
+  sha256s: list
+  listings: list
+
+  def refs(self, shards_only=False):
+    """(uri, Ref) of each row; with `shards_only`, of the rows of shards' images (uri `SHARD#KEY`)."""
+    for uri, row, sha256, listed in zip(self.uris, self.rows, self.sha256s, self.listings):
+      if not shards_only or "#" in uri:
+        yield uri, Ref(self.source, self.path, row, self.kind, sha256, listed)
+
+
+def bucketed_index(entry, source: str, buckets: int = BUCKETS, flush: int = _FLUSH):
+  """(bucket, Refs) of one committed file's rows (read_index), a Refs per bucket for every `flush`
+  rows: what one worker holds is bounded, however big the file."""
+  path, kind = entry
+  held, count = {}, 0
+  for uri, ref in read_index(entry, source):
+    columns = held.get(bucket_of(uri, buckets))
+    if columns is None:
+      columns = held[bucket_of(uri, buckets)] = ([], [], [], [])
+    for column, value in zip(columns, (uri, ref.row, ref.sha256, ref.listed)):
+      column.append(value)
+    count += 1
+    if count >= flush:
+      yield from ((bucket, Refs(source, path, kind, *columns)) for bucket, columns in held.items())
+      held, count = {}, 0
+  yield from ((bucket, Refs(source, path, kind, *columns)) for bucket, columns in held.items())
+
+
+class ByBucket(beam.DoFn):
+  """Items in; (bucket, Batch of Items) out: one per bucket for each bundle (and every `flush` items), so
+  the join with the committed rows shuffles lists. For the command line's batch graph: its lists are
+  in the global window."""
+
+  def __init__(self, buckets: int = BUCKETS, flush: int = _FLUSH):
+    self._buckets, self._flush = buckets, flush
+
+  def start_bundle(self):
+    self._held, self._count = {}, 0
+
+  def process(self, item):
+    self._held.setdefault(bucket_of(item.uri, self._buckets), []).append(item)
+    self._count += 1
+    if self._count >= self._flush:
+      yield from self._lists()
+
+  def finish_bundle(self):
+    for element in self._lists():
+      yield GlobalWindows.windowed_value(element)
+
+  def _lists(self):
+    held, self._held, self._count = self._held, {}, 0
+    return ((bucket, Batch(items)) for bucket, items in held.items())
+
+
 class CommittedIndex(beam.PTransform):
-  """(uri, Ref) of every row of `files`, a list of (path, kind), for `source`. The files are listed
+  """(bucket, Refs) of every row of `files`, a list of (path, kind), for `source`. The files are listed
   at launch; each is read by one worker, only its uri, sha256 and listing columns."""
 
   def __init__(self, files, source):
@@ -93,7 +174,7 @@ class CommittedIndex(beam.PTransform):
     return (pbegin
             | "Files" >> beam.Create(self._files)
             | "Spread" >> beam.Reshuffle()
-            | "Index" >> beam.FlatMap(read_index, self._source))
+            | "Index" >> beam.FlatMap(bucketed_index, self._source))
 
 
 def _ordered(refs) -> dict:
@@ -132,6 +213,37 @@ def decide(joined, trust_resume=True, trust_previous=True):
       yield item.replace(reuse=tuple(kept)) if kept else item
 
 
+def decide_bucket(joined, trust_resume=True, trust_previous=True):
+  """CoGroupByKey {"items": Batches of Items, "committed": Refs} by bucket -> what `decide` gives for
+  each uri in it, the reused rows as (file, Batch of Uses): one per committed file the bucket reuses."""
+  _, groups = joined
+  committed = {}
+  for chunk in groups["committed"]:
+    for uri, ref in chunk.refs():
+      committed.setdefault(uri, []).append(ref)
+  items = {}
+  for batch in groups["items"]:
+    for item in batch.values:
+      items.setdefault(item.uri, []).append(item)
+  reused = {}
+  for uri in (*items, *(uri for uri in committed if uri not in items)):
+    for value in decide((uri, {"items": items.get(uri, ()), "committed": committed.get(uri, ())}),
+                        trust_resume, trust_previous):
+      if isinstance(value, beam.pvalue.TaggedOutput) and value.tag == "reused":
+        path, use_ = value.value
+        reused.setdefault(path, []).append(use_)
+      else:
+        yield value
+  for path, uses in reused.items():
+    yield beam.pvalue.TaggedOutput("reused", (path, Batch(uses)))
+
+
+def shard_refs(entry):
+  """(shard path, (uri, Ref)) of each row of a shard's image in one (bucket, Refs) of the index."""
+  for uri, ref in entry[1].refs(shards_only=True):
+    yield uri.rpartition("#")[0], (uri, ref)
+
+
 def reused_by(item, sha256) -> Optional[Ref]:
   """The Ref of `item.reuse` whose digest the bytes turned out to have."""
   return next((ref for ref in item.reuse if ref.sha256 == sha256), None)
@@ -143,7 +255,7 @@ def attach_members(joined, trust_previous=False):
 
   With `trust_previous`, a shard whose listing is the one every --previous row of its images
   recorded, with no error row of it in --previous and no row of it in an interrupted run, is not
-  read at all: each of those rows is reused (a "reused" (file, Use) whose columns come from the
+  read at all: each of those rows is reused ("reused" (file, Batch of Uses), columns from the
   committed row), and its images are counted ("shard_count": shard, found, seen), as the shard's
   reader would have. An unchanged shard holds the same images, and the previous run made a row
   for each of them (an image that failed has an error row, which keeps the shard read)."""
@@ -156,8 +268,11 @@ def attach_members(joined, trust_previous=False):
   damaged = any(True for _ in groups.get("damaged", ()))
   for item in groups["shards"]:
     if trust_previous and not damaged and _unchanged_shard(item, members):
+      by_file = {}
       for uri, refs in members.items():
-        yield beam.pvalue.TaggedOutput("reused", (refs[0].path, Use(refs[0].row, ROW, PREVIOUS, uri, None, item.listed)))
+        by_file.setdefault(refs[0].path, []).append(Use(refs[0].row, ROW, PREVIOUS, uri, None, item.listed))
+      for path, uses in by_file.items():
+        yield beam.pvalue.TaggedOutput("reused", (path, Batch(uses)))
       yield beam.pvalue.TaggedOutput("shard_count", (item.uri, len(members), len(members)))
       continue
     yield item.replace(members=members) if members else item
@@ -217,14 +332,14 @@ def _extra_column(taken, uses, field):
 
 
 class _FetchDoFn(beam.DoFn):
-  """(file, [Use]) in; Arrow tables of reused rows out, error rows tagged "errors"."""
+  """(file, Batches of Uses) in; Arrow tables of reused rows out, error rows tagged "errors"."""
 
   def __init__(self, extra_fields):
     self._extra_fields = extra_fields
 
   def process(self, element):
-    path, uses = element
-    uses = sorted(uses, key=lambda u: u.row)
+    path, batches = element
+    uses = sorted((u for batch in batches for u in batch.values), key=lambda u: u.row)
     kind = uses[0].kind
     columns = ["sha256", "width", "height", "embedding"] if kind == ROW else ["stage", "error_type", "message"]
     if kind == ROW and any(u.columns is None for u in uses):  # an unread shard's images: their own columns
@@ -252,7 +367,7 @@ class _FetchDoFn(beam.DoFn):
 
 
 class FetchRows(beam.PTransform):
-  """(file, Use) in; (tables of reused output rows, reused error rows) out. Each committed file is
+  """(file, Batch of Uses) in; (tables of reused output rows, reused error rows) out. Each committed file is
   read by one worker, only the row groups holding wanted rows."""
 
   def __init__(self, extra_fields):

@@ -15,6 +15,7 @@ only not held back.
 """
 
 import contextlib
+import sys
 import threading
 
 _first_import = [contextlib.nullcontext]
@@ -25,6 +26,16 @@ _loaded = []
 def on_first_import(wrapper) -> None:
   """`wrapper()`: the context manager TensorFlow's first import runs under (None: none)."""
   _first_import[0] = wrapper or contextlib.nullcontext
+
+
+def loaded():
+  """`tensorflow` if it has been imported (here or by the caller's own code), else None: also while
+  another thread is importing it, when `sys.modules` holds a module not yet initialized."""
+  if _loaded:
+    return _loaded[0]
+  tf = sys.modules.get("tensorflow")
+  initializing = getattr(getattr(tf, "__spec__", None), "_initializing", False)
+  return None if tf is None or initializing else tf
 
 
 def load_tensorflow():
