@@ -2,7 +2,7 @@
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.pvalue import AsDict, AsSingleton
+from apache_beam.pvalue import AsDict
 
 from transforms.dedupe import DedupeWithShards
 from transforms import checkpoint
@@ -95,11 +95,69 @@ class MatchInputs(beam.PTransform):
             | "Item" >> beam.MapTuple(lambda uri, listed: Item(uri, listed=listed)))
 
 
-def _write_summary_step(files, config, matched, embedded, carried, removed, deduplicated, failures, workers,
-                        resumed):
-  files = number_shards(files, config.output)
+_SUMS = ("matched", "embedded", "carried", "resumed", "removed", "deduplicated")
+
+
+class Tally(beam.CombineFn):
+  """Every figure the summary needs, from one combine: on the local runner each CombineGlobally
+  and side input of its own is another stage (~0.1 s each here; the summary had nine).
+  (name, value) in: the names of _SUMS add their values, "failure" counts its (stage, error_type)
+  values, "worker" and "file" list theirs. Out: one dict with every name."""
+
+  def create_accumulator(self):
+    return {}
+
+  def add_input(self, tally, element):
+    name, value = element
+    if name in _SUMS:
+      tally[name] = tally.get(name, 0) + value
+    elif name == "failure":
+      counts = tally.setdefault(name, {})
+      counts[value] = counts.get(value, 0) + 1
+    else:
+      tally.setdefault(name, []).append(value)
+    return tally
+
+  def merge_accumulators(self, tallies):
+    tallies = iter(tallies)
+    merged = next(tallies)
+    for tally in tallies:
+      for name, value in tally.items():
+        if name in _SUMS:
+          merged[name] = merged.get(name, 0) + value
+        elif name == "failure":
+          counts = merged.setdefault(name, {})
+          for kind, n in value.items():
+            counts[kind] = counts.get(kind, 0) + n
+        else:
+          merged.setdefault(name, []).extend(value)
+    return merged
+
+  def extract_output(self, tally):
+    out = {name: tally.get(name, 0) for name in _SUMS}
+    out["failure"] = sorted(tally.get("failure", {}).items())
+    out["worker"] = tally.get("worker", [])
+    out["file"] = tally.get("file", [])
+    return out
+
+
+def _tallied(name, value_of=lambda element: element):
+  """A step that turns each element into Tally's (name, value)."""
+  return beam.Map(lambda element: (name, value_of(element)))
+
+
+def _reused_counts(_, used):
+  """Tally's counts of a file's reused rows: carried over from --previous, resumed from checkpoints."""
+  yield "carried", sum(u.source == reuse.PREVIOUS for u in used.values)
+  yield "resumed", sum(u.source == reuse.RESUME and u.kind == reuse.ROW for u in used.values)
+
+
+def _write_summary_step(tally, config):
+  files = number_shards([f for f in tally["file"] if f is not None], config.output)
+  matched, embedded, workers = tally["matched"], tally["embedded"], tally["worker"]
+  carried, removed, resumed, deduplicated = tally["carried"], tally["removed"], tally["resumed"], tally["deduplicated"]
   summary = summarize(
-      matched, embedded, sorted(failures), files, layout=config.layout, inputs=config.inputs,
+      matched, embedded, tally["failure"], files, layout=config.layout, inputs=config.inputs,
       output=config.output, started_at=config.started_at, max_failure_fraction=config.max_failure_fraction,
       refresh=config.refresh, carried=carried, removed=removed, resumed=resumed,
       decode_processes=_decode_processes(workers),
@@ -198,12 +256,8 @@ def _removed_from_shards(previous_rows, shard_counts):
   return ({"total": totals, "seen": seen}
           | "JoinShardTotals" >> beam.CoGroupByKey()
           | "RemovedPerShard" >> beam.MapTuple(
-              lambda _, groups: max(0, sum(groups["total"]) - sum(groups["seen"])) if list(groups["seen"]) else 0)
-          | "SumRemovedFromShards" >> beam.CombineGlobally(sum))
-
-
-def _count(pcoll, label):
-  return pcoll | label >> beam.combiners.Count.Globally()
+              lambda _, groups: ("removed", (max(0, sum(groups["total"]) - sum(groups["seen"]))
+                                             if list(groups["seen"]) else 0))))
 
 
 def build_graph(p: beam.Pipeline, config, shared_model=None):
@@ -213,12 +267,14 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
   if config.progress:
     items = items | "ProgressMatched" >> beam.Map(CountProgress("matched"))
   # A shard counts as the images found in it, which only its reader knows (added below).
-  matched_files = _count(items | "ImageFiles" >> beam.Filter(lambda item: item.shard_format is None),
-                         "CountMatched")
+  matched_files = (items
+                   | "ImageFiles" >> beam.Filter(lambda item: item.shard_format is None)
+                   | "CountMatched" >> _tallied("matched", lambda _: 1))
   # A dict side input, so each previous row's lookup is one hash, however many shards there are.
   shard_uris = items | "Shards" >> beam.FlatMap(lambda item: [(item.uri, True)] if item.shard_format else [])
 
-  removed = previous_shard_rows = reused_unread = None
+  tallied = [matched_files]  # what the summary counts: Tally's (name, value) pairs
+  previous_shard_rows = reused_unread = None
   committed = []
   if config.previous:
     committed.append(p | "PreviousIndex" >> reuse.CommittedIndex(previous_files(config.previous), reuse.PREVIOUS))
@@ -244,16 +300,18 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
     # A shard's images have no item of their own: those of shards still matched are counted against
     # what the shard's reader finds (below); those of shards gone are removed.
     gone = decided.gone
-    removed = _count(gone | "NotInShards" >> beam.Filter(
-        lambda uri, shards_: uri.rpartition("#")[0] not in shards_, AsDict(shard_uris)), "CountRemoved")
+    tallied.append(gone
+                   | "NotInShards" >> beam.Filter(
+                       lambda uri, shards_: uri.rpartition("#")[0] not in shards_, AsDict(shard_uris))
+                   | "CountRemoved" >> _tallied("removed", lambda _: 1))
     previous_shard_rows = gone | "InShards" >> beam.FlatMap(
         lambda uri, shards_: [(uri.rpartition("#")[0], uri)] if uri.rpartition("#")[0] in shards_ else [],
         AsDict(shard_uris))
 
-  deduplicated = None
   if config.dedupe:
     items, deduplicated = items | "Dedupe" >> DedupeWithShards(
         config.read_threads, config.shard_layouts, config.extra_fields)
+    tallied.append(deduplicated | "CountDeduplicated" >> _tallied("deduplicated"))
   items = items | "SplitParquetShards" >> beam.FlatMap(_split_parquet, config.parquet_part_rows)
 
   embed = ReadDecodeEmbed(config, shared_model)
@@ -267,33 +325,22 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
   # A shard's damage has no digest: never committed (a resume reads the shard again).
   errors = ((results["errors"], results["shard_errors"] | "ShardErrorRows" >> beam.FlatMapTuple(_error_rows))
             | "AllErrors" >> beam.Flatten())
-  workers = results["worker_stats"] | "WorkerStats" >> beam.combiners.ToList()
+  tallied.append(results["worker_stats"] | "WorkerStats" >> _tallied("worker"))
   shard_counts = results["shard_count"]
   if committed:  # the shards left unread, counted as their reader would have
     shard_counts = (shard_counts, unread_counts) | "WithUnreadShards" >> beam.Flatten()
-  matched = ((matched_files, shard_counts | "FoundInShards" >> beam.MapTuple(lambda _, found, seen: found))
-             | "FilesAndShardImages" >> beam.Flatten()
-             | "CountAllMatched" >> beam.CombineGlobally(sum))
+  tallied.append(shard_counts | "FoundInShards" >> beam.MapTuple(lambda _, found, seen: ("matched", found)))
   if previous_shard_rows is not None:
-    removed_in_shards = _removed_from_shards(
-        previous_shard_rows, shard_counts | "PreviousSeen" >> beam.MapTuple(lambda shard, found, seen: (shard, seen)))
-    removed = ((removed, removed_in_shards)
-               | "AllRemoved" >> beam.Flatten()
-               | "CountAllRemoved" >> beam.CombineGlobally(sum))
+    tallied.append(_removed_from_shards(
+        previous_shard_rows, shard_counts | "PreviousSeen" >> beam.MapTuple(lambda shard, found, seen: (shard, seen))))
 
-  carried_count = resumed_count = reused_tables = None
+  reused_tables = None
   if committed:
     # One Flatten of the three: each level of Flatten is another copy of every Use on the local runner.
     uses = (results["reused"], *reused_unread) | "AllReused" >> beam.Flatten()
     reused_tables, reused_errors = uses | "FetchRows" >> reuse.FetchRows(config.extra_fields)
     errors = (errors, reused_errors) | "WithReusedErrors" >> beam.Flatten()
-    carried_count = (uses
-                     | "Carried" >> beam.MapTuple(lambda _, used: sum(u.source == reuse.PREVIOUS for u in used.values))
-                     | "CountCarried" >> beam.CombineGlobally(sum))
-    resumed_count = (uses
-                     | "Resumed" >> beam.MapTuple(
-                         lambda _, used: sum(u.source == reuse.RESUME and u.kind == reuse.ROW for u in used.values))
-                     | "CountResumed" >> beam.CombineGlobally(sum))
+    tallied.append(uses | "CountReused" >> beam.FlatMapTuple(_reused_counts))
 
   schema = embeddings_schema(config.dim, config.layout, config.extra_fields, listing=True)
   tables = embeddings
@@ -317,23 +364,14 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
                      FileSystems.join(config.output, "errors"), ERRORS_SCHEMA,
                      row_group_size=config.row_group_size)))
 
-  embedded = (embeddings
-              | "Rows" >> beam.Map(lambda table: table.num_rows)
-              | "CountEmbedded" >> beam.CombineGlobally(sum))
-  failures = (errors
-              | "FailureKind" >> beam.Map(lambda row: (row["stage"], row["error_type"]))
-              | "CountFailures" >> beam.combiners.Count.PerElement()
-              | "FailureList" >> beam.combiners.ToList())
-  carried_count = carried_count if carried_count is not None else p | "NoneCarried" >> beam.Create([0])
-  removed = removed if removed is not None else p | "NoneRemoved" >> beam.Create([0])
-  deduplicated = deduplicated if deduplicated is not None else p | "NoneDeduplicated" >> beam.Create([0])
-  resumed_count = resumed_count if resumed_count is not None else p | "NoneResumed" >> beam.Create([0])
-  # The summary's main input is the written file names, so it runs after both
-  # writes have finalized: a job nobody waits on still ends with _SUCCESS.json.
-  return ((*written, error_files)
-          | "WrittenFiles" >> beam.Flatten()
-          | "AllFiles" >> beam.combiners.ToList()
-          | "WriteSummary" >> beam.Map(
-              _write_summary_step, config, AsSingleton(matched), AsSingleton(embedded),
-              AsSingleton(carried_count), AsSingleton(removed), AsSingleton(deduplicated),
-              AsSingleton(failures), AsSingleton(workers), AsSingleton(resumed_count)))
+  tallied += [
+      embeddings | "CountEmbedded" >> _tallied("embedded", lambda table: table.num_rows),
+      errors | "CountFailures" >> _tallied("failure", lambda row: (row["stage"], row["error_type"])),
+      # The written file names too, so the summary runs after every write has finalized: a job
+      # nobody waits on still ends with _SUCCESS.json. The seed: a run with nothing at all.
+      *(files | f"Tally{i}" >> _tallied("file") for i, files in enumerate((*written, error_files))),
+      p | "Seed" >> beam.Create([("file", None)])]
+  return (tallied
+          | "AllTallied" >> beam.Flatten()
+          | "Tally" >> beam.CombineGlobally(Tally()).without_defaults()
+          | "WriteSummary" >> beam.Map(_write_summary_step, config))

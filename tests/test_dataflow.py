@@ -132,7 +132,7 @@ def test_dataflow_graph_has_the_gpu_hint_on_read_decode_embed_alone(photos, laun
   assert {n for n, h in dataflow.items() if h} == EMBED_LEAVES
   for name in ("MatchInputs/List/Match", "Reshuffle/ReshufflePerKey/GroupByKey",
                "WriteEmbeddings/WriteImpl/WriteBundles", "WriteErrors/WriteImpl/WriteBundles",
-               "WriteSummary", "CountMatched/CombineGlobally(CountCombineFn)/KeyWithVoid"):
+               "WriteSummary", "CountMatched", "Tally/KeyWithVoid"):
     assert dataflow[name] == {}, name
   # The hinted environment is the default one plus hints; it runs the same SDK image.
   environments = proto.components.environments
@@ -144,7 +144,7 @@ def test_dataflow_graph_has_the_gpu_hint_on_read_decode_embed_alone(photos, laun
   # The same options on the local runner give the same work, hinted in the same place.
   local = leaves(local_proto(embed_args(bucket, output="elsewhere")))
   assert dataflow == local
-  assert len(dataflow) > 60
+  assert len(dataflow) > 50  # the whole job, not one branch of it
 
   # Workers get the validated configuration inside the pickled DoFn, whatever Beam's
   # options round trip does to hyphenated flags.

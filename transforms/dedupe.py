@@ -94,7 +94,7 @@ def _attach_dedupe(joined):
 
 class DedupeWithShards(beam.PTransform):
   """--dedupe over files and the images inside shards alike: each content is embedded once, by a file
-  or a shard; every uri still gets its row. Returns (items, number of duplicates)."""
+  or a shard; every uri still gets its row. Returns (items, counts of duplicates: their sum is the run's)."""
 
   def __init__(self, threads, layouts, extra_fields):
     super().__init__()
@@ -117,5 +117,4 @@ class DedupeWithShards(beam.PTransform):
                    "duplicates": resolved.duplicates, "skip": resolved.skip}
                   | "JoinByShard" >> beam.CoGroupByKey()
                   | "AttachDedupe" >> beam.FlatMap(_attach_dedupe))
-    count = resolved.count | "CountDuplicates" >> beam.CombineGlobally(sum)
-    return (resolved.files, shards_out) | "FilesAndShards" >> beam.Flatten(), count
+    return (resolved.files, shards_out) | "FilesAndShards" >> beam.Flatten(), resolved.count
