@@ -146,12 +146,6 @@ def _tallied(name, value_of=lambda element: element):
   return beam.Map(lambda element: (name, value_of(element)))
 
 
-def _reused_counts(_, used):
-  """Tally's counts of a file's reused rows: carried over from --previous, resumed from checkpoints."""
-  yield "carried", sum(u.source == reuse.PREVIOUS for u in used.values)
-  yield "resumed", sum(u.source == reuse.RESUME and u.kind == reuse.ROW for u in used.values)
-
-
 def _write_summary_step(tally, config):
   files = number_shards([f for f in tally["file"] if f is not None], config.output)
   matched, embedded, workers = tally["matched"], tally["embedded"], tally["worker"]
@@ -338,9 +332,10 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
   if committed:
     # One Flatten of the three: each level of Flatten is another copy of every Use on the local runner.
     uses = (results["reused"], *reused_unread) | "AllReused" >> beam.Flatten()
-    reused_tables, reused_errors = uses | "FetchRows" >> reuse.FetchRows(config.extra_fields)
+    # Counted where they are read back: a second consumer of the Flatten would decode every Batch.
+    reused_tables, reused_errors, reused_counts = uses | "FetchRows" >> reuse.FetchRows(config.extra_fields)
     errors = (errors, reused_errors) | "WithReusedErrors" >> beam.Flatten()
-    tallied.append(uses | "CountReused" >> beam.FlatMapTuple(_reused_counts))
+    tallied.append(reused_counts)
 
   schema = embeddings_schema(config.dim, config.layout, config.extra_fields, listing=True)
   tables = embeddings

@@ -54,7 +54,7 @@ def test_decide_trusts_a_same_listing_and_reads_the_rest():
   # The interrupted run's row first, then --previous's.
   got = _decide([item], [_ref("previous"), _ref("resume")])
   assert got == {"items": [], "gone": [], "reused": [
-      ("resume.parquet", reuse.Use(0, "row", "resume", "a.jpg", {"label": "x"}, LOCAL))]}
+      (("resume.parquet", 0), reuse.Use(0, "row", "resume", "a.jpg", {"label": "x"}, LOCAL))]}
   touched = item.replace(listed=Listed(10, mtime_ns=LOCAL.mtime_ns + 1))
   got = _decide([touched], [_ref("previous"), _ref("resume")])
   assert got["items"] == [touched.replace(reuse=(_ref("resume"), _ref("previous")))] and not got["reused"]
@@ -79,18 +79,23 @@ def test_rows_are_fetched_back_by_position_with_todays_uri_columns_and_listing(t
   path = str(tmp_path / "previous.parquet")
   pq.write_table(table, path, row_group_size=6)  # four row groups
   index = dict(reuse.read_index((path, "row"), "previous"))
-  assert index["old13"] == reuse.Ref("previous", path, 13, "row", f"{13:064x}", None)
+  # Each row knows its row group: the reused rows are read back a row group at a time.
+  assert index["old13"] == reuse.Ref("previous", path, 13, "row", f"{13:064x}", None, group=2)
+  assert [index[f"old{i}"].part for i in (0, 5, 6, 18, 19)] == [(path, 0), (path, 0), (path, 1), (path, 3), (path, 3)]
   wanted = [3, 19, 4, 12, 0]
-  # Two batches for one file (two buckets' worth): read back as one.
-  uses = [(path, reuse.Batch([reuse.Use(i, "row", "previous", f"new{i}", {}, LOCAL) for i in wanted[:2]])),
-          (path, reuse.Batch([reuse.Use(i, "row", "previous", f"new{i}", {}, LOCAL) for i in wanted[2:]]))]
+  # Two batches for one row group (two buckets' worth): read back as one.
+  uses = [(index[f"old{i}"].part, reuse.Batch([reuse.Use(i, "row", "previous", f"new{i}", {}, LOCAL)])) for i in wanted[:2]]
+  uses += [((path, 0), reuse.Batch([reuse.Use(i, "row", "previous", f"new{i}", {}, LOCAL) for i in (4, 0)])),
+           ((path, 2), reuse.Batch([reuse.Use(12, "row", "previous", "new12", {}, LOCAL)]))]
   with beam.Pipeline() as p:
-    tables, _ = p | beam.Create(uses) | reuse.FetchRows(())
+    tables, _, counts = p | beam.Create(uses) | reuse.FetchRows(())
     rows = tables | beam.FlatMap(lambda t: zip(t.column("uri").to_pylist(), t.column("sha256").to_pylist(),
                                                t.column("width").to_pylist(),
                                                map(tuple, embedding_matrix(t.column("embedding")).tolist()),
                                                map(from_row, t.column("listing").to_pylist())))
     assert_that(rows, equal_to([(f"new{i}", f"{i:064x}", i, tuple(vectors[i].tolist()), LOCAL) for i in wanted]))
+    # The summary's counts, made where the rows are read back: five carried over, none resumed.
+    assert_that(counts | beam.CombinePerKey(sum), equal_to([("carried", 5), ("resumed", 0)]), label="counts")
 
 
 def test_the_join_moves_a_list_per_bucket_and_decides_as_one_uri_at_a_time_would(tmp_path):
@@ -117,7 +122,7 @@ def test_the_join_moves_a_list_per_bucket_and_decides_as_one_uri_at_a_time_would
     assert_that(joined.items | beam.Map(lambda item: (item.uri, [ref.row for ref in item.reuse])),
                 equal_to([(f"img{i}.jpg", [i]) for i in range(30, 35)] + [("new.jpg", [])]), label="read")
     assert_that(joined.gone, equal_to([f"img{i}.jpg" for i in range(35, n)]), label="gone")
-    # At most a list per bucket and file: the reused rows travel as lists, not one by one.
+    # At most a list per bucket and row group: the reused rows travel as lists, not one by one.
     assert_that(joined.reused | beam.combiners.Count.Globally(), equal_to([4]), label="lists")
     assert_that(joined.reused | beam.FlatMapTuple(lambda file, uses: [(file, u.uri, u.row) for u in uses.values]),
-                equal_to([(path, f"img{i}.jpg", i) for i in range(30)]), label="reused")
+                equal_to([((path, 0), f"img{i}.jpg", i) for i in range(30)]), label="reused")

@@ -228,7 +228,7 @@ class CommitRows(beam.DoFn):
       uses = [reuse.use(ref, each)[1] for each in item.items()]
       if ref.source == reuse.PREVIOUS:
         self._carried.inc(len(uses))
-      yield beam.pvalue.TaggedOutput(self.REUSED_TAG, (ref.path, reuse.Batch(uses)))
+      yield beam.pvalue.TaggedOutput(self.REUSED_TAG, (ref.part, reuse.Batch(uses)))
       return
     committed = []
     for each in item.items():

@@ -12,8 +12,9 @@ A committed row is found by reference, never carried by value until it is writte
    `Use` of it, keyed by its file. Otherwise the item goes on with the Refs (`Item.reuse`): the embed
    step reads and hashes the bytes, and reuses the row if they hash the same (`Reused`), else embeds.
    Previous rows of uris no longer listed are `gone`.
-3. `FetchRows`: the `Use`s, (file, Batch of Uses), grouped by file; each file's wanted rows read back by position, a row group
-   at a time, as output tables with this run's uri, columns and listing.
+3. `FetchRows`: the `Use`s, ((file, row group), Batch of Uses), grouped by row group; each row group's
+   wanted rows read back by position, a slice at a time, as output tables with this run's uri, columns
+   and listing.
 
 Memory is one small reference per row (a path, a position, a digest, a listing), never a vector;
 the joins are shuffles on Dataflow and the vectors are read back where they are written. A bucket
@@ -21,6 +22,7 @@ the joins are shuffles on Dataflow and the vectors are read back where they are 
 bucket of 10M objects, in one worker's memory for its join.
 """
 
+import pickle
 import zlib
 from typing import NamedTuple, Optional
 
@@ -50,12 +52,44 @@ class Ref(NamedTuple):
   kind: str  # ROW (an embeddings file) or ERROR (a checkpoint's errors file)
   sha256: str
   listed: object  # transforms.listing.Listed, or None
+  group: int = 0  # the row group of `path` that holds `row`
+
+  @property
+  def part(self) -> tuple:
+    """What reused rows are grouped by to be read back: (path, row group)."""
+    return self.path, self.group
 
 
-class Batch(NamedTuple):
-  """Values that cross a shuffle together as one pickle: Beam's coder pickles a list's values one by
-  one, which is most of what an unchanged refresh costs, object by object."""
-  values: list
+class Batch:
+  """Values that cross a shuffle together, as one pickle of the list: Beam's coder would pickle a
+  list's values one by one, which is most of what an unchanged refresh costs, object by object.
+  Unpickled, a Batch holds those bytes until `values` is read: a stage that only moves it on (the
+  local runner's Flatten before a GroupByKey decodes and encodes every element) copies bytes."""
+
+  __slots__ = ("_values", "_blob")
+
+  def __init__(self, values=None, *, blob=None):
+    self._values, self._blob = values, blob
+
+  @property
+  def values(self) -> list:
+    if self._values is None:
+      self._values, self._blob = pickle.loads(self._blob), None
+    return self._values
+
+  def __reduce__(self):
+    blob = self._blob if self._blob is not None else pickle.dumps(self._values, pickle.HIGHEST_PROTOCOL)
+    return _unpickled_batch, (blob,)
+
+  def __eq__(self, other):
+    return isinstance(other, Batch) and self.values == other.values
+
+  def __repr__(self):
+    return f"Batch({self.values!r})"
+
+
+def _unpickled_batch(blob: bytes) -> Batch:
+  return Batch(blob=blob)
 
 
 class Use(NamedTuple):
@@ -70,8 +104,8 @@ class Use(NamedTuple):
 
 
 def use(ref: Ref, item) -> tuple:
-  """(file, Use) of `ref` for `item` (one of an item's rows: it or a duplicate)."""
-  return ref.path, Use(ref.row, ref.kind, ref.source, item.uri, item.columns, item.listed)
+  """((file, row group), Use) of `ref` for `item` (one of an item's rows: it or a duplicate)."""
+  return ref.part, Use(ref.row, ref.kind, ref.source, item.uri, item.columns, item.listed)
 
 
 def _open(path):
@@ -86,13 +120,14 @@ def read_index(entry, source: str):
     parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
     columns = [c for c in ("uri", "sha256", "listing") if c in parquet.schema_arrow.names]
     row = 0
-    for batch in parquet.iter_batches(batch_size=8192, columns=columns):
-      uris, digests = batch.column("uri").to_pylist(), batch.column("sha256").to_pylist()
-      listings = batch.column("listing").to_pylist() if "listing" in columns else [None] * len(uris)
-      for uri, sha, listed in zip(uris, digests, listings):
-        if sha is not None:  # a read error: never committed with a digest, always retried
-          yield uri, Ref(source, path, row, kind, sha, from_row(listed))
-        row += 1
+    for group in range(parquet.metadata.num_row_groups):
+      for batch in parquet.iter_batches(batch_size=8192, row_groups=[group], columns=columns):
+        uris, digests = batch.column("uri").to_pylist(), batch.column("sha256").to_pylist()
+        listings = batch.column("listing").to_pylist() if "listing" in columns else [None] * len(uris)
+        for uri, sha, listed in zip(uris, digests, listings):
+          if sha is not None:  # a read error: never committed with a digest, always retried
+            yield uri, Ref(source, path, row, kind, sha, from_row(listed), group)
+          row += 1
 
 
 def bucket_of(uri: str, buckets: int = BUCKETS) -> int:
@@ -110,12 +145,13 @@ class Refs(NamedTuple):
   rows: list
   sha256s: list
   listings: list
+  groups: list
 
   def refs(self, shards_only=False):
     """(uri, Ref) of each row; with `shards_only`, of the rows of shards' images (uri `SHARD#KEY`)."""
-    for uri, row, sha256, listed in zip(self.uris, self.rows, self.sha256s, self.listings):
+    for uri, row, sha256, listed, group in zip(self.uris, self.rows, self.sha256s, self.listings, self.groups):
       if not shards_only or "#" in uri:
-        yield uri, Ref(self.source, self.path, row, self.kind, sha256, listed)
+        yield uri, Ref(self.source, self.path, row, self.kind, sha256, listed, group)
 
 
 def bucketed_index(entry, source: str, buckets: int = BUCKETS, flush: int = _FLUSH):
@@ -126,8 +162,8 @@ def bucketed_index(entry, source: str, buckets: int = BUCKETS, flush: int = _FLU
   for uri, ref in read_index(entry, source):
     columns = held.get(bucket_of(uri, buckets))
     if columns is None:
-      columns = held[bucket_of(uri, buckets)] = ([], [], [], [])
-    for column, value in zip(columns, (uri, ref.row, ref.sha256, ref.listed)):
+      columns = held[bucket_of(uri, buckets)] = ([], [], [], [], [])
+    for column, value in zip(columns, (uri, ref.row, ref.sha256, ref.listed, ref.group)):
       column.append(value)
     count += 1
     if count >= flush:
@@ -215,7 +251,8 @@ def decide(joined, trust_resume=True, trust_previous=True):
 
 def decide_bucket(joined, trust_resume=True, trust_previous=True):
   """CoGroupByKey {"items": Batches of Items, "committed": Refs} by bucket -> what `decide` gives for
-  each uri in it, the reused rows as (file, Batch of Uses): one per committed file the bucket reuses."""
+  each uri in it, the reused rows as ((file, row group), Batch of Uses): one per committed row group the
+  bucket reuses."""
   _, groups = joined
   committed = {}
   for chunk in groups["committed"]:
@@ -230,12 +267,12 @@ def decide_bucket(joined, trust_resume=True, trust_previous=True):
     for value in decide((uri, {"items": items.get(uri, ()), "committed": committed.get(uri, ())}),
                         trust_resume, trust_previous):
       if isinstance(value, beam.pvalue.TaggedOutput) and value.tag == "reused":
-        path, use_ = value.value
-        reused.setdefault(path, []).append(use_)
+        part, use_ = value.value
+        reused.setdefault(part, []).append(use_)
       else:
         yield value
-  for path, uses in reused.items():
-    yield beam.pvalue.TaggedOutput("reused", (path, Batch(uses)))
+  for part, uses in reused.items():
+    yield beam.pvalue.TaggedOutput("reused", (part, Batch(uses)))
 
 
 def shard_refs(entry):
@@ -268,11 +305,11 @@ def attach_members(joined, trust_previous=False):
   damaged = any(True for _ in groups.get("damaged", ()))
   for item in groups["shards"]:
     if trust_previous and not damaged and _unchanged_shard(item, members):
-      by_file = {}
+      by_part = {}
       for uri, refs in members.items():
-        by_file.setdefault(refs[0].path, []).append(Use(refs[0].row, ROW, PREVIOUS, uri, None, item.listed))
-      for path, uses in by_file.items():
-        yield beam.pvalue.TaggedOutput("reused", (path, Batch(uses)))
+        by_part.setdefault(refs[0].part, []).append(Use(refs[0].row, ROW, PREVIOUS, uri, None, item.listed))
+      for part, uses in by_part.items():
+        yield beam.pvalue.TaggedOutput("reused", (part, Batch(uses)))
       yield beam.pvalue.TaggedOutput("shard_count", (item.uri, len(members), len(members)))
       continue
     yield item.replace(members=members) if members else item
@@ -332,15 +369,19 @@ def _extra_column(taken, uses, field):
 
 
 class _FetchDoFn(beam.DoFn):
-  """(file, Batches of Uses) in; Arrow tables of reused rows out, error rows tagged "errors"."""
+  """((file, row group), Batches of Uses) in; Arrow tables of reused rows out, error rows tagged
+  "errors", and the summary's counts of them tagged "tally": ("carried", n) (--previous's rows) and
+  ("resumed", n) (an interrupted run's)."""
 
   def __init__(self, extra_fields):
     self._extra_fields = extra_fields
 
   def process(self, element):
-    path, batches = element
+    (path, _), batches = element
     uses = sorted((u for batch in batches for u in batch.values), key=lambda u: u.row)
     kind = uses[0].kind
+    yield beam.pvalue.TaggedOutput("tally", ("carried", sum(u.source == PREVIOUS for u in uses)))
+    yield beam.pvalue.TaggedOutput("tally", ("resumed", sum(u.source == RESUME and u.kind == ROW for u in uses)))
     columns = ["sha256", "width", "height", "embedding"] if kind == ROW else ["stage", "error_type", "message"]
     if kind == ROW and any(u.columns is None for u in uses):  # an unread shard's images: their own columns
       columns += [f.name for f in self._extra_fields]
@@ -356,7 +397,9 @@ class _FetchDoFn(beam.DoFn):
           start += batch.num_rows
           if not len(here):
             continue
-          taken = pa.Table.from_batches([batch]).take(pa.array(here, pa.int64()))
+          taken = pa.Table.from_batches([batch])
+          if not np.array_equal(here, np.arange(batch.num_rows)):
+            taken = taken.take(pa.array(here, pa.int64()))  # else every row once, in order: no copy
           these = uses[done:done + len(here)]
           done += len(here)
           if kind == ERROR:
@@ -367,8 +410,10 @@ class _FetchDoFn(beam.DoFn):
 
 
 class FetchRows(beam.PTransform):
-  """(file, Batch of Uses) in; (tables of reused output rows, reused error rows) out. Each committed file is
-  read by one worker, only the row groups holding wanted rows."""
+  """((file, row group), Batch of Uses) in; (tables of reused output rows, reused error rows, the
+  summary's ("carried" | "resumed", count)s) out. Grouped
+  by row group, not by file: what one worker holds at once is a row group's Uses and a slice of its rows,
+  however big the file; only row groups holding wanted rows are read."""
 
   def __init__(self, extra_fields):
     super().__init__()
@@ -377,5 +422,5 @@ class FetchRows(beam.PTransform):
   def expand(self, uses):
     fetched = (uses
                | "ByFile" >> beam.GroupByKey()
-               | "Read" >> beam.ParDo(_FetchDoFn(self._extra_fields)).with_outputs("errors", main="tables"))
-    return fetched.tables, fetched.errors
+               | "Read" >> beam.ParDo(_FetchDoFn(self._extra_fields)).with_outputs("errors", "tally", main="tables"))
+    return fetched.tables, fetched.errors, fetched.tally
