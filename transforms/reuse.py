@@ -41,7 +41,7 @@ ROW, ERROR = "row", "error"
 _READ_BUFFER = 1 << 20
 _BATCH_ROWS = 512
 BUCKETS = 512  # the join's keys: a list of a bucket's objects crosses the shuffle, not each object
-_FLUSH = 65536  # objects held by one worker before its lists go on, whatever the bundle
+_FLUSH = 8192  # objects held by one worker before its lists go on, whatever the bundle
 
 
 class Ref(NamedTuple):
