@@ -300,6 +300,18 @@ def test_under_auto_a_model_openvino_cannot_convert_runs_and_is_recorded_on_tens
   assert len(converts) == 2 and builds == [("tensorflow", "build-model-ahead")]
 
 
+def test_with_the_model_cache_off_a_local_run_converts_once_at_launch_and_builds_from_it(tmp_path, monkeypatch,
+                                                                                        builds):
+  monkeypatch.setenv(model_cache.CACHE_ENV, "off")
+  monkeypatch.setattr(openvino_engine, "_CONVERTED_HERE", {})
+  converts, convert = [], ov.convert_model
+  monkeypatch.setattr(ov, "convert_model", lambda function: converts.append(1) or convert(function))
+  assert _small_run(tmp_path / "o", "--engine", "openvino") == 0
+  assert _layouts(tmp_path / "o")["engine"] == "openvino"
+  # the launch's conversion (it checks the model converts) is the one the build ahead compiles
+  assert len(converts) == 1 and builds == [("openvino", "build-model-ahead")]
+
+
 def _rows(out):
   table = pq.read_table(sorted(pathlib.Path(out).glob("embeddings-*.parquet"))).sort_by("uri")
   return table.column("uri").to_pylist(), embedding_matrix(table.column("embedding"))

@@ -220,19 +220,29 @@ def _engine_for(engine, backbones) -> str:
   return chosen
 
 
+# Where the model cache is off: the models converted in this process, by key, so that the launch's
+# conversion (engine_here) is the build's too on the local runner (one conversion, not two).
+_CONVERTED_HERE = {}
+
+
 def _converted(backbones, pooling, allow_tf32, normalize, convert=None):
-  """The converted model: from the model cache, else converted (and cached); ConversionError."""
+  """The converted model: from the model cache (or, with it off, this process's earlier conversion),
+  else converted (and kept); ConversionError."""
   import_openvino()
   # A converter of the caller's own (tests) bypasses the cache both ways.
   key = model_key(backbones, pooling, normalize) if convert is None else None
-  cached = read_cached(key) if key else None
+  cached = None
+  if key:
+    cached = read_cached(key) if model_cache.cache_root() else _CONVERTED_HERE.get(key)
   if cached is not None:  # no Keras model, no trace, no conversion
     return cached
   # Not frozen: OpenVINO takes the variables' graph and folds the weights itself.
   base = fused.FusedModel(backbones, pooling, allow_tf32, False, normalize, freeze=False)
   converted = convert_fused(base, convert)
-  if key:
+  if key and model_cache.cache_root():
     write_cached(key, converted)
+  elif key:
+    _CONVERTED_HERE[key] = converted
   return converted
 
 
@@ -246,7 +256,7 @@ def engine_here(engine, backbones, pooling="avg", allow_tf32=False, normalize="n
   if chosen == "tensorflow" or not convert:
     return chosen
   key = model_key(backbones, pooling, normalize)
-  if model_cache.holds(key):
+  if model_cache.holds(key) or (not model_cache.cache_root() and key in _CONVERTED_HERE):
     return chosen
   try:
     _converted(backbones, pooling, allow_tf32, normalize)
