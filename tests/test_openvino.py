@@ -31,6 +31,13 @@ F32_BAR, BF16_BAR = 1e-5, 5e-2
 USER_SIZE = 40
 
 
+@pytest.fixture(autouse=True)
+def converted_here(monkeypatch):
+  """No conversions of earlier tests: with the model cache off (the suite's), a process keeps what it
+  converted (openvino_engine._CONVERTED_HERE), and tests here swap the converter."""
+  monkeypatch.setattr(openvino_engine, "_CONVERTED_HERE", {})
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
   """A cache of models of this test's own, empty (the suite runs without one: tests/conftest.py)."""
@@ -303,7 +310,6 @@ def test_under_auto_a_model_openvino_cannot_convert_runs_and_is_recorded_on_tens
 def test_with_the_model_cache_off_a_local_run_converts_once_at_launch_and_builds_from_it(tmp_path, monkeypatch,
                                                                                         builds):
   monkeypatch.setenv(model_cache.CACHE_ENV, "off")
-  monkeypatch.setattr(openvino_engine, "_CONVERTED_HERE", {})
   converts, convert = [], ov.convert_model
   monkeypatch.setattr(ov, "convert_model", lambda function: converts.append(1) or convert(function))
   assert _small_run(tmp_path / "o", "--engine", "openvino") == 0
