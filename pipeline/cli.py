@@ -143,32 +143,11 @@ def release_held_back():
     release()
 
 
-ARROW_POOL_ENV = "ARROW_DEFAULT_MEMORY_POOL"
-
-
-def arrow_system_allocator():
-  """Arrow's buffers from the C library's malloc, as Python's own objects are, unless the user chose a
-  pool (ARROW_DEFAULT_MEMORY_POOL): on the local runner one process runs every stage, and memory the
-  listing and the joins freed is reused by the next stage's Parquet reads and writes instead of
-  mimalloc's heap growing beside it. Measured (benchmarks/README.md, "Refresh memory"): an unchanged
-  refresh of 30,720 files peaks 0.41 -> 0.34 GB, the full run unchanged. Through the environment,
-  before pyarrow is imported: Arrow's C++ code (the Parquet reader and writer) takes the pool the
-  variable names when its default pool is first made, and pyarrow.set_memory_pool reaches only
-  what Python allocates; the processes this one starts inherit it."""
-  if os.environ.get(ARROW_POOL_ENV):
-    return
-  os.environ[ARROW_POOL_ENV] = "system"
-  if "pyarrow" in sys.modules:  # imported by a caller first: what can still be changed
-    import pyarrow
-    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
-
-
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   verbose = VERBOSE_FLAG in argv
   argv = [a for a in argv if a != VERBOSE_FLAG]
   logging.getLogger().setLevel(logging.WARNING)
-  arrow_system_allocator()
   if argv[:1] == [REPORT_COMMAND]:
     # Before the job's own start-up: a report reads Parquet and never needs TensorFlow.
     with contextlib.nullcontext() if verbose else without_apitools_warning():

@@ -121,24 +121,3 @@ def test_a_run_prints_only_its_own_lines_unless_verbose_and_imports_tensorflow_o
   assert loud.stderr.splitlines()[-1].startswith("embed-images: ok: ")
   # TensorFlow says something on start-up on every machine (at least absl's preamble): shown.
   assert [line for line in loud.stderr.splitlines() if not line.startswith("embed-images: ")] != []
-
-
-# The command line as a process, then the Arrow pool its Parquet reads and writes used.
-POOL_AFTER_MAIN = ("import sys\n"
-                   "from pipeline import cli\n"
-                   "try:\n"
-                   "  cli.main(['--list-backbones'])\n"
-                   "except SystemExit:\n"
-                   "  pass\n"
-                   "import pyarrow, os\n"
-                   "print(pyarrow.default_memory_pool().backend_name, os.environ['ARROW_DEFAULT_MEMORY_POOL'])\n")
-
-
-def test_the_command_line_gives_arrow_the_c_librarys_allocator_unless_the_user_chose_one():
-  env = {k: v for k, v in os.environ.items() if k != cli.ARROW_POOL_ENV}
-  got = subprocess.run([sys.executable, "-c", POOL_AFTER_MAIN], capture_output=True, text=True, cwd=REPO,
-                       timeout=300, env=env)
-  assert got.returncode == 0, got.stderr
-  assert got.stdout.splitlines()[-1] == "system system"
-  chosen = _python("-c", POOL_AFTER_MAIN, env={cli.ARROW_POOL_ENV: "mimalloc"})
-  assert chosen.stdout.splitlines()[-1] == "mimalloc mimalloc", chosen.stderr
