@@ -336,18 +336,6 @@ def error_uris(path):
 # --- reading reused rows back ------------------------------------------------------
 
 
-def _row_groups(parquet, rows):
-  """{row group: positions in it} for sorted file positions `rows`."""
-  wanted, group, start = {}, 0, 0
-  metadata = parquet.metadata
-  for row in rows:
-    while row >= start + metadata.row_group(group).num_rows:
-      start += metadata.row_group(group).num_rows
-      group += 1
-    wanted.setdefault(group, []).append(row - start)
-  return wanted
-
-
 def reused_table(taken: pa.Table, uses, extra_fields) -> pa.Table:
   """Output rows for `uses` from the committed rows `taken` (sha256, width, height, embedding, and
   the extra columns where a Use has no columns of its own: an unread shard's image), in order."""
@@ -377,7 +365,7 @@ class _FetchDoFn(beam.DoFn):
     self._extra_fields = extra_fields
 
   def process(self, element):
-    (path, _), batches = element
+    (path, group), batches = element
     uses = sorted((u for batch in batches for u in batch.values), key=lambda u: u.row)
     kind = uses[0].kind
     yield beam.pvalue.TaggedOutput("tally", ("carried", sum(u.source == PREVIOUS for u in uses)))
@@ -387,26 +375,24 @@ class _FetchDoFn(beam.DoFn):
       columns += [f.name for f in self._extra_fields]
     with _open(path) as handle:
       parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
-      wanted = _row_groups(parquet, [u.row for u in uses])
-      done = 0
-      for group, positions in wanted.items():
-        # A slice of a row group at a time: what is held is _BATCH_ROWS rows, whatever the file.
-        positions, start = np.asarray(positions), 0
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group], columns=columns):
-          here = positions[(positions >= start) & (positions < start + batch.num_rows)] - start
-          start += batch.num_rows
-          if not len(here):
-            continue
-          taken = pa.Table.from_batches([batch])
-          if not np.array_equal(here, np.arange(batch.num_rows)):
-            taken = taken.take(pa.array(here, pa.int64()))  # else every row once, in order: no copy
-          these = uses[done:done + len(here)]
-          done += len(here)
-          if kind == ERROR:
-            for u, row in zip(these, taken.to_pylist()):
-              yield beam.pvalue.TaggedOutput("errors", dict(row, uri=u.uri))
-          else:
-            yield reused_table(taken, these, self._extra_fields)
+      first = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
+      # The wanted positions in this row group, read a slice at a time: what is held is _BATCH_ROWS rows.
+      positions, start, done = np.array([u.row for u in uses]) - first, 0, 0
+      for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group], columns=columns):
+        here = positions[(positions >= start) & (positions < start + batch.num_rows)] - start
+        start += batch.num_rows
+        if not len(here):
+          continue
+        taken = pa.Table.from_batches([batch])
+        if not np.array_equal(here, np.arange(batch.num_rows)):
+          taken = taken.take(pa.array(here, pa.int64()))  # else every row once, in order: no copy
+        these = uses[done:done + len(here)]
+        done += len(here)
+        if kind == ERROR:
+          for u, row in zip(these, taken.to_pylist()):
+            yield beam.pvalue.TaggedOutput("errors", dict(row, uri=u.uri))
+        else:
+          yield reused_table(taken, these, self._extra_fields)
 
 
 class FetchRows(beam.PTransform):
@@ -421,6 +407,6 @@ class FetchRows(beam.PTransform):
 
   def expand(self, uses):
     fetched = (uses
-               | "ByFile" >> beam.GroupByKey()
+               | "ByRowGroup" >> beam.GroupByKey()
                | "Read" >> beam.ParDo(_FetchDoFn(self._extra_fields)).with_outputs("errors", "tally", main="tables"))
     return fetched.tables, fetched.errors, fetched.tally
