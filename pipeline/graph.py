@@ -109,13 +109,8 @@ class Tally(beam.CombineFn):
 
   def add_input(self, tally, element):
     name, value = element
-    if name in _SUMS:
-      tally[name] = tally.get(name, 0) + value
-    elif name == "failure":
-      counts = tally.setdefault(name, {})
-      counts[value] = counts.get(value, 0) + 1
-    else:
-      tally.setdefault(name, []).append(value)
+    # As a one-element tally of its own: one way of adding, for inputs and accumulators alike.
+    _merge(tally, name, value if name in _SUMS else {value: 1} if name == "failure" else [value])
     return tally
 
   def merge_accumulators(self, tallies):
@@ -123,14 +118,7 @@ class Tally(beam.CombineFn):
     merged = next(tallies)
     for tally in tallies:
       for name, value in tally.items():
-        if name in _SUMS:
-          merged[name] = merged.get(name, 0) + value
-        elif name == "failure":
-          counts = merged.setdefault(name, {})
-          for kind, n in value.items():
-            counts[kind] = counts.get(kind, 0) + n
-        else:
-          merged.setdefault(name, []).extend(value)
+        _merge(merged, name, value)
     return merged
 
   def extract_output(self, tally):
@@ -139,6 +127,18 @@ class Tally(beam.CombineFn):
     out["worker"] = tally.get("worker", [])
     out["file"] = tally.get("file", [])
     return out
+
+
+def _merge(tally, name, value):
+  """Adds the accumulated `value` of `name` into `tally`: a sum, failure counts by kind, or a list."""
+  if name in _SUMS:
+    tally[name] = tally.get(name, 0) + value
+  elif name == "failure":
+    counts = tally.setdefault(name, {})
+    for kind, n in value.items():
+      counts[kind] = counts.get(kind, 0) + n
+  else:
+    tally.setdefault(name, []).extend(value)
 
 
 def _tallied(name, value_of=lambda element: element):
