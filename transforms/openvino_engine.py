@@ -125,13 +125,29 @@ def _save_converted(converted):
                                                        compress_to_fp16=False)
 
 
+# Where the model cache is off: the models converted in this process, by key, so that the launch's
+# conversion (engine_here) is the build's too on the local runner (one conversion, not two).
+_CONVERTED_HERE = {}
+
+
 def read_cached(key):
-  """The converted model cached under `key`, or None."""
+  """The converted model cached under `key` (with the model cache off, converted earlier in this
+  process), or None."""
+  if not model_cache.cache_root():
+    return _CONVERTED_HERE.get(key)
   return model_cache.read(key, _read_converted)
 
 
 def write_cached(key, converted):
+  if not model_cache.cache_root():
+    _CONVERTED_HERE[key] = converted
+    return
   model_cache.write(key, _save_converted(converted))
+
+
+def holds_converted(key) -> bool:
+  """Whether read_cached(key) would find an entry (not whether it reads)."""
+  return key in _CONVERTED_HERE if not model_cache.cache_root() else model_cache.holds(key)
 
 
 def convert_fused(model: "fused.FusedModel", converter=None):
@@ -220,29 +236,19 @@ def _engine_for(engine, backbones) -> str:
   return chosen
 
 
-# Where the model cache is off: the models converted in this process, by key, so that the launch's
-# conversion (engine_here) is the build's too on the local runner (one conversion, not two).
-_CONVERTED_HERE = {}
-
-
 def _converted(backbones, pooling, allow_tf32, normalize, convert=None):
-  """The converted model: from the model cache (or, with it off, this process's earlier conversion),
-  else converted (and kept); ConversionError."""
+  """The converted model: from the model cache (read_cached), else converted (and kept); ConversionError."""
   import_openvino()
   # A converter of the caller's own (tests) bypasses the cache both ways.
   key = model_key(backbones, pooling, normalize) if convert is None else None
-  cached = None
-  if key:
-    cached = read_cached(key) if model_cache.cache_root() else _CONVERTED_HERE.get(key)
+  cached = read_cached(key) if key else None
   if cached is not None:  # no Keras model, no trace, no conversion
     return cached
   # Not frozen: OpenVINO takes the variables' graph and folds the weights itself.
   base = fused.FusedModel(backbones, pooling, allow_tf32, False, normalize, freeze=False)
   converted = convert_fused(base, convert)
-  if key and model_cache.cache_root():
+  if key:
     write_cached(key, converted)
-  elif key:
-    _CONVERTED_HERE[key] = converted
   return converted
 
 
@@ -256,7 +262,7 @@ def engine_here(engine, backbones, pooling="avg", allow_tf32=False, normalize="n
   if chosen == "tensorflow" or not convert:
     return chosen
   key = model_key(backbones, pooling, normalize)
-  if model_cache.holds(key) or (not model_cache.cache_root() and key in _CONVERTED_HERE):
+  if holds_converted(key):
     return chosen
   try:
     _converted(backbones, pooling, allow_tf32, normalize)
