@@ -677,11 +677,16 @@ def _pipeline_cmd():
   return [script] if os.path.exists(script) else [sys.executable, "-m", "pipeline"]
 
 
+def _is_pipeline_run(mode) -> bool:
+  """A mode that runs the command line as a whole process (pipeline-sink is timed in-process)."""
+  return mode.startswith("pipeline") and mode != "pipeline-sink"
+
+
 def command(mode, args, images, out):
   common = ["--backbones", args.backbones, "--batch-size", str(args.batch_size), "--pooling", args.pooling,
             *(["--image-size", str(args.image_size)] if args.image_size else []),
             *(["--hub", args.hub] if args.hub else [])]
-  if mode.startswith("pipeline") and mode != "pipeline-sink":
+  if _is_pipeline_run(mode):
     engine = {"pipeline": [], "pipeline-openvino": ["--engine", "openvino"],
               "pipeline-openvino-bf16": ["--engine", "openvino", "--mixed-precision"]}[mode]
     cache = [] if getattr(args, "warm_cache", None) is None else ["env", f"EMBED_IMAGES_MODEL_CACHE={args.warm_cache}"]
@@ -793,7 +798,7 @@ def orchestrate(args):
     # and how much of it the work hides differs between N and 2N.
     # (The pipeline runs' alone: the bare children's build figures stay builds.)
     args.warm_cache = os.path.join(work, "model-cache")
-    for mode in [m for m in modes if m.startswith("pipeline") and m != "pipeline-sink"]:
+    for mode in [m for m in modes if _is_pipeline_run(m)]:
       out = os.path.join(work, f"{mode}-warm")
       child = run_child(command(mode, args, image_dirs[args.n], out), os.path.join(logs, f"{mode}-warm"),
                         args.timeout)
