@@ -132,7 +132,7 @@ def test_dataflow_graph_has_the_gpu_hint_on_read_decode_embed_alone(photos, laun
   assert {n for n, h in dataflow.items() if h} == EMBED_LEAVES
   for name in ("MatchInputs/List/Match", "Reshuffle/ReshufflePerKey/GroupByKey",
                "WriteEmbeddings/WriteImpl/WriteBundles", "WriteErrors/WriteImpl/WriteBundles",
-               "WriteSummary", "CountMatched", "Tally/KeyWithVoid"):
+               "WriteSummary", "CountMatched/ParDo(_CountMatched)", "Tally/KeyWithVoid"):
     assert dataflow[name] == {}, name
   # The hinted environment is the default one plus hints; it runs the same SDK image.
   environments = proto.components.environments

@@ -347,16 +347,16 @@ def test_a_file_vanishing_between_listing_and_reading_is_a_read_error(tmp_path, 
   class MatchThenDelete(beam.PTransform):
     """The real listing, then the victim file is deleted before anything reads it."""
 
-    def __init__(self, patterns):
+    def __init__(self, patterns, input_format=None):
       super().__init__()
-      self._patterns = patterns
+      self._patterns, self._input_format = patterns, input_format
 
     def expand(self, pbegin):
       def delete_victim(item):
         if item.uri == victim and os.path.exists(item.uri):
           os.remove(item.uri)
         return item
-      return pbegin | real_match(self._patterns) | beam.Map(delete_victim)
+      return pbegin | real_match(self._patterns, self._input_format) | beam.Map(delete_victim)
 
   monkeypatch.setattr(pipeline.graph, "MatchInputs", MatchThenDelete)
   result = embed([f"{folder}/*.jpg"], tmp_path / "out", *SMALL_MODEL, "--max-failure-fraction", "0.5")
