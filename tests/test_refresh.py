@@ -216,3 +216,32 @@ def test_model_difference_compares_the_engine_that_ran_not_the_one_asked_for():
   old_auto = dict(base, engine="auto")
   assert refresh.model_difference(old_auto, asked_auto) == "engine changed under mixed_precision: 'auto' -> 'openvino'"
   assert refresh.model_difference(dict(old_auto, mixed_precision=False), dict(asked_auto, mixed_precision=False)) is None
+
+
+def test_globs_that_only_match_images_build_no_shard_steps_and_refresh_the_same(bucket, tmp_path, monkeypatch):
+  import pipeline.main
+  built, real = [], pipeline.main.build_graph
+
+  def recorded(p, *args, **kwargs):
+    result = real(p, *args, **kwargs)
+    built.append({t.unique_name for t in p.to_runner_api().components.transforms.values()})
+    return result
+
+  monkeypatch.setattr(pipeline.main, "build_graph", recorded)
+  assert _run(bucket, tmp_path / "day1") == 0
+  # `*.jpg` can only match images; `*` may match a shard (here it matches the same images).
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  assert run(["--input", f"{bucket}/*", "--output", str(tmp_path / "any"), *ARGS,
+              "--previous", str(tmp_path / "day1")]) == 0
+  shard_steps = {"JoinMembers", "AttachMembers", "InShards", "SplitParquetShards", "WithUnreadShards"}
+  assert not shard_steps & built[1]
+  assert shard_steps <= built[2]
+  n = len(list(bucket.glob("*.jpg")))
+  for out in ("day2", "any"):
+    counts = read_summary(str(tmp_path / out))["counts"]
+    assert (counts["matched"], counts["embedded"], counts["carried_over"], counts["removed"]) == (n, 0, n, 0)
+  two, any_ = _rows(tmp_path / "day2"), _rows(tmp_path / "any")
+  assert two.keys() == any_.keys()
+  for uri in two:
+    assert two[uri][0] == any_[uri][0]
+    np.testing.assert_array_equal(two[uri][1], any_[uri][1])

@@ -315,6 +315,16 @@ def test_shard_format_by_extension_or_forced(uri, forced, kind):
   assert shards.shard_format(uri, forced) == kind
 
 
+@pytest.mark.parametrize("patterns, forced, may", [
+    (["photos/**/*.jpg"], "auto", False), (["a/*.JPG", "gs://b/x/*.png"], "auto", False),
+    (["a/*.jpg", "b/*.tar"], "auto", True), (["photos/**"], "auto", True), (["a/*"], "auto", True),
+    (["a/*.jp*"], "auto", True), (["a/*.[jt]ar"], "auto", True), (["a/*.gz"], "auto", True),
+    (["a/img_?"], "auto", True), (["a/one.tfrecord"], "auto", True), (["a/*.bin"], "tar", True),
+    (["a/*.tar"], "image", False), (["a/.hidden"], "auto", True)])
+def test_may_match_shards_only_rules_out_shards_that_no_matched_name_can_be(patterns, forced, may):
+  assert shards.may_match_shards(patterns, forced) is may
+
+
 def test_tfrecord_framing_reads_what_tensorflow_writes_and_names_a_bad_checksum(tmp_path):
   path = tmp_path / "r.tfrecord"
   write_tfrecords(path, [b"one", b"", b"three" * 100])

@@ -46,6 +46,22 @@ def shard_format(uri: str, forced: str = "auto") -> Optional[str]:
   return _EXTENSIONS.get(posixpath.splitext(name)[1])
 
 
+def may_match_shards(patterns, forced: str = "auto") -> bool:
+  """Whether any object the globs `patterns` match can be a shard (`shard_format` not None): False
+  only where every pattern's name ends in a literal extension that is no shard's (`*.jpg`), or
+  `forced` is "image". A pattern ending in a glob, in no extension, or in `.gz` may match shards."""
+  if forced and forced != "auto":
+    return forced != "image"
+  for pattern in patterns:
+    name = pattern.rstrip("/").rpartition("/")[2]
+    stem, dot, extension = name.rpartition(".")
+    if not dot or not stem or any(c in extension for c in "*?[]") or extension.lower() == "gz":
+      return True
+    if shard_format(name, forced) is not None:
+      return True
+  return False
+
+
 def output_name(name: str, reserved=RESERVED_NAMES) -> str:
   return f"source_{name}" if name in reserved else name
 
