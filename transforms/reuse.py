@@ -215,25 +215,22 @@ class CommittedIndex(beam.PTransform):
 
 def _ordered(refs) -> dict:
   """The first Ref of each source, a row before an error (a retried bundle may commit both)."""
+  if len(refs) == 1:  # nearly every uri of a refresh: one committed row
+    return {refs[0].source: refs[0]}
   chosen = {}
   for ref in sorted(refs, key=lambda r: (r.kind != ROW, r.path, r.row)):
     chosen.setdefault(ref.source, ref)
   return chosen
 
 
-def decide(joined, trust_resume=True, trust_previous=True):
-  """CoGroupByKey {"items", "committed"} by uri -> items to read (main, with `reuse` set to the Refs
-  they may reuse), (file, Use) tagged "reused" for rows reused unread, and uris tagged "gone" that
-  only --previous has. The interrupted run's row goes first, then --previous's; `trust_*` False
-  (--resume-verify, --previous-verify) reads every object."""
-  uri, groups = joined
-  refs = _ordered(groups["committed"])
-  items = list(groups["items"])
+def _decided(uri, items, refs, trusted):
+  """(tag, value)s of `decide` for one uri (`items` and `refs` lists, `trusted` {source: bool}); tag
+  None for an item to read."""
+  refs = _ordered(refs)
   if not items:
     if PREVIOUS in refs:
-      yield beam.pvalue.TaggedOutput("gone", uri)
+      yield "gone", uri
     return
-  trusted = {RESUME: trust_resume, PREVIOUS: trust_previous}
   for item in items:
     kept = []
     for source in (RESUME, PREVIOUS):
@@ -242,11 +239,22 @@ def decide(joined, trust_resume=True, trust_previous=True):
         continue
       if trusted[source] and same_object(ref.listed, item.listed):
         for each in item.items():
-          yield beam.pvalue.TaggedOutput("reused", use(ref, each))
+          yield "reused", use(ref, each)
         break
       kept.append(ref)
     else:
-      yield item.replace(reuse=tuple(kept)) if kept else item
+      yield None, (item.replace(reuse=tuple(kept)) if kept else item)
+
+
+def decide(joined, trust_resume=True, trust_previous=True):
+  """CoGroupByKey {"items", "committed"} by uri -> items to read (main, with `reuse` set to the Refs
+  they may reuse), (file, Use) tagged "reused" for rows reused unread, and uris tagged "gone" that
+  only --previous has. The interrupted run's row goes first, then --previous's; `trust_*` False
+  (--resume-verify, --previous-verify) reads every object."""
+  uri, groups = joined
+  for tag, value in _decided(uri, list(groups["items"]), list(groups["committed"]),
+                             {RESUME: trust_resume, PREVIOUS: trust_previous}):
+    yield value if tag is None else beam.pvalue.TaggedOutput(tag, value)
 
 
 def decide_bucket(joined, trust_resume=True, trust_previous=True):
@@ -262,15 +270,15 @@ def decide_bucket(joined, trust_resume=True, trust_previous=True):
   for batch in groups["items"]:
     for item in batch.values:
       items.setdefault(item.uri, []).append(item)
+  trusted = {RESUME: trust_resume, PREVIOUS: trust_previous}
   reused = {}
   for uri in (*items, *(uri for uri in committed if uri not in items)):
-    for value in decide((uri, {"items": items.get(uri, ()), "committed": committed.get(uri, ())}),
-                        trust_resume, trust_previous):
-      if isinstance(value, beam.pvalue.TaggedOutput) and value.tag == "reused":
-        part, use_ = value.value
+    for tag, value in _decided(uri, items.get(uri, ()), committed.get(uri, ()), trusted):
+      if tag == "reused":
+        part, use_ = value
         reused.setdefault(part, []).append(use_)
       else:
-        yield value
+        yield value if tag is None else beam.pvalue.TaggedOutput(tag, value)
   for part, uses in reused.items():
     yield beam.pvalue.TaggedOutput("reused", (part, Batch(uses)))
 
