@@ -245,3 +245,25 @@ def test_globs_that_only_match_images_build_no_shard_steps_and_refresh_the_same(
   for uri in two:
     assert two[uri][0] == any_[uri][0]
     np.testing.assert_array_equal(two[uri][1], any_[uri][1])
+
+
+def test_a_run_ends_its_bundles_on_short_sampler_ticks_and_puts_beams_default_back(bucket, tmp_path, monkeypatch):
+  """Beam's state sampler thread is joined at the end of every bundle; during a run its tick is
+  capped at pipeline.main.SAMPLER_TICK_MS (not Beam's 200 ms), and Beam's default is back after."""
+  import inspect
+
+  import pipeline.main
+  from apache_beam.runners.worker import statesampler
+  periods, real_start = [], statesampler.StateSampler.start
+
+  def start(self):
+    periods.append(self.sampling_period_ms)
+    return real_start(self)
+
+  monkeypatch.setattr(statesampler.StateSampler, "start", start)
+  assert _run(bucket, tmp_path / "day1") == 0
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  assert len(periods) > 10
+  assert set(periods) == {pipeline.main.SAMPLER_TICK_MS} != {statesampler.DEFAULT_SAMPLING_PERIOD_MS}
+  default = inspect.signature(statesampler.StateSampler.__init__).parameters["sampling_period_ms"].default
+  assert default == statesampler.DEFAULT_SAMPLING_PERIOD_MS == 200
