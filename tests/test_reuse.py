@@ -111,9 +111,10 @@ def test_the_join_moves_a_list_per_bucket_and_decides_as_one_uri_at_a_time_would
            + [Item("new.jpg", listed=LOCAL)])
   index = list(reuse.bucketed_index((path, "row"), "previous", buckets=4, flush=16))
   # A Refs per bucket every 16 rows: never more than 16 rows held, and every row once.
-  assert len(index) > 4 and all(len(refs.uris) <= 16 for _, refs in index)
-  assert sorted(uri for _, refs in index for uri, _ in refs.refs()) == sorted(f"img{i}.jpg" for i in range(n))
-  assert all(reuse.bucket_of(uri, 4) == bucket for bucket, refs in index for uri in refs.uris)
+  chunks = [(bucket, refs) for bucket, batch in index for refs in batch.values]
+  assert len(chunks) == len(index) > 4 and all(len(refs.uris) <= 16 for _, refs in chunks)
+  assert sorted(uri for _, refs in chunks for uri, _ in refs.refs()) == sorted(f"img{i}.jpg" for i in range(n))
+  assert all(reuse.bucket_of(uri, 4) == bucket for bucket, refs in chunks for uri in refs.uris)
   with beam.Pipeline() as p:
     joined = ({"items": p | "Items" >> beam.Create(items) | beam.ParDo(reuse.ByBucket(buckets=4, flush=7)),
                "committed": p | "Index" >> beam.Create(index)}

@@ -155,8 +155,9 @@ class Refs(NamedTuple):
 
 
 def bucketed_index(entry, source: str, buckets: int = BUCKETS, flush: int = _FLUSH):
-  """(bucket, Refs) of one committed file's rows (read_index), a Refs per bucket for every `flush`
-  rows: what one worker holds is bounded, however big the file."""
+  """(bucket, Batch of one Refs) of one committed file's rows (read_index), a Refs per bucket for every
+  `flush` rows: what one worker holds is bounded, however big the file. In a Batch, so that the local
+  runner's stages between here and the join (the CoGroupByKey's Flatten) copy its bytes."""
   path, kind = entry
   held, count = {}, 0
   for uri, ref in read_index(entry, source):
@@ -167,9 +168,9 @@ def bucketed_index(entry, source: str, buckets: int = BUCKETS, flush: int = _FLU
       column.append(value)
     count += 1
     if count >= flush:
-      yield from ((bucket, Refs(source, path, kind, *columns)) for bucket, columns in held.items())
+      yield from ((bucket, Batch([Refs(source, path, kind, *columns)])) for bucket, columns in held.items())
       held, count = {}, 0
-  yield from ((bucket, Refs(source, path, kind, *columns)) for bucket, columns in held.items())
+  yield from ((bucket, Batch([Refs(source, path, kind, *columns)])) for bucket, columns in held.items())
 
 
 class ByBucket(beam.DoFn):
@@ -199,7 +200,7 @@ class ByBucket(beam.DoFn):
 
 
 class CommittedIndex(beam.PTransform):
-  """(bucket, Refs) of every row of `files`, a list of (path, kind), for `source`. The files are listed
+  """(bucket, Batch of Refs) of every row of `files`, a list of (path, kind), for `source`. The files are listed
   at launch; each is read by one worker, only its uri, sha256 and listing columns."""
 
   def __init__(self, files, source):
@@ -258,14 +259,15 @@ def decide(joined, trust_resume=True, trust_previous=True):
 
 
 def decide_bucket(joined, trust_resume=True, trust_previous=True):
-  """CoGroupByKey {"items": Batches of Items, "committed": Refs} by bucket -> what `decide` gives for
+  """CoGroupByKey {"items": Batches of Items, "committed": Batches of Refs} by bucket -> what `decide` gives for
   each uri in it, the reused rows as ((file, row group), Batch of Uses): one per committed row group the
   bucket reuses."""
   _, groups = joined
   committed = {}
-  for chunk in groups["committed"]:
-    for uri, ref in chunk.refs():
-      committed.setdefault(uri, []).append(ref)
+  for batch in groups["committed"]:
+    for chunk in batch.values:
+      for uri, ref in chunk.refs():
+        committed.setdefault(uri, []).append(ref)
   items = {}
   for batch in groups["items"]:
     for item in batch.values:
@@ -284,9 +286,10 @@ def decide_bucket(joined, trust_resume=True, trust_previous=True):
 
 
 def shard_refs(entry):
-  """(shard path, (uri, Ref)) of each row of a shard's image in one (bucket, Refs) of the index."""
-  for uri, ref in entry[1].refs(shards_only=True):
-    yield uri.rpartition("#")[0], (uri, ref)
+  """(shard path, (uri, Ref)) of each row of a shard's image in one (bucket, Batch of Refs) of the index."""
+  for chunk in entry[1].values:
+    for uri, ref in chunk.refs(shards_only=True):
+      yield uri.rpartition("#")[0], (uri, ref)
 
 
 def reused_by(item, sha256) -> Optional[Ref]:
