@@ -41,11 +41,8 @@ def _ref(source, sha="ab" * 32, listed=LOCAL, kind="row", row=0):
 
 def _decide(items, refs, **trust):
   out = {"items": [], "reused": [], "gone": []}
-  for value in reuse.decide(("a.jpg", {"items": items, "committed": refs}), **trust):
-    if isinstance(value, beam.pvalue.TaggedOutput):
-      out[value.tag].append(value.value)
-    else:
-      out["items"].append(value)
+  for tag, value in reuse.decide("a.jpg", items, refs, **trust):
+    out[tag or "items"].append(value)
   return out
 
 

@@ -224,14 +224,18 @@ def _ordered(refs) -> dict:
   return chosen
 
 
-def _decided(uri, items, refs, trusted):
-  """(tag, value)s of `decide` for one uri (`items` and `refs` lists, `trusted` {source: bool}); tag
-  None for an item to read."""
+def decide(uri, items, refs, trust_resume=True, trust_previous=True):
+  """One uri's decision, from this run's `items` of it and the committed `refs` of it (lists), as
+  (tag, value) pairs: (None, item) for an item to read (with `reuse` set to the Refs it may reuse),
+  ("reused", ((file, row group), Use)) for a row reused unread, ("gone", uri) for a uri that only
+  --previous has. The interrupted run's row goes first, then --previous's; `trust_*` False
+  (--resume-verify, --previous-verify) reads every object."""
   refs = _ordered(refs)
   if not items:
     if PREVIOUS in refs:
       yield "gone", uri
     return
+  trusted = {RESUME: trust_resume, PREVIOUS: trust_previous}
   for item in items:
     kept = []
     for source in (RESUME, PREVIOUS):
@@ -247,21 +251,10 @@ def _decided(uri, items, refs, trusted):
       yield None, (item.replace(reuse=tuple(kept)) if kept else item)
 
 
-def decide(joined, trust_resume=True, trust_previous=True):
-  """CoGroupByKey {"items", "committed"} by uri -> items to read (main, with `reuse` set to the Refs
-  they may reuse), (file, Use) tagged "reused" for rows reused unread, and uris tagged "gone" that
-  only --previous has. The interrupted run's row goes first, then --previous's; `trust_*` False
-  (--resume-verify, --previous-verify) reads every object."""
-  uri, groups = joined
-  for tag, value in _decided(uri, list(groups["items"]), list(groups["committed"]),
-                             {RESUME: trust_resume, PREVIOUS: trust_previous}):
-    yield value if tag is None else beam.pvalue.TaggedOutput(tag, value)
-
-
 def decide_bucket(joined, trust_resume=True, trust_previous=True):
   """CoGroupByKey {"items": Batches of Items, "committed": Batches of Refs} by bucket -> what `decide` gives for
-  each uri in it, the reused rows as ((file, row group), Batch of Uses): one per committed row group the
-  bucket reuses."""
+  each uri in it (items to read on the main output, "gone" uris tagged), the reused rows tagged "reused" as
+  ((file, row group), Batch of Uses): one per committed row group the bucket reuses."""
   _, groups = joined
   committed = {}
   for batch in groups["committed"]:
@@ -272,10 +265,9 @@ def decide_bucket(joined, trust_resume=True, trust_previous=True):
   for batch in groups["items"]:
     for item in batch.values:
       items.setdefault(item.uri, []).append(item)
-  trusted = {RESUME: trust_resume, PREVIOUS: trust_previous}
   reused = {}
   for uri in (*items, *(uri for uri in committed if uri not in items)):
-    for tag, value in _decided(uri, items.get(uri, ()), committed.get(uri, ()), trusted):
+    for tag, value in decide(uri, items.get(uri, ()), committed.get(uri, ()), trust_resume, trust_previous):
       if tag == "reused":
         part, use_ = value
         reused.setdefault(part, []).append(use_)
