@@ -320,11 +320,11 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
     # what the shard's reader finds (below); those of shards gone are removed.
     gone = decided.gone
     if with_shards:
-      gone, previous_shard_rows = (gone | "NotInShards" >> beam.Filter(
-                                       lambda uri, shards_: uri.rpartition("#")[0] not in shards_, AsDict(shard_uris)),
-                                   gone | "InShards" >> beam.FlatMap(
-                                       lambda uri, shards_: [(uri.rpartition("#")[0], uri)]
-                                       if uri.rpartition("#")[0] in shards_ else [], AsDict(shard_uris)))
+      previous_shard_rows = gone | "InShards" >> beam.FlatMap(
+          lambda uri, shards_: [(uri.rpartition("#")[0], uri)] if uri.rpartition("#")[0] in shards_ else [],
+          AsDict(shard_uris))
+      gone = gone | "NotInShards" >> beam.Filter(
+          lambda uri, shards_: uri.rpartition("#")[0] not in shards_, AsDict(shard_uris))
     tallied.append(gone | "CountRemoved" >> _tallied("removed", lambda _: 1))
 
   if config.dedupe:
