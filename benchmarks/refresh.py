@@ -189,7 +189,10 @@ def main(argv=None):
           f.write(data)
 
       with gcs_emulator("refresh-bench") as bucket, fault_proxy() as proxy:
-        child_env = dict(env, STORAGE_EMULATOR_HOST=os.environ["STORAGE_EMULATOR_HOST"])
+        # The whole environment as the emulator and proxy left it: the proxy's STORAGE_EMULATOR_HOST
+        # and the emulator's GOOGLE_APPLICATION_CREDENTIALS. Without the credentials, Beam retries
+        # finding some with backoff (_get_credentials_with_retrys), ~20 s a run, then goes on anonymously.
+        child_env = dict(os.environ, PYTHONPATH=REPO)
         proxy.latency_s = args.latency_ms / 1000
         bench(store, n, args, lambda uri, data: _fast_put(proxy, put, uri, data), f"gs://{bucket}", child_env, proxy)
 
