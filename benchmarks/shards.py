@@ -138,8 +138,8 @@ def agreement(out, reference, n):
     raise SystemExit(f"{out}: {rows} rows, {failed} errors, {len(got)} distinct images; expected {n}")
   worst = 0.0
   for digest, vector in got.items():
-    want = reference[digest]
-    worst = max(worst, float(np.linalg.norm(vector - want) / max(np.linalg.norm(want), 1e-12)))
+    want = np.asarray(reference[digest], np.float64)  # float32 squares of tiny values underflow to 0
+    worst = max(worst, float(np.linalg.norm(np.float64(vector) - want) / max(np.linalg.norm(want), 1e-30)))
   return worst
 
 
