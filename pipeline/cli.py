@@ -49,8 +49,26 @@ _NO_DEVICE = "CUDA_ERROR_NO_DEVICE"
 
 @contextlib.contextmanager
 def _first_tensorflow_import(quiet: bool):
-  with startup_without_gc(), tensorflow_noise_held_back() if quiet else contextlib.nullcontext():
+  with startup_without_gc(), keras_without_sklearn(), \
+      tensorflow_noise_held_back() if quiet else contextlib.nullcontext():
     yield
+
+
+@contextlib.contextmanager
+def keras_without_sklearn():
+  """TensorFlow's import imports all of Keras, whose scikit-learn wrappers import scikit-learn where
+  it is installed (the `report` extra): ~0.8 s of a 2-core machine's start-up (`python -X
+  importtime`), for wrappers this program never uses. For the block, `import sklearn` fails (Keras
+  guards it and defines the wrappers without it); afterwards it imports as usual, so only
+  `keras.wrappers` stays without scikit-learn in this process."""
+  blocked = "sklearn" not in sys.modules
+  if blocked:
+    sys.modules["sklearn"] = None
+  try:
+    yield
+  finally:
+    if blocked and "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+      del sys.modules["sklearn"]
 
 
 @contextlib.contextmanager

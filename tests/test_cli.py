@@ -5,6 +5,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from pipeline import cli
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -121,3 +123,19 @@ def test_a_run_prints_only_its_own_lines_unless_verbose_and_imports_tensorflow_o
   assert loud.stderr.splitlines()[-1].startswith("embed-images: ok: ")
   # TensorFlow says something on start-up on every machine (at least absl's preamble): shown.
   assert [line for line in loud.stderr.splitlines() if not line.startswith("embed-images: ")] != []
+
+
+def test_the_command_lines_tensorflow_import_leaves_scikit_learn_out_and_importable_after():
+  # Keras's scikit-learn wrappers import it with TensorFlow where it is installed (~0.8 s here).
+  pytest.importorskip("sklearn")
+  code = ("import sys\n"
+          "from pipeline import cli\n"
+          "from transforms import tensorflow_import\n"
+          "tensorflow_import.on_first_import(lambda: cli._first_tensorflow_import(False))\n"
+          "tensorflow_import.load_tensorflow()\n"
+          "print('keras' in sys.modules, 'sklearn' in sys.modules)\n"
+          "import sklearn.neighbors\n"
+          "print(sklearn.neighbors.__name__)\n")
+  result = _python("-c", code)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["True", "False", "sklearn.neighbors"]

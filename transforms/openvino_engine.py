@@ -112,7 +112,12 @@ def compile_config(core, bf16: bool) -> dict:
 
 def model_key(backbones, pooling, normalize) -> str:
   """The cache key of a converted model (precision is the compiler's: one entry serves f32 and bf16)."""
-  return model_cache.model_key("openvino", tuple(backbones), pooling, normalize)
+  return model_cache.model_key("openvino", tuple(backbones), pooling, normalize, _CONVERSION)
+
+
+# Part of the converted model's cache key: 2 since the conversion keeps only the function's own
+# outputs (_function_outputs_only); entries converted before hold the extra outputs, and are not read.
+_CONVERSION = 2
 
 
 def _read_converted(directory):
@@ -153,11 +158,30 @@ def holds_converted(key) -> bool:
 def convert_fused(model: "fused.FusedModel", converter=None):
   """The fused model's graph converted for OpenVINO; ConversionError naming the backbone to blame."""
   converter = converter or import_openvino().convert_model
+  function = model._forward.get_concrete_function()
   try:
-    return converter(model._forward.get_concrete_function())
+    converted = converter(function)
   except Exception as e:  # the converter's own errors are many kinds: reworded, naming the backbone
     raise ConversionError(f"OpenVINO cannot convert {_culprit(model, converter)}: "
                           f"{type(e).__name__}: {e}".splitlines()[0]) from None
+  return _function_outputs_only(converted, [t.name for t in function.outputs])
+
+
+def _function_outputs_only(converted, names):
+  """The converted model with only the function's own outputs (`names`, in order).
+
+  OpenVINO's TensorFlow frontend (2026.4) also makes a model output of each Keras activation's
+  `Identity` in some graphs: EfficientNet's swish layers gave 49 extra outputs. Each is computed,
+  transposed back to NHWC and copied out on every call. That came to ~45% of EfficientNetB0's time
+  (Transpose and Reorder nodes), which put it at 0.64x TensorFlow (benchmarks/README.md)."""
+  outputs = list(getattr(converted, "outputs", ()))
+  if len(outputs) <= len(names):
+    return converted
+  by_name = {name: output for output in outputs for name in output.get_names()}
+  if not all(name in by_name for name in names):
+    return converted  # not the layout this was written for: left as converted
+  ov = import_openvino()
+  return ov.Model([by_name[name] for name in names], converted.get_parameters(), converted.get_friendly_name())
 
 
 class OpenVINOModel:
