@@ -58,6 +58,10 @@ class RunConfig:
   # runs (launch.decide_engine), on others --engine as given (each worker resolves auto itself)
   engine: str = "tensorflow"
   engine_requested: Optional[str] = None  # --engine as given; None: `engine`
+  # Reshuffle the inputs before the embed stage, so that its work spreads over the workers. False
+  # where one process runs everything (launch.in_one_process): there the listing streams straight
+  # into the embed stage, one fused stage, and decoding starts with the first file listed.
+  fan_out: bool = True
 
   @property
   def sizes(self):

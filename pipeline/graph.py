@@ -340,7 +340,9 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
     # On the composite alone: only paths are shuffled into accelerator workers;
     # listing and writing stay on ordinary ones.
     embed = embed.with_resource_hints(**hints)
-  results = items | "Reshuffle" >> beam.Reshuffle() | "ReadDecodeEmbed" >> embed
+  if config.fan_out:
+    items = items | "Reshuffle" >> beam.Reshuffle()
+  results = items | "ReadDecodeEmbed" >> embed
   embeddings = results["embeddings"]
   # A shard's damage has no digest: never committed (a resume reads the shard again).
   errors = ((results["errors"], results["shard_errors"] | "ShardErrorRows" >> beam.FlatMapTuple(_error_rows))

@@ -120,6 +120,14 @@ def runner_name(options: PipelineOptions):
   return options.get_all_options().get("runner")
 
 
+def in_one_process(options: PipelineOptions) -> bool:
+  """Whether the whole job runs as one bundle stream in this process: the local runner in memory
+  with one worker (its defaults), where a shuffle has no workers to spread the inputs over."""
+  direct = options.get_all_options()
+  return (runner_name(options) in LOCAL_RUNNERS and direct.get("direct_running_mode") in (None, "in_memory")
+          and direct.get("direct_num_workers") in (None, 1))
+
+
 def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
   """Validates the options and what they name; raises LaunchError with one line naming the
   option and value."""
@@ -195,6 +203,7 @@ def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
       parquet_part_rows=opts.parquet_part_rows,
       engine=decide_engine(options, specs),
       engine_requested=opts.engine,
+      fan_out=not in_one_process(options),
   )
   config = dataclasses.replace(config, layout=model_layout(config))
   if opts.previous:

@@ -141,9 +141,12 @@ def test_dataflow_graph_has_the_gpu_hint_on_read_decode_embed_alone(photos, laun
             for e in environments.values()}
   assert len(images) == 1
 
-  # The same options on the local runner give the same work, hinted in the same place.
+  # The same options on the local runner give the same work, hinted in the same place; in one
+  # process less the shuffle that spreads the inputs over workers (launch.in_one_process).
   local = leaves(local_proto(embed_args(bucket, output="elsewhere")))
-  assert dataflow == local
+  shuffle = {name for name in dataflow if name.startswith("Reshuffle/")}
+  assert shuffle and {name: h for name, h in dataflow.items() if name not in shuffle} == local
+  assert dataflow == leaves(local_proto([*embed_args(bucket, output="elsewhere"), "--direct_num_workers", "2"]))
   assert len(dataflow) > 50  # the whole job, not one branch of it
 
   # Workers get the validated configuration inside the pickled DoFn, whatever Beam's
@@ -252,7 +255,8 @@ def test_dataflow_graph_with_previous_keeps_the_hint_on_read_decode_embed_alone(
   assert any(name.startswith("PreviousIndex/") for name in dataflow)
   assert any(name.startswith("FetchRows/") for name in dataflow)
   assert {n for n, h in dataflow.items() if h} == EMBED_LEAVES
-  assert dataflow == leaves(local_proto([*embed_args(bucket, output="elsewhere"), *extra]))
+  spread = ("--direct_num_workers", "2")  # workers to spread over, as on Dataflow: the same graph
+  assert dataflow == leaves(local_proto([*embed_args(bucket, output="elsewhere"), *extra, *spread]))
 
 
 def test_latest_finished_run_is_the_latest_dated_one_before_the_day(photos):

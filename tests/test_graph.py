@@ -531,3 +531,27 @@ def test_a_run_leaves_no_process_wide_state_behind(tmp_path):
   print(f"mixed_float16 run: {mixed_error:.2e} from the recipe; the float32 run after it: {exact_error:.2e}")
   # A leaked mixed_float16 policy would put the second run where the first is.
   assert exact_error < 1e-4 < mixed_error
+
+
+def test_one_process_lists_straight_into_the_embed_stage_and_workers_get_reshuffled_inputs(tmp_path):
+  # One process (the local runner's defaults): nothing to spread the inputs over, so no shuffle
+  # stands between the listing and the embed stage, which fuse: decoding starts with the first
+  # file listed. With workers (threads here, Dataflow's VMs), the inputs are reshuffled first.
+  from apache_beam.options.pipeline_options import PipelineOptions
+  from pipeline.graph import build_graph
+  from pipeline.launch import build_config
+  folder = sample_folder(tmp_path)
+  threads = ("--direct_num_workers", "2", "--direct_running_mode", "multi_threading")
+  labels = {}
+  for name, extra in (("one", ()), ("threads", threads)):
+    options = PipelineOptions(["--input", f"{folder}/*.jpg", "--output", str(tmp_path / name), *SMALL_MODEL, *extra])
+    p = beam.Pipeline(options=options)
+    build_graph(p, build_config(options))
+    labels[name] = p.applied_labels
+  assert "Reshuffle" not in labels["one"] and "Reshuffle" in labels["threads"]
+  one = embed([f"{folder}/*.jpg"], tmp_path / "one", *SMALL_MODEL)
+  spread = embed([f"{folder}/*.jpg"], tmp_path / "threads", *SMALL_MODEL, *threads)
+  assert one.status == spread.status == 0 and one.summary["counts"]["embedded"] == 7
+  files = sorted(folder.iterdir())
+  assert sorted(one.vectors) == sorted(spread.vectors) == [str(f) for f in files]
+  assert relative_l2(stack(one, files), stack(spread, files)).max() < 1e-5
