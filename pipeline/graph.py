@@ -1,4 +1,4 @@
-"""Assembles the Beam graph: inputs -> (previous run, dedupe) -> reshuffle -> read/decode/embed -> Parquet -> summary."""
+"""Assembles the Beam graph: inputs -> (previous run, dedupe) -> reshuffle (many workers) -> read/decode/embed -> Parquet -> summary."""
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
