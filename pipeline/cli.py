@@ -6,7 +6,9 @@ full collection it triggers on the way (six, ~0.9 s in all, in a 1024-image loca
 more at interpreter exit (~1.3 s). So the imports run with the GC paused, what they made is
 moved to the permanent generation (`gc.freeze`), and the heap is frozen again before exit.
 TensorFlow and Keras are imported where first needed (transforms/tensorflow_import.py), under
-the same pause and the capture below: a run that builds no model never imports them.
+the same pause and the capture below: a run that builds no model never imports them. Two optional
+dependencies that Beam and Keras import where installed, and this program never uses, are kept out
+of those imports (`kept_out`): BigQuery's client (~0.3 s) and scikit-learn (~0.8 s).
 `pipeline.main.run` itself, which tests and other programs call in-process, leaves the GC alone.
 
 Quiet: what a person sees is this program's own output. Without --verbose, Beam's "apitools not
@@ -49,26 +51,29 @@ _NO_DEVICE = "CUDA_ERROR_NO_DEVICE"
 
 @contextlib.contextmanager
 def _first_tensorflow_import(quiet: bool):
-  with startup_without_gc(), keras_without_sklearn(), \
+  # TensorFlow's import imports all of Keras, whose scikit-learn wrappers import scikit-learn where
+  # it is installed (the `report` extra): ~0.8 s of a 2-core machine's start-up.
+  with startup_without_gc(), kept_out("sklearn"), \
       tensorflow_noise_held_back() if quiet else contextlib.nullcontext():
     yield
 
 
 @contextlib.contextmanager
-def keras_without_sklearn():
-  """TensorFlow's import imports all of Keras, whose scikit-learn wrappers import scikit-learn where
-  it is installed (the `report` extra): ~0.8 s of a 2-core machine's start-up (`python -X
-  importtime`), for wrappers this program never uses. For the block, `import sklearn` fails (Keras
-  guards it and defines the wrappers without it); afterwards it imports as usual, so only
-  `keras.wrappers` stays without scikit-learn in this process."""
-  blocked = "sklearn" not in sys.modules
-  if blocked:
-    sys.modules["sklearn"] = None
+def kept_out(*modules):
+  """For the block, `import` of these modules fails, as if they were not installed, unless they are
+  imported already; afterwards they import as usual. For optional dependencies that a library
+  imports where installed and this program never uses (`python -X importtime` shows their cost):
+  the library guards the import and goes on without them, and only that library's use of them
+  stays off in this process."""
+  blocked = [name for name in modules if name not in sys.modules]
+  for name in blocked:
+    sys.modules[name] = None
   try:
     yield
   finally:
-    if blocked and "sklearn" in sys.modules and sys.modules["sklearn"] is None:
-      del sys.modules["sklearn"]
+    for name in blocked:
+      if name in sys.modules and sys.modules[name] is None:
+        del sys.modules[name]
 
 
 @contextlib.contextmanager
@@ -177,7 +182,9 @@ def main(argv=None):
   quiet_tensorflow = not verbose and os.environ.get("TF_CPP_MIN_LOG_LEVEL") in ("2", "3")
   if verbose and pipeline.USER_TF_LOG_LEVEL is None:
     os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
-  with startup_without_gc():
+  # Beam imports google-cloud-bigquery's client where the [gcp] extra installed it (~0.3 s); only
+  # BigQuery's IO uses it.
+  with startup_without_gc(), kept_out("google.cloud.bigquery"):
     with contextlib.nullcontext() if verbose else without_apitools_warning():
       from pipeline.main import EXIT_INTERRUPTED, run
   # TensorFlow is imported where something first needs it (transforms/tensorflow_import.py): at

@@ -125,6 +125,19 @@ def test_a_run_prints_only_its_own_lines_unless_verbose_and_imports_tensorflow_o
   assert [line for line in loud.stderr.splitlines() if not line.startswith("embed-images: ")] != []
 
 
+def test_a_run_never_imports_bigquerys_client_and_scikit_learn_imports_after_tensorflow(tmp_path):
+  # Beam imports google-cloud-bigquery's client with the [gcp] extra (~0.3 s); the command line never uses it.
+  pytest.importorskip("google.cloud.bigquery")
+  code = ("import atexit, runpy, sys\n"
+          "atexit.register(lambda: print('bigquery imported:', sys.modules.get('google.cloud.bigquery') is not None))\n"
+          "runpy.run_module('pipeline', run_name='__main__', alter_sys=True)\n")
+  result = _python("-c", code, "--input", f"{SAMPLES}/*.jpg", "--output", str(tmp_path / "out"), "--backbones",
+                   "mobilenet_v2", "--weights", "random", "--image-size", "32")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.splitlines()[-1] == "bigquery imported: False"
+  assert result.stderr.splitlines()[-1].startswith("embed-images: ok: 7 matched, 7 embedded")
+
+
 def test_the_command_lines_tensorflow_import_leaves_scikit_learn_out_and_importable_after():
   # Keras's scikit-learn wrappers import it with TensorFlow where it is installed (~0.8 s here).
   pytest.importorskip("sklearn")
