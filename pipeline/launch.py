@@ -22,7 +22,7 @@ import sys
 import time
 
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, TestOptions, _BeamArgumentParser
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, TestOptions, _BeamArgumentParser
 
 from pipeline.config import RunConfig, model_layout
 from pipeline.options import EmbedOptions, LaunchError, _bool_value, _check_choice, as_flags, backbone_names, validate
@@ -123,9 +123,9 @@ def runner_name(options: PipelineOptions):
 def in_one_process(options: PipelineOptions) -> bool:
   """Whether the whole job runs as one bundle stream in this process: the local runner in memory
   with one worker (its defaults), where a shuffle has no workers to spread the inputs over."""
-  direct = options.get_all_options()
-  return (runner_name(options) in LOCAL_RUNNERS and direct.get("direct_running_mode") in (None, "in_memory")
-          and direct.get("direct_num_workers") in (None, 1))
+  direct = options.view_as(DirectOptions)
+  return (runner_name(options) in LOCAL_RUNNERS and direct.direct_running_mode == "in_memory"
+          and direct.direct_num_workers == 1)
 
 
 def build_config(options: PipelineOptions, check_files=True) -> RunConfig:
