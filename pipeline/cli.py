@@ -171,6 +171,11 @@ def main(argv=None):
   verbose = VERBOSE_FLAG in argv
   argv = [a for a in argv if a != VERBOSE_FLAG]
   logging.getLogger().setLevel(logging.WARNING)
+  # Arrow's buffers from the C library's malloc, not its default mimalloc, unless the user chose:
+  # reading 30,720 reused rows back and writing them again (Arrow's own peak: 30 MB) raised the
+  # process's RSS by 121 MB on mimalloc and by 53 MB on malloc (benchmarks/README.md). Arrow reads
+  # this at its first allocation, which is after this line.
+  os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
   if argv[:1] == [REPORT_COMMAND]:
     # Before the job's own start-up: a report reads Parquet and never needs TensorFlow.
     with contextlib.nullcontext() if verbose else without_apitools_warning():

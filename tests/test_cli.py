@@ -152,3 +152,18 @@ def test_the_command_lines_tensorflow_import_leaves_scikit_learn_out_and_importa
   result = _python("-c", code)
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ["True", "False", "sklearn.neighbors"]
+
+
+@pytest.mark.parametrize("chosen,want", [(None, "system"), ("mimalloc", "mimalloc")])
+def test_the_command_line_gives_arrow_the_system_allocator_unless_the_user_chose_one(chosen, want):
+  # Arrow's default mimalloc held ~2x what Arrow had allocated (benchmarks/README.md, refresh memory).
+  code = ("import atexit, runpy\n"
+          "atexit.register(lambda: print('arrow pool:', __import__('pyarrow').default_memory_pool().backend_name))\n"
+          "runpy.run_module('pipeline', run_name='__main__', alter_sys=True)\n")
+  env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+  if chosen:
+    env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
+  result = subprocess.run([sys.executable, "-c", code, "--list-backbones"], capture_output=True, text=True, cwd=REPO,
+                          timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.splitlines()[-1] == f"arrow pool: {want}"

@@ -52,7 +52,7 @@ def test_unchanged_refresh_embeds_nothing_and_gives_the_same_rows(bucket, tmp_pa
   assert summary["refresh"] == {"previous": str(tmp_path / "day1"), "reused": True, "reason": "same model"}
 
 
-def test_unchanged_refresh_builds_no_model(bucket, tmp_path, monkeypatch):
+def test_unchanged_refresh_builds_no_model_and_starts_no_decode_process(bucket, tmp_path, monkeypatch):
   from transforms import fused
   built, real = [], fused.FusedModel
 
@@ -65,7 +65,11 @@ def test_unchanged_refresh_builds_no_model(bucket, tmp_path, monkeypatch):
   assert len(built) == 1
   assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
   assert len(built) == 1  # every file carried over: nothing to embed, no model built
-  assert read_summary(str(tmp_path / "day2"))["counts"]["carried_over"] == len(list(bucket.glob("*.jpg")))
+  summary = read_summary(str(tmp_path / "day2"))
+  assert summary["counts"]["carried_over"] == len(list(bucket.glob("*.jpg")))
+  # nothing to decode either: the decode processes start at the first image to decode, so none did
+  assert read_summary(str(tmp_path / "day1"))["decode_processes"]["started"] > 0
+  assert summary["decode_processes"]["started"] == 0
 
 
 def test_changed_new_and_removed_files(bucket, tmp_path):

@@ -384,6 +384,28 @@ def release_pool(pool: DecodePool):
   pool.close()
 
 
+class PoolWhenNeeded:
+  """A shared pool (acquire_pool) acquired at the first `decode_many`, not before: a stage that
+  gets nothing to decode (an unchanged refresh reuses every row unread) starts no process. Each
+  start costs a process's imports (~0.3 s of CPU) while the run's own work wants both cores."""
+
+  def __init__(self, processes: int, memory: Optional[int]):
+    self._args, self._pool, self._lock = (processes, memory), None, threading.Lock()
+
+  def decode_many(self, datas, spec):
+    with self._lock:
+      if self._pool is None:
+        self._pool = acquire_pool(*self._args)
+      pool = self._pool
+    return pool.decode_many(datas, spec)
+
+  def release(self):
+    with self._lock:
+      pool, self._pool = self._pool, None
+    if pool is not None:
+      release_pool(pool)
+
+
 def process_stats() -> dict:
   """This process's decode processes: their peak RSS (max and sum), started and replaced."""
   with _pools_lock:

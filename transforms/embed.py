@@ -243,7 +243,7 @@ class _EmbedDoFn(beam.DoFn):
 
   def setup(self):
     processes = self._decode_processes or worker_cores()  # counted on the worker, not the launcher
-    self._decoders = decode_pool.acquire_pool(processes, self._spec.memory)
+    self._decoders = decode_pool.PoolWhenNeeded(processes, self._spec.memory)
     self._loader = Loader(self._decoders, self._spec)
     self._executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=max(self._read_threads, processes), thread_name_prefix="read-decode")
@@ -268,7 +268,7 @@ class _EmbedDoFn(beam.DoFn):
       executor.shutdown(wait=False, cancel_futures=True)
     decoders = getattr(self, "_decoders", None)
     if decoders is not None:
-      decode_pool.release_pool(decoders)
+      decoders.release()
 
   def _waited_too_long(self) -> bool:
     if self._max_wait is None:

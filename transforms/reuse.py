@@ -39,7 +39,7 @@ from transforms.write import embeddings_schema
 PREVIOUS, RESUME = "previous", "resume"
 ROW, ERROR = "row", "error"
 _READ_BUFFER = 1 << 20
-_BATCH_ROWS = 2048
+_BATCH_ROWS = 256
 BUCKETS = 512  # the join's keys: a list of a bucket's objects crosses the shuffle, not each object
 _FLUSH = 8192  # objects held by one worker before its lists go on, whatever the bundle
 
