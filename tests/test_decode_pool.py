@@ -291,6 +291,22 @@ def test_one_pool_per_worker_process_shared_by_its_dofns():
     a.decode(GOOD, spec())
 
 
+def test_a_pool_when_needed_starts_processes_at_its_first_decode_and_never_after_its_release():
+  key = (1, 123 << 20)  # a memory ceiling no other test's pool has
+  lazy = decode_pool.PoolWhenNeeded(*key)
+  assert key not in decode_pool._pools  # nothing started yet: an unchanged refresh never decodes
+  [image] = lazy.decode_many([GOOD], spec())
+  assert image.width == 500 and decode_pool._pools[key][0].started == 1
+  lazy.release()
+  assert key not in decode_pool._pools  # its one user gone: closed
+  [late] = lazy.decode_many([GOOD], spec())
+  assert isinstance(late, DecodeProcessError) and late.error_type == "decoder_stopped"
+  unused = decode_pool.PoolWhenNeeded(*key)
+  unused.release()
+  [late] = unused.decode_many([GOOD], spec())
+  assert isinstance(late, DecodeProcessError) and key not in decode_pool._pools  # none started after release
+
+
 @pytest.mark.parametrize("max_pixels,want", [(PIL_MAX_PIXELS, 24 * PIL_MAX_PIXELS), (None, 2 << 30),
                                              (1_000_000, 1 << 30)])
 def test_default_memory_ceiling(max_pixels, want):

@@ -391,17 +391,23 @@ class PoolWhenNeeded:
 
   def __init__(self, processes: int, memory: Optional[int]):
     self._args, self._pool, self._lock = (processes, memory), None, threading.Lock()
+    self._released = False
 
   def decode_many(self, datas, spec):
     with self._lock:
-      if self._pool is None:
+      if self._pool is None and not self._released:
         self._pool = acquire_pool(*self._args)
       pool = self._pool
-    return pool.decode_many(datas, spec)
+    if pool is None:  # a read-ahead task still running after the stage's teardown: start nothing
+      return [_stopped()] * len(datas)
+    return pool.decode_many(datas, spec)  # a released pool is closed: its calls end stopped, as above
 
   def release(self):
     with self._lock:
-      pool, self._pool = self._pool, None
+      if self._released:
+        return
+      self._released = True
+      pool = self._pool
     if pool is not None:
       release_pool(pool)
 
