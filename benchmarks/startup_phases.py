@@ -71,7 +71,7 @@ def main():
   wrap(launch, "build_config", "launch checks: options, listing, backbones and weights resolved")
   wrap(pipeline.main, "build_graph", "build the Beam graph")
   wrap(beam.Pipeline, "run", "Pipeline.run (the local runner, start to finish)")
-  wrap(embed._EmbedDoFn, "setup", "embed stage setup (thread pool, decode processes)", limit=1)
+  wrap(embed._EmbedDoFn, "setup", "embed stage setup (thread pool; decode processes start at the first image)", limit=1)
   wrap(decode_pool, "acquire_pool", "start the decode processes", limit=1)
   first_element = []
 

@@ -71,6 +71,19 @@ def test_a_writer_commits_every_n_rows_and_every_t_seconds_atomically(tmp_path):
   assert len(checkpoint.files(str(tmp_path))) == 3
 
 
+def test_the_writers_clock_runs_from_the_bundles_start_not_its_first_item(tmp_path):
+  # The first batch arrives after the model's build: if that took `every_seconds`, the batch is
+  # committed as it is added, not `every_seconds` later.
+  clock = FakeClock()
+  writer = checkpoint.CheckpointWriter(str(tmp_path), "run1", every_seconds=5, every_rows=4096, clock=clock)
+  clock.now += 5.0
+  writer.start_bundle("a.jpg")
+  writer.add(_table(["a"]))
+  assert checkpoint.committed_rows(str(tmp_path)) == 1
+  writer.add(_table(["b"]))  # 0 s since that commit
+  assert checkpoint.committed_rows(str(tmp_path)) == 1
+
+
 # --- a real run, killed and resumed ---------------------------------------------------
 
 

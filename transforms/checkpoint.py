@@ -124,9 +124,11 @@ class CheckpointWriter:
     self.commits = 0
 
   def start_bundle(self, first_uri: str):
+    """Names the bundle's files after its first item. The `every_seconds` clock runs from the writer's
+    creation (the bundle's start), not from here: the first batch comes after the model is built, and
+    rows that took longer than `every_seconds` to make are committed as soon as they are added."""
     self._bundle = f"{self._run}-{hashlib.sha1(first_uri.encode()).hexdigest()[:16]}"
     self._sequence = 0
-    self._last = self._clock()
 
   def add(self, table: Optional[pa.Table], errors=()):
     """`table`: output rows with their `listing` column; `errors`: error rows with `sha256` and
