@@ -37,9 +37,10 @@ OTHER_ERROR = "E0000 00:00:1795847649.1    7953 op_kernel.cc:1857] OP_REQUIRES f
 PYTHON_OUTPUT = "Traceback (most recent call last):\nImportError: libfoo.so: cannot open shared object file\n"
 
 
-def _python(*args, env=None):
+def _python(*args, env=None, unset=()):
+  environment = {k: v for k, v in os.environ.items() if k not in unset}
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, timeout=300,
-                        env={**os.environ, **(env or {})})
+                        env={**environment, **(env or {})})
 
 
 def test_list_backbones_and_help_print_nothing_on_stderr_without_the_gcp_extra():
@@ -160,10 +161,7 @@ def test_the_command_line_gives_arrow_the_system_allocator_unless_the_user_chose
   code = ("import atexit, runpy\n"
           "atexit.register(lambda: print('arrow pool:', __import__('pyarrow').default_memory_pool().backend_name))\n"
           "runpy.run_module('pipeline', run_name='__main__', alter_sys=True)\n")
-  env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
-  if chosen:
-    env["ARROW_DEFAULT_MEMORY_POOL"] = chosen
-  result = subprocess.run([sys.executable, "-c", code, "--list-backbones"], capture_output=True, text=True, cwd=REPO,
-                          timeout=300, env=env)
+  result = _python("-c", code, "--list-backbones", env={"ARROW_DEFAULT_MEMORY_POOL": chosen} if chosen else None,
+                   unset=("ARROW_DEFAULT_MEMORY_POOL",))
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.splitlines()[-1] == f"arrow pool: {want}"

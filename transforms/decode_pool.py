@@ -400,7 +400,7 @@ class PoolWhenNeeded:
       pool = self._pool
     if pool is None:  # a read-ahead task still running after the stage's teardown: start nothing
       return [_stopped()] * len(datas)
-    return pool.decode_many(datas, spec)  # a released pool is closed: its calls end stopped, as above
+    return pool.decode_many(datas, spec)  # released: closed once its last user released it, then stopped results
 
   def release(self):
     with self._lock:

@@ -158,8 +158,8 @@ def holds_converted(key) -> bool:
 def convert_fused(model: "fused.FusedModel", converter=None):
   """The fused model's graph converted for OpenVINO; ConversionError naming the backbone to blame."""
   converter = converter or import_openvino().convert_model
-  function = model._forward.get_concrete_function()
   try:
+    function = model._forward.get_concrete_function()
     converted = converter(function)
   except Exception as e:  # the converter's own errors are many kinds: reworded, naming the backbone
     raise ConversionError(f"OpenVINO cannot convert {_culprit(model, converter)}: "
