@@ -22,7 +22,9 @@ setuptools.setup(
     ],
     extras_require={
         "gcp": ["apache-beam[gcp]>=2.60,<2.78"],
-        "test": ["pytest>=7", "gcp-storage-emulator", "playwright>=1.40,<1.66"],
+        # IPython: the command line keeps it out of TensorFlow's import (Keras imports it where
+        # installed); installed for the tests, so that test runs.
+        "test": ["pytest>=7", "gcp-storage-emulator", "playwright>=1.40,<1.66", "ipython>=8,<10"],
         # `embed-images report`: projection, neighbour search and probes.
         "report": ["scikit-learn>=1.4,<1.10"],
         # KerasHub presets (hub:PRESET). On Linux it pulls tensorflow-text, which needs the full

@@ -139,20 +139,22 @@ def test_a_run_never_imports_bigquerys_client_and_scikit_learn_imports_after_ten
   assert result.stderr.splitlines()[-1].startswith("embed-images: ok: 7 matched, 7 embedded")
 
 
-def test_the_command_lines_tensorflow_import_leaves_scikit_learn_out_and_importable_after():
-  # Keras's scikit-learn wrappers import it with TensorFlow where it is installed (~0.8 s here).
-  pytest.importorskip("sklearn")
+@pytest.mark.parametrize("module,submodule", [("sklearn", "sklearn.neighbors"), ("IPython", "IPython.display")])
+def test_the_command_lines_tensorflow_import_leaves_optional_modules_out_and_importable_after(module, submodule):
+  # Keras imports them with TensorFlow where they are installed: its scikit-learn wrappers (~0.8 s
+  # here) and its saving.file_editor's notebook display (~0.13 s).
+  pytest.importorskip(module)
   code = ("import sys\n"
           "from pipeline import cli\n"
           "from transforms import tensorflow_import\n"
           "tensorflow_import.on_first_import(lambda: cli._first_tensorflow_import(False))\n"
           "tensorflow_import.load_tensorflow()\n"
-          "print('keras' in sys.modules, 'sklearn' in sys.modules)\n"
-          "import sklearn.neighbors\n"
-          "print(sklearn.neighbors.__name__)\n")
+          f"print('keras' in sys.modules, {module!r} in sys.modules)\n"
+          f"import {submodule}\n"
+          f"print({submodule}.__name__)\n")
   result = _python("-c", code)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.split() == ["True", "False", "sklearn.neighbors"]
+  assert result.stdout.split() == ["True", "False", submodule]
 
 
 @pytest.mark.parametrize("chosen,want", [(None, "system"), ("mimalloc", "mimalloc")])
