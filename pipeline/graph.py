@@ -134,6 +134,7 @@ class Tally(beam.CombineFn):
     out["failure"] = sorted(tally.get("failure", {}).items())
     out["worker"] = tally.get("worker", [])
     out["file"] = tally.get("file", [])
+    out["copy"] = sorted(tally.get("copy", []))
     return out
 
 
@@ -175,7 +176,7 @@ class _CountMatched(beam.DoFn):
 
 
 def _write_summary_step(tally, config):
-  files = number_shards([f for f in tally["file"] if f is not None], config.output)
+  files = number_shards([f for f in tally["file"] if f is not None], config.output, copies=tally["copy"])
   matched, embedded, workers = tally["matched"], tally["embedded"], tally["worker"]
   carried, removed, resumed, deduplicated = tally["carried"], tally["removed"], tally["resumed"], tally["deduplicated"]
   summary = summarize(
@@ -310,7 +311,7 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
     decided = ({"items": items | "ByBucket" >> beam.ParDo(reuse.ByBucket()), "committed": index}
                | "JoinCommitted" >> beam.CoGroupByKey()
                | "Decide" >> beam.FlatMap(reuse.decide_bucket, trust_resume, trust_previous)
-               .with_outputs("reused", "gone", main="items"))
+               .with_outputs("reused", "gone", "parts", main="items"))
     items, reused_unread = decided.items, (decided.reused,)
     if with_shards:
       items, shards_unread, unread_counts = _with_members(items, index, p, config, trust_previous)
@@ -356,16 +357,25 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
     tallied.append(_removed_from_shards(
         previous_shard_rows, shard_counts | "PreviousSeen" >> beam.MapTuple(lambda shard, found, seen: (shard, seen))))
 
+  schema = embeddings_schema(config.dim, config.layout, config.extra_fields, listing=True)
   reused_tables = None
   if committed:
     # One Flatten of the three: each level of Flatten is another copy of every Use on the local runner.
     uses = (results["reused"], *reused_unread) | "AllReused" >> beam.Flatten()
+    whole = None
+    if not config.num_shards and not config.extra_fields:
+      # Committed files reused row for row as they are: copied by the summary step, never read
+      # (reuse.WholeFiles). A fixed number of shards, or columns of this run's own, rewrite every row.
+      others = [rows | f"NotWhole{i}" >> beam.Map(reuse.not_whole)
+                for i, rows in enumerate((results["reused"], *reused_unread[1:]))]
+      whole = ((decided.parts, *others) | "AllParts" >> beam.Flatten()
+               | "WholeFiles" >> reuse.WholeFiles(schema, config.output))
+      tallied.append(whole | "CountWhole" >> _tallied("copy"))
     # Counted where they are read back: a second consumer of the Flatten would decode every Batch.
-    reused_tables, reused_errors, reused_counts = uses | "FetchRows" >> reuse.FetchRows(config.extra_fields)
+    reused_tables, reused_errors, reused_counts = uses | "FetchRows" >> reuse.FetchRows(config.extra_fields, whole)
     errors = (errors, reused_errors) | "WithReusedErrors" >> beam.Flatten()
     tallied.append(reused_counts)
 
-  schema = embeddings_schema(config.dim, config.layout, config.extra_fields, listing=True)
   tables = embeddings
   if reused_tables is not None and config.num_shards:
     # A fixed number of files groups every row by shard anyway: one sink for all.
@@ -377,9 +387,11 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
   if reused_tables is not None and not config.num_shards:
     # The reused rows through a sink of their own, fused with the step that reads them back: a
     # Flatten into one sink would hold every row of both in memory on the local runner. The
-    # summary step numbers both sinks' files as one set (write.number_shards).
+    # summary step numbers both sinks' files as one set (write.number_shards). No file of no rows:
+    # where every reused file is copied whole, WriteEmbeddings' file is the one that may be empty.
     written.append(reused_tables | "WriteReused" >> beam.io.Write(ParquetTableSink(
-        FileSystems.join(config.output, REUSED_PREFIX), schema, row_group_size=config.row_group_size)))
+        FileSystems.join(config.output, REUSED_PREFIX), schema, row_group_size=config.row_group_size,
+        skip_if_empty=True)))
   error_files = (errors
                  | "ErrorTables" >> beam.BatchElements(min_batch_size=1, max_batch_size=1024)
                  | "ToArrow" >> beam.Map(errors_to_table)

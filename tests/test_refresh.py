@@ -181,6 +181,72 @@ def test_a_touched_file_is_read_again_and_carried_over(bucket, tmp_path):
                                     "crc32c": None, "md5": None, "mtime": None}
 
 
+def _embedding_files(out):
+  """{file name: bytes} of a run's embeddings files that hold rows."""
+  return {p.name: p.read_bytes() for p in sorted(out.glob("embeddings-*.parquet"))
+          if pq.ParquetFile(p).metadata.num_rows}
+
+
+def _reading_back_counted(monkeypatch):
+  """The rows the refresh reads back from committed files (reuse.reused_table's), as a list of counts."""
+  from transforms import reuse
+  read, real = [], reuse.reused_table
+
+  def counted(taken, uses, extra_fields):
+    read.append(len(uses))
+    return real(taken, uses, extra_fields)
+
+  monkeypatch.setattr(reuse, "reused_table", counted)
+  return read
+
+
+def test_an_unchanged_refresh_copies_the_previous_files_whole_and_reads_back_no_row(bucket, tmp_path, monkeypatch):
+  read = _reading_back_counted(monkeypatch)
+  assert _run(bucket, tmp_path / "day1") == 0
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  assert _run(bucket, tmp_path / "day3", "--previous", str(tmp_path / "day2")) == 0
+  assert read == []  # no committed row was read back: each file was copied as it is
+  day1 = _embedding_files(tmp_path / "day1")
+  assert len(day1) == 1
+  # The same bytes, night after night, under the output's own numbering.
+  assert sorted(_embedding_files(tmp_path / "day2").values()) == sorted(day1.values())
+  assert sorted(_embedding_files(tmp_path / "day3").values()) == sorted(day1.values())
+  n = len(list(bucket.glob("*.jpg")))
+  summary = read_summary(str(tmp_path / "day3"))
+  assert (summary["counts"]["embedded"], summary["counts"]["carried_over"]) == (0, n)
+  assert sorted(summary["files"]) == sorted(p.name for p in (tmp_path / "day3").glob("*.parquet"))
+  assert _rows(tmp_path / "day3").keys() == _rows(tmp_path / "day1").keys()
+
+
+def test_a_previous_file_with_a_changed_row_is_read_back_and_the_unchanged_one_copied(bucket, tmp_path, monkeypatch):
+  files = sorted(bucket.glob("*.jpg"))
+  new = [bucket / "new 1.jpg", bucket / "new 2.jpg"]
+  assert _run(bucket, tmp_path / "day1") == 0
+  for i, path in enumerate(new):  # day 2 adds two images: their rows make a file of day 2's own
+    Image.open(files[i]).rotate(90 * (i + 1), expand=True).save(path, quality=90)
+  assert _run(bucket, tmp_path / "day2", "--previous", str(tmp_path / "day1")) == 0
+  day1, day2 = _embedding_files(tmp_path / "day1"), _embedding_files(tmp_path / "day2")
+  (whole,) = day1.values()
+  assert whole in day2.values()
+  (made,) = [data for data in day2.values() if data != whole]  # the two new rows
+  read = _reading_back_counted(monkeypatch)
+  Image.open(files[0]).transpose(Image.FLIP_LEFT_RIGHT).save(new[0], quality=90)  # day 3 changes one of them
+  assert _run(bucket, tmp_path / "day3", "--previous", str(tmp_path / "day2")) == 0
+  day3 = _embedding_files(tmp_path / "day3")
+  assert whole in day3.values()  # day 1's file, copied again
+  assert made not in day3.values()
+  assert read == [1]  # of day 2's own file, only the unchanged new image's row was read back
+  counts = read_summary(str(tmp_path / "day3"))["counts"]
+  assert (counts["embedded"], counts["carried_over"]) == (1, len(files) + 1)
+  # The rows are those of a full run over day 3's files.
+  assert _run(bucket, tmp_path / "full") == 0
+  full, day3_rows = _rows(tmp_path / "full"), _rows(tmp_path / "day3")
+  assert full.keys() == day3_rows.keys()
+  for uri in full:
+    assert full[uri][0] == day3_rows[uri][0]
+    np.testing.assert_allclose(day3_rows[uri][1], full[uri][1], rtol=1e-5, atol=1e-6)
+
+
 def test_the_refresh_and_store_options_refuse_bad_values_in_one_line(bucket, tmp_path, capsys):
   for extra, line in ((("--previous-verify",), "--previous-verify goes with --previous; received: --previous-verify alone"),
                       (("--store-retry-seconds", "0"),

@@ -8,7 +8,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from transforms import reuse
 from transforms.item import Item
 from transforms.listing import Listed, from_row, listing_array, same_object
-from transforms.write import embedding_matrix, rows_to_table
+from transforms.write import embedding_matrix, embeddings_schema, rows_to_table
 
 LOCAL = Listed(size=10, mtime_ns=1_700_000_000_123_456_789)
 GCS = Listed(size=10, generation=1700000000123456, crc32c="AAAAAA==", md5="bWQ1")
@@ -68,6 +68,17 @@ def test_decide_trusts_a_same_listing_and_reads_the_rest():
   assert got["reused"][0][1].row == 7
 
 
+def test_a_use_is_exact_only_for_the_uri_itself_with_the_same_listing_and_no_columns_of_its_own():
+  plain = Item("a.jpg", listed=LOCAL, duplicates=(Item("b.jpg", listed=LOCAL),))
+  got = _decide([plain], [_ref("previous")])
+  assert [(u.uri, u.exact) for _, u in got["reused"]] == [("a.jpg", True), ("b.jpg", False)]
+  # A listing the same object by the store's rule, recorded otherwise (an md5 added): rewritten.
+  other = Listed(10, mtime_ns=LOCAL.mtime_ns, md5=None, crc32c="AAAAAA==")
+  assert [u.exact for _, u in _decide([plain.replace(listed=other)], [_ref("previous")])["reused"]] == [False, False]
+  assert [u.exact for _, u in _decide([plain.replace(columns={"label": "x"})], [_ref("previous")])["reused"]] == [
+      False, False]
+
+
 def test_rows_are_fetched_back_by_position_with_todays_uri_columns_and_listing(tmp_path):
   n, dim = 20, 3
   vectors = np.arange(n * dim, dtype=np.float32).reshape(n, dim)
@@ -93,6 +104,29 @@ def test_rows_are_fetched_back_by_position_with_todays_uri_columns_and_listing(t
     assert_that(rows, equal_to([(f"new{i}", f"{i:064x}", i, tuple(vectors[i].tolist()), LOCAL) for i in wanted]))
     # The summary's counts, made where the rows are read back: five carried over, none resumed.
     assert_that(counts | beam.CombinePerKey(sum), equal_to([("carried", 5), ("resumed", 0)]), label="counts")
+
+
+def test_a_file_is_copied_whole_only_when_each_row_is_used_once_as_it_is_in_this_runs_schema(tmp_path):
+  n, dim = 10, 3
+  schema = embeddings_schema(dim, {"dim": dim}, listing=True)
+  table = rows_to_table([f"u{i}" for i in range(n)], [f"{i:064x}" for i in range(n)], list(range(n)), [1] * n,
+                        np.zeros((n, dim), np.float32), listings=[LOCAL] * n).cast(schema)
+  path = str(tmp_path / "previous.parquet")
+  pq.write_table(table, path, row_group_size=4)  # three row groups
+  exact = lambda rows, others=0: (np.array(rows, np.int64), others)
+  every = [(0, *exact([1, 0, 3, 2])), (1, *exact([5, 4, 7])), (1, *exact([6])), (2, *exact([9, 8]))]
+  whole = lambda summaries, schema=schema, output=str(tmp_path / "out"): list(
+      reuse.whole_file((path, summaries), schema, output))
+  assert whole(every) == [path]
+  assert whole(every[:-1]) == []  # rows 8 and 9 not reused (changed or gone): read back
+  assert whole(every + [(2, *exact([], 1))]) == []  # a Use that is not the row as it is (touched, a duplicate)
+  assert whole(every[:-1] + [(2, *exact([9, 9]))]) == []  # one row twice, another never
+  assert whole(every, schema=embeddings_schema(dim, {"dim": dim, "pooling": "max"}, listing=True)) == []
+  assert whole(every, output="gs://bucket/out") == []  # Beam copies within one filesystem only
+  # What decide_bucket gives for a row group: the exact Uses' positions and a count of the others.
+  uses = [reuse.Use(3, "row", "previous", "u3", {}, LOCAL, True), reuse.Use(1, "row", "previous", "copy", {}, LOCAL)]
+  key, (group, rows, others) = reuse.part_summary((path, 0), uses)
+  assert (key, group, rows.tolist(), others) == (path, 0, [3], 1)
 
 
 def test_the_join_moves_a_list_per_bucket_and_decides_as_one_uri_at_a_time_would(tmp_path):

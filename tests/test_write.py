@@ -151,3 +151,21 @@ def test_number_shards_renames_both_sinks_files_into_one_set(tmp_path):
   assert sorted(files) == sorted(str(p) for p in tmp_path.iterdir())
   # A run with one sink only is left as it is.
   assert write.number_shards(files, str(tmp_path)) == files
+
+
+def test_number_shards_copies_files_reused_whole_as_the_last_of_the_set(tmp_path):
+  previous = tmp_path / "previous"
+  previous.mkdir()
+  (previous / "embeddings-00000-of-00001.parquet").write_bytes(b"committed rows")
+  out = tmp_path / "out"
+  out.mkdir()
+  names = ["embeddings-00000-of-00001.parquet", "embeddings-reused-00000-of-00001.parquet"]
+  for name in names:
+    (out / name).write_bytes(name.encode())
+  files = write.number_shards([str(out / n) for n in names], str(out),
+                              copies=[str(previous / "embeddings-00000-of-00001.parquet")])
+  assert sorted(p.name for p in out.iterdir()) == [f"embeddings-0000{i}-of-00003.parquet" for i in range(3)]
+  assert [(out / f"embeddings-0000{i}-of-00003.parquet").read_bytes() for i in range(3)] == [
+      names[0].encode(), names[1].encode(), b"committed rows"]
+  assert (previous / "embeddings-00000-of-00001.parquet").exists()  # copied, not moved
+  assert sorted(files) == sorted(str(p) for p in out.iterdir())

@@ -12,9 +12,13 @@ A committed row is found by reference, never carried by value until it is writte
    `Use` of it, keyed by its file. Otherwise the item goes on with the Refs (`Item.reuse`): the embed
    step reads and hashes the bytes, and reuses the row if they hash the same (`Reused`), else embeds.
    Previous rows of uris no longer listed are `gone`.
-3. `FetchRows`: the `Use`s, ((file, row group), Batch of Uses), grouped by row group; each row group's
+3. `WholeFiles`: a committed file every row of which is reused exactly as it is (an `exact` Use: the
+   same uri, the same listing, no columns of this run's own), and whose schema is this run's output
+   schema, is copied whole by the summary step (`write.number_shards`), not read: on gs:// a copy
+   within the store. A file with any other row (changed, gone, touched) is read back as below.
+4. `FetchRows`: the `Use`s, ((file, row group), Batch of Uses), grouped by row group; each row group's
    wanted rows read back by position, a slice at a time, as output tables with this run's uri, columns
-   and listing.
+   and listing. The row groups of files copied whole are only counted.
 
 Memory is one small reference per row (a path, a position, a digest, a listing), never a vector;
 the joins are shuffles on Dataflow and the vectors are read back where they are written. A bucket
@@ -94,18 +98,20 @@ def _unpickled_batch(blob: bytes) -> Batch:
 
 class Use(NamedTuple):
   """A committed row reused for one uri of this run, with this run's columns and listing (`columns`
-  None: the committed row's own, for an image of a shard left unread)."""
+  None: the committed row's own, for an image of a shard left unread). `exact`: the output row is
+  the committed row as it is (its uri, its listing, no columns of this run's own)."""
   row: int
   kind: str
   source: str
   uri: str
   columns: dict
   listed: object
+  exact: bool = False
 
 
-def use(ref: Ref, item) -> tuple:
+def use(ref: Ref, item, exact: bool = False) -> tuple:
   """((file, row group), Use) of `ref` for `item` (one of an item's rows: it or a duplicate)."""
-  return ref.part, Use(ref.row, ref.kind, ref.source, item.uri, item.columns, item.listed)
+  return ref.part, Use(ref.row, ref.kind, ref.source, item.uri, item.columns, item.listed, exact)
 
 
 def _open(path):
@@ -243,8 +249,10 @@ def decide(uri, items, refs, trust_resume=True, trust_previous=True):
       if ref is None:
         continue
       if trusted[source] and same_object(ref.listed, item.listed):
+        # The item itself (its uri is the committed row's), not a duplicate of it at another uri.
+        exact = ref.kind == ROW and not item.columns and ref.listed == item.listed
         for each in item.items():
-          yield "reused", use(ref, each)
+          yield "reused", use(ref, each, exact and each is item)
         break
       kept.append(ref)
     else:
@@ -275,6 +283,7 @@ def decide_bucket(joined, trust_resume=True, trust_previous=True):
         yield value if tag is None else beam.pvalue.TaggedOutput(tag, value)
   for part, uses in reused.items():
     yield beam.pvalue.TaggedOutput("reused", (part, Batch(uses)))
+    yield beam.pvalue.TaggedOutput("parts", part_summary(part, uses))
 
 
 def shard_refs(entry):
@@ -336,6 +345,62 @@ def error_uris(path):
         yield (uri.rpartition("#")[0] or uri), uri
 
 
+# --- committed files reused whole -----------------------------------------------------
+
+
+def part_summary(part, uses) -> tuple:
+  """(file, (row group, positions of its exact Uses, how many other Uses)): what `WholeFiles` decides
+  a file by, a few bytes a row, without the Uses."""
+  (path, group), exact = part, [u.row for u in uses if u.exact]
+  return path, (group, np.array(exact, np.int64), len(uses) - len(exact))
+
+
+def not_whole(element) -> tuple:
+  """A part summary of ((file, row group), Batch of Uses) from a step that makes no exact Use (the
+  embed step's rows reused after hashing, an unread shard's images): its file is read back."""
+  (path, group), _ = element
+  return path, (group, np.zeros(0, np.int64), 1)
+
+
+def as_written(schema: pa.Schema) -> pa.Schema:
+  """`schema` as a Parquet file written with it reads back (a list's item is named `element` there)."""
+  buffer = pa.BufferOutputStream()
+  pq.write_table(schema.empty_table(), buffer)
+  return pq.ParquetFile(pa.BufferReader(buffer.getvalue())).schema_arrow
+
+
+def whole_file(element, schema, output):
+  """`file` when each of its rows has one exact Use and nothing else uses it, its schema (with the
+  layout) is `schema` (`as_written`), and it is in `output`'s store: its bytes are then the output's,
+  and it is copied rather than read back."""
+  path, summaries = element
+  summaries = list(summaries)
+  if any(others for _, _, others in summaries) or FileSystems.get_scheme(path) != FileSystems.get_scheme(output):
+    return
+  rows = np.concatenate([exact for _, exact, _ in summaries])
+  with _open(path) as handle:
+    parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
+    # Here, not at construction: a pickled pyarrow list type forgets its item's name.
+    total, same_schema = parquet.metadata.num_rows, parquet.schema_arrow.equals(as_written(schema), check_metadata=True)
+  if same_schema and len(rows) == total and np.array_equal(np.sort(rows), np.arange(total)):
+    yield path
+
+
+class WholeFiles(beam.PTransform):
+  """Part summaries (`part_summary`, `not_whole`) in; the committed files to copy whole into `output`
+  out (a few per run: a side input of FetchRows, and the summary step's copies). Beam copies within
+  one filesystem only: files in another store than `output` are read back."""
+
+  def __init__(self, schema, output):
+    super().__init__()
+    self._schema, self._output = schema, output
+
+  def expand(self, summaries):
+    return (summaries
+            | "ByFile" >> beam.GroupByKey()
+            | "Whole" >> beam.FlatMap(whole_file, self._schema, self._output))
+
+
 # --- reading reused rows back ------------------------------------------------------
 
 
@@ -367,12 +432,14 @@ class _FetchDoFn(beam.DoFn):
   def __init__(self, extra_fields):
     self._extra_fields = extra_fields
 
-  def process(self, element):
+  def process(self, element, whole=()):
     (path, group), batches = element
     uses = sorted((u for batch in batches for u in batch.values), key=lambda u: u.row)
     kind = uses[0].kind
     yield beam.pvalue.TaggedOutput("tally", ("carried", sum(u.source == PREVIOUS for u in uses)))
     yield beam.pvalue.TaggedOutput("tally", ("resumed", sum(u.source == RESUME and u.kind == ROW for u in uses)))
+    if path in whole:  # copied whole by the summary step
+      return
     columns = ["sha256", "width", "height", "embedding"] if kind == ROW else ["stage", "error_type", "message"]
     if kind == ROW and any(u.columns is None for u in uses):  # an unread shard's images: their own columns
       columns += [f.name for f in self._extra_fields]
@@ -402,14 +469,17 @@ class FetchRows(beam.PTransform):
   """((file, row group), Batch of Uses) in; (tables of reused output rows, reused error rows, the
   summary's ("carried" | "resumed", count)s) out. Grouped
   by row group, not by file: what one worker holds at once is a row group's Uses and a slice of its rows,
-  however big the file; only row groups holding wanted rows are read."""
+  however big the file; only row groups holding wanted rows are read. `whole`: a PCollection of the
+  files copied whole (WholeFiles), whose rows are counted and not read."""
 
-  def __init__(self, extra_fields):
+  def __init__(self, extra_fields, whole=None):
     super().__init__()
-    self._extra_fields = extra_fields
+    self._extra_fields, self._whole = extra_fields, whole
 
   def expand(self, uses):
+    whole = () if self._whole is None else (beam.pvalue.AsDict(self._whole | "Keyed" >> beam.Map(lambda f: (f, True))),)
     fetched = (uses
                | "ByRowGroup" >> beam.GroupByKey()
-               | "Read" >> beam.ParDo(_FetchDoFn(self._extra_fields)).with_outputs("errors", "tally", main="tables"))
+               | "Read" >> beam.ParDo(_FetchDoFn(self._extra_fields), *whole)
+               .with_outputs("errors", "tally", main="tables"))
     return fetched.tables, fetched.errors, fetched.tally

@@ -84,27 +84,29 @@ def rows_table(rows, extra_fields=()) -> pa.Table:
 REUSED_PREFIX = "embeddings-reused"  # a refresh's reused rows, before `number_shards` renames them
 
 
-def number_shards(files, output) -> list:
+def number_shards(files, output, copies=()) -> list:
   """`files` with the embeddings files numbered as one set, `embeddings-SSSSS-of-NNNNN.parquet`.
 
   A refresh writes the rows it makes and the rows it reuses through two sinks (so that neither
   waits for the other in memory): this renames the second sink's files (`embeddings-reused-*`) and
   the first's into one numbering. Names never collide: NNNNN is larger than the first sink's count.
-  Other files pass unchanged."""
-  directory = lambda f: FileSystems.split(f)[0]
+  `copies`: committed files reused whole (transforms/reuse.py, WholeFiles), copied into the output
+  as the last of the set (on gs://, a copy within the store). Other files pass unchanged."""
   names = [FileSystems.split(f)[1] for f in files]
   reused = sorted(f for f, n in zip(files, names) if n.startswith(REUSED_PREFIX + "-"))
-  if not reused:
+  if not reused and not copies:
     return list(files)
   made = sorted(f for f, n in zip(files, names) if n.startswith("embeddings-") and f not in reused)
   others = [f for f in files if f not in reused and f not in made]
   ordered = made + reused
-  renamed = [FileSystems.join(directory(f), f"embeddings-{i:05d}-of-{len(ordered):05d}.parquet")
-             for i, f in enumerate(ordered)]
-  moves = [(a, b) for a, b in zip(ordered, renamed) if a != b]
+  total = len(ordered) + len(copies)
+  numbered = [FileSystems.join(output, f"embeddings-{i:05d}-of-{total:05d}.parquet") for i in range(total)]
+  if copies:  # first: a step retried after a failed copy finds the files to rename where they were
+    FileSystems.copy(list(copies), numbered[len(ordered):])
+  moves = [(a, b) for a, b in zip(ordered, numbered) if a != b]
   if moves:
     FileSystems.rename([a for a, _ in moves], [b for _, b in moves])
-  return renamed + others
+  return numbered + others
 
 
 def error_row(uri, stage, error_type, message) -> dict:
@@ -152,9 +154,10 @@ class _BufferedParquetWriter:
 
 
 class ParquetTableSink(filebasedsink.FileBasedSink):
-  """A file sink of pyarrow Tables with our schema's metadata, no dictionary pages, sized row groups."""
+  """A file sink of pyarrow Tables with our schema's metadata, no dictionary pages, sized row groups.
+  `skip_if_empty`: no file at all for no rows (else one file of none)."""
 
-  def __init__(self, file_path_prefix, schema, num_shards=0, row_group_size=8192):
+  def __init__(self, file_path_prefix, schema, num_shards=0, row_group_size=8192, skip_if_empty=False):
     super().__init__(
         file_path_prefix,
         coder=None,
@@ -162,7 +165,8 @@ class ParquetTableSink(filebasedsink.FileBasedSink):
         num_shards=num_shards,
         shard_name_template=None,
         mime_type="application/x-parquet",
-        compression_type="uncompressed")
+        compression_type="uncompressed",
+        skip_if_empty=skip_if_empty)
     self._schema = schema
     self._row_group_size = row_group_size
 
