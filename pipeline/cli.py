@@ -12,7 +12,8 @@ of those imports (`kept_out`): BigQuery's client (~0.3 s), scikit-learn (~0.8 s)
 `pipeline.main.run` itself, which tests and other programs call in-process, leaves the GC alone.
 
 Quiet: what a person sees is this program's own output. Without --verbose, Beam's "apitools not
-found" warning (BigQuery's client, which this job never uses) is dropped, and TensorFlow's start-up
+found" warning (BigQuery's client, which this job never uses) is dropped, so is Beam's "No shards
+found to finalize" where a refresh copied every previous file whole, and TensorFlow's start-up
 lines are held back: TF_CPP_MIN_LOG_LEVEL=2 (set by the package unless the user set a level) hides
 TensorFlow's INFO and WARNING lines, but not those its libraries print before reading it, nor the
 ERROR-level failed cuInit of a machine with no GPU; level 3 would hide those with every real
@@ -91,6 +92,15 @@ def startup_without_gc():
 
 def _not_apitools_warning(record) -> bool:
   return not str(record.msg).startswith(APITOOLS_WARNING)
+
+
+# A refresh's reused rows go through a sink that writes no file of no rows (pipeline/graph.py,
+# WriteReused): where every previous file was copied whole, Beam logs that it found none to finalize.
+NO_SHARDS_WARNING = "No shards found to finalize"
+
+
+def _not_no_shards_warning(record) -> bool:
+  return not str(record.msg).startswith(NO_SHARDS_WARNING)
 
 
 @contextlib.contextmanager
@@ -172,6 +182,8 @@ def main(argv=None):
   verbose = VERBOSE_FLAG in argv
   argv = [a for a in argv if a != VERBOSE_FLAG]
   logging.getLogger().setLevel(logging.WARNING)
+  if not verbose:
+    logging.getLogger("apache_beam.io.filebasedsink").addFilter(_not_no_shards_warning)
   # Arrow's buffers from the C library's malloc, not its default mimalloc, unless the user chose:
   # reading 30,720 reused rows back and writing them again (Arrow's own peak: 30 MB) raised the
   # process's RSS by 121 MB on mimalloc and by 53 MB on malloc (benchmarks/README.md). Arrow reads
