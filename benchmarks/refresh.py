@@ -9,7 +9,9 @@ For each store and N, on N distinct small JPEGs, it runs `embed-images` from sta
 - an unchanged refresh (`--previous` the full run): every object's listing is the one its row
   recorded, so nothing should be read;
 - a refresh after `--changed` of the objects were rewritten (`--previous` the full run);
-- an unchanged refresh with `--previous-verify` (today's old behaviour: read and hash everything).
+- an unchanged refresh with `--previous-verify` (today's old behaviour: read and hash everything);
+- a refresh after as many new objects were added (`--previous` the changed refresh): a bucket that
+  only grows, whose previous files are each reused whole.
 
 `--repeats K` runs the full run and the unchanged refresh K times each, alternating (full,
 unchanged, full, unchanged, ...), and reports each one's fastest: this VM's speed drifts by a
@@ -136,6 +138,10 @@ def bench(store, n, args, put_all, root, env, proxy):
           want=(len(changed), n - len(changed)))
   measure("unchanged, --previous-verify", "verify", "--previous", f"{root}/part", "--previous-verify",
           want=(0, n))
+  # A bucket that only grows: new objects beside unchanged ones, whose previous files are copied whole.
+  new = [f"{root}/photos/new/{i:06d}.jpg" for i in range(len(changed))]
+  put_all((name, jpeg(20_000_000 + i)) for i, name in enumerate(new))
+  measure(f"refresh, {len(new)} new", "grown", "--previous", f"{root}/part", want=(len(new), n))
 
   full_s = results[0][1]
   where = "local disk" if store == "local" else f"GCS emulator, +{args.latency_ms:g} ms a request"
