@@ -26,6 +26,7 @@ the joins are shuffles on Dataflow and the vectors are read back where they are 
 bucket of 10M objects, in one worker's memory for its join.
 """
 
+import contextlib
 import pickle
 import zlib
 from typing import NamedTuple, Optional
@@ -114,16 +115,18 @@ def use(ref: Ref, item, exact: bool = False) -> tuple:
   return ref.part, Use(ref.row, ref.kind, ref.source, item.uri, item.columns, item.listed, exact)
 
 
-def _open(path):
-  return FileSystems.open(path, compression_type="uncompressed")
+@contextlib.contextmanager
+def _parquet(path):
+  """A committed Parquet file, read through Beam's filesystems a buffer at a time."""
+  with FileSystems.open(path, compression_type="uncompressed") as handle:
+    yield pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
 
 
 def read_index(entry, source: str):
   """(uri, Ref) of each row of one committed file ((path, kind)); a file without a `listing` column (from before it
   was recorded) gives Refs without listings, so its objects are read."""
   path, kind = entry
-  with _open(path) as handle:
-    parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
+  with _parquet(path) as parquet:
     columns = [c for c in ("uri", "sha256", "listing") if c in parquet.schema_arrow.names]
     row = 0
     for group in range(parquet.metadata.num_row_groups):
@@ -338,8 +341,7 @@ def _unchanged_shard(item, members) -> bool:
 def error_uris(path):
   """(shard path, uri) of each error row of one --previous errors file: a shard with one is read again
   (its failed images are retried, as loose files that failed are)."""
-  with _open(path) as handle:
-    parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
+  with _parquet(path) as parquet:
     for batch in parquet.iter_batches(batch_size=8192, columns=["uri"]):
       for uri in batch.column("uri").to_pylist():
         yield (uri.rpartition("#")[0] or uri), uri
@@ -378,8 +380,7 @@ def whole_file(element, schema, output):
   if any(others for _, _, others in summaries) or FileSystems.get_scheme(path) != FileSystems.get_scheme(output):
     return
   rows = np.concatenate([exact for _, exact, _ in summaries])
-  with _open(path) as handle:
-    parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
+  with _parquet(path) as parquet:
     # Here, not at construction: a pickled pyarrow list type forgets its item's name.
     total, same_schema = parquet.metadata.num_rows, parquet.schema_arrow.equals(as_written(schema), check_metadata=True)
   if same_schema and len(rows) == total and np.array_equal(np.sort(rows), np.arange(total)):
@@ -443,8 +444,7 @@ class _FetchDoFn(beam.DoFn):
     columns = ["sha256", "width", "height", "embedding"] if kind == ROW else ["stage", "error_type", "message"]
     if kind == ROW and any(u.columns is None for u in uses):  # an unread shard's images: their own columns
       columns += [f.name for f in self._extra_fields]
-    with _open(path) as handle:
-      parquet = pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
+    with _parquet(path) as parquet:
       first = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
       # The wanted positions in this row group, read a slice at a time: what is held is _BATCH_ROWS rows.
       positions, start, done = np.array([u.row for u in uses]) - first, 0, 0
