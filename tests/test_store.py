@@ -271,9 +271,21 @@ def test_reads_down_after_the_listing_stop_the_run_and_resume_goes_on(bucket, cl
 def test_opening_a_file_for_reading_retries_its_metadata_under_the_deadline(bucket, monkeypatch):
   # Beam's reader (the previous run's Parquet, checkpoints) reloads the object's metadata first,
   # with google's default retry (120 s) unless transforms/store.py hands it ours.
+  from google.api_core.retry import retry_base, retry_unary
+
   from transforms import read  # noqa: F401  (installs the policy in this process, as every worker does)
   proxy, uris = bucket
-  monkeypatch.setattr(store, "OUTAGE", store.Outage(seconds=2))
+  # One injected clock for the outage deadline and google's retry loop: it moves only by the
+  # backoff's sleeps, which are not slept, so how many tries fit is this machine's speed's business no more.
+  clock, slept = _Clock(), []
+
+  def sleep(seconds):
+    slept.append(seconds)
+    clock.now += seconds
+
+  monkeypatch.setattr(retry_unary, "time", type("FakeTime", (), {"monotonic": staticmethod(clock), "sleep": staticmethod(sleep)}))
+  monkeypatch.setattr(retry_base, "time", retry_unary.time)
+  monkeypatch.setattr(store, "OUTAGE", store.Outage(seconds=2, clock=clock))
   proxy.reset_counts()
   proxy.down(kind="metadata", status=503)
   try:
@@ -281,5 +293,7 @@ def test_opening_a_file_for_reading_retries_its_metadata_under_the_deadline(buck
       FileSystems.open(uris[0], compression_type="uncompressed")
   finally:
     proxy.up()
-  assert 1 < proxy.counts["metadata"] <= 12, dict(proxy.counts)  # retried, then given up at the deadline
+  assert len(slept) >= 2, slept  # retried with backoff...
+  assert proxy.counts["metadata"] == len(slept) + 1, (dict(proxy.counts), slept)  # ...each try reached the store...
+  assert sum(slept) <= 2 < sum(slept) + 0.5, slept  # ...and gave up at the 2 s deadline (the backoff's cap: 0.5 s)
   assert _get(uris[0]) == noise_jpeg(0)  # the store back: the same call reads again
