@@ -113,6 +113,45 @@ def test_a_flaky_store_costs_requests_never_rows(bucket, clean_run):
   np.testing.assert_allclose(vectors, clean_vectors, rtol=1e-5, atol=1e-6)
 
 
+def test_a_refresh_on_a_flaky_store_copies_the_previous_files_whole_and_loses_no_row(bucket, clean_run):
+  # An unchanged refresh copies the previous run's files whole (a rewrite inside the store): the copies
+  # take faults too, as do the listing, the index reads and the summary's writes.
+  proxy, uris = bucket
+  clean_output, _ = clean_run
+  output = f"{proxy.bucket}/flaky-refresh"
+  proxy.reset_counts()
+  proxy.faults(p503=0.10, p429=0.05, p_reset=0.02)
+  for kind, outcome in (("list", "503"), ("copy", "503"), ("copy", "reset"), ("read", "reset")):
+    proxy.once(kind, outcome)
+  try:
+    status, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL,
+                          "--previous", clean_output)
+  finally:
+    proxy.faults()
+  print(f"\nflaky refresh: {sum(proxy.counts.values())} requests, {proxy.injected()} faults injected: "
+        f"{sorted(proxy.outcomes.items())}")
+  assert status == 0, stderr
+  for kind, outcome in (("copy", "503"), ("copy", "reset")):
+    assert proxy.outcomes[(kind, outcome)] >= 1, (kind, outcome)
+  summary = read_summary(output)
+  assert summary["status"] == "ok"
+  assert (summary["counts"]["carried_over"], summary["counts"]["embedded"], summary["counts"]["failed"]) == (
+      N_IMAGES, 0, 0)
+  assert proxy.counts["read"] == sum(1 for kind, uri in proxy.requests  # no image read: the index files only
+                                     if kind == "read" and not uri.startswith(f"{proxy.bucket}/photos/"))
+  copied = sorted(m.path for m in FileSystems.match([f"{output}/embeddings-*.parquet"])[0].metadata_list)
+  previous = sorted(m.path for m in FileSystems.match([f"{clean_output}/embeddings-*.parquet"])[0].metadata_list)
+  copied = {f: _get(f) for f in copied}
+  previous = [_get(f) for f in previous]
+  # Each previous file copied whole, byte for byte; beside them, the embed step's own file has no row.
+  assert sorted(data for data in copied.values() if data in previous) == sorted(previous)
+  assert all(pq.read_metadata(pa.BufferReader(data)).num_rows == 0 for data in copied.values() if data not in previous)
+  names, vectors = _vectors(output)
+  clean_names, clean_vectors = _vectors(clean_output)
+  assert names == clean_names == sorted(uris)
+  np.testing.assert_array_equal(vectors, clean_vectors)
+
+
 @pytest.mark.parametrize("status", [404, 403])
 def test_a_permanent_answer_is_one_read_error_row_naming_the_status(bucket, status):
   proxy, uris = bucket
