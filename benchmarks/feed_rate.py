@@ -14,6 +14,9 @@ On the throughput benchmark's JPEGs (500x375; N made once, 4N as links to them),
             processes on N and 4N files, best of --repeats each; marginal = 3N / (t(4N) - t(N)),
             with default options (decode isolation and checkpoints on).
 
+Each repeat measures all four side by side (decode, forward, N, 4N), and with --repeats > 1 prints
+its own ratio: the spread between repeats is what this VM's drift does to one ratio.
+
 It prints each rate and the pipeline's marginal rate over the limit (issue 16's target: 0.85);
 and, per image, the CPU time of each side (the pipeline's: its whole process tree, decode
 processes included, marginal between N and 4N), which other processes on the machine disturb far
@@ -24,6 +27,7 @@ work itself needs.
 import argparse
 import concurrent.futures
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -107,15 +111,24 @@ def main(argv=None):
     quiet()
     return measure(*a)
 
-  decode, decode_cpu = max(quietly(decode_rate, paths, args.size) for _ in range(args.repeats))
-  forward, forward_cpu = max(quietly(forward_rate, args.n, args.size, args.backbone) for _ in range(args.repeats))
-  limit = 1 / (1 / decode + 1 / forward)
-  # Interleaved, N then 4N in each repeat: a slow spell of the shared host falls on both sizes.
-  runs = {"n": [], "4n": []}
+  # Every measurement of a repeat side by side (the baselines, then N, then 4N): this VM's speed drifts by tens of
+  # percent within minutes, and a limit measured minutes before the runs it divides carries that drift.
+  decodes, forwards, runs, ratios = [], [], {"n": [], "4n": []}, []
   for r in range(args.repeats):
+    decodes.append(quietly(decode_rate, paths, args.size))
+    forwards.append(quietly(forward_rate, args.n, args.size, args.backbone))
     for name, folder in (("n", small), ("4n", large))[:1 if args.end_to_end else 2]:
       quiet()
       runs[name].append(pipeline_run(folder, os.path.join(work, f"out-{name}-{r}"), args, extra))
+    if not args.end_to_end and args.repeats > 1:
+      limit_r = 1 / (1 / decodes[-1][0] + 1 / forwards[-1][0])
+      marginal_r = 3 * args.n / (runs["4n"][-1][0] - runs["n"][-1][0])
+      ratios.append(marginal_r / limit_r)
+      print(f"repeat {r + 1}: decode {decodes[-1][0]:.0f}, forward {forwards[-1][0]:.0f}, serial limit {limit_r:.0f}, "
+            f"pipeline marginal {marginal_r:.0f} img/s: {marginal_r / limit_r:.2f} of the limit", flush=True)
+  decode, decode_cpu = max(decodes)
+  forward, forward_cpu = max(forwards)
+  limit = 1 / (1 / decode + 1 / forward)
   t_small, c_small = min(runs["n"])
   print(f"decode + resize alone ({os.cpu_count()} threads)   {decode:8.0f} img/s   {1000 * decode_cpu:6.3f} ms CPU/img")
   print(f"bare forward alone                  {forward:8.0f} img/s   {1000 * forward_cpu:6.3f} ms CPU/img")
@@ -132,7 +145,11 @@ def main(argv=None):
   marginal_cpu = (cpu_large - cpu_small) / (3 * args.n)
   print(f"pipeline: N in {t_small:.1f} s, 4N in {t_large:.1f} s; marginal {marginal:8.0f} img/s   "
         f"{1000 * marginal_cpu:6.3f} ms CPU/img (whole process tree)")
-  print(f"pipeline / serial limit             {marginal / limit:8.2f}   (issue 16's target: >= 0.85)")
+  print(f"pipeline / serial limit             {marginal / limit:8.2f}   (issue 16's target: >= 0.85; "
+        "issue 20's: >= 1.0)")
+  if ratios:
+    print(f"the same within each repeat         {statistics.median(ratios):8.2f}   (median of "
+          f"{', '.join(f'{x:.2f}' for x in ratios)})")
   print(f"CPU: (decode + forward) / pipeline  {(decode_cpu + forward_cpu) / marginal_cpu:8.2f}   "
         "(the share of the pipeline's CPU an image that decode and forward need)")
   # On a GPU worker the forward pass leaves the CPU; the rest of the pipeline's CPU stays there.
