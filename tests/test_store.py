@@ -79,38 +79,46 @@ def clean_run(bucket):
   return output, sum(proxy.counts.values())
 
 
+def _flaky_run(proxy, forced, output, *args):
+  """A command-line run into `output` through 10% 503s, 5% 429s and 2% resets on every kind of request, plus
+  one fault for sure on each (kind, outcome) of `forced`: its summary's counts, once each forced fault was seen
+  and the run ended `ok` with no row failed."""
+  proxy.reset_counts()
+  proxy.faults(p503=0.10, p429=0.05, p_reset=0.02)
+  for kind, outcome in forced:
+    proxy.once(kind, outcome)
+  try:
+    status, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL, *args)
+  finally:
+    proxy.faults()
+  print(f"\n{sum(proxy.counts.values())} requests, {proxy.injected()} faults injected: {sorted(proxy.outcomes.items())}")
+  for kind, outcome in forced:
+    assert proxy.outcomes[(kind, outcome)] >= 1, (kind, outcome)
+  assert status == 0, stderr
+  summary = read_summary(output)
+  assert summary["status"] == "ok" and summary["counts"]["failed"] == 0
+  return summary["counts"]
+
+
+def _same_vectors(output, clean_output, uris):
+  names, vectors = _vectors(output)
+  clean_names, clean_vectors = _vectors(clean_output)
+  assert names == clean_names == sorted(uris)
+  return vectors, clean_vectors
+
+
 def test_a_flaky_store_costs_requests_never_rows(bucket, clean_run):
   proxy, uris = bucket
   clean_output, clean_requests = clean_run
   output = f"{proxy.bucket}/flaky"
-  proxy.reset_counts()
-  proxy.faults(p503=0.10, p429=0.05, p_reset=0.02)
-  # The draws aside, one fault for sure on each kind the run makes: the listing, a read cut in half,
-  # a resumable upload (Parquet files, checkpoints) reset before it is forwarded, a batch (deletes).
-  for kind, outcome in (("list", "503"), ("read", "reset"), ("resumable", "reset"), ("batch", "429")):
-    proxy.once(kind, outcome)
-  try:
-    status, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL,
-                          "--checkpoint-every", "0.001")
-  finally:
-    proxy.faults()
-  injected = proxy.injected()
-  print(f"\nflaky store: {sum(proxy.counts.values())} requests ({clean_requests} without faults), "
-        f"{injected} faults injected: {sorted(proxy.outcomes.items())}")
-  assert status == 0, stderr
-  assert injected > 0
-  # every kind of request the run makes took faults: listing, reads, writes
-  for kind, outcome in (("list", "503"), ("read", "reset"), ("resumable", "reset"), ("batch", "429")):
-    assert proxy.outcomes[(kind, outcome)] >= 1, (kind, outcome)
-
-  summary = read_summary(output)
-  assert summary["status"] == "ok"
-  assert summary["counts"]["embedded"] == N_IMAGES and summary["counts"]["failed"] == 0
+  # Every kind the run makes takes a fault: the listing, a read cut in half, a resumable upload
+  # (Parquet files, checkpoints) reset before it is forwarded, a batch (deletes).
+  counts = _flaky_run(proxy, (("list", "503"), ("read", "reset"), ("resumable", "reset"), ("batch", "429")), output,
+                      "--checkpoint-every", "0.001")
+  print(f"(without faults: {clean_requests} requests)")
+  assert counts["embedded"] == N_IMAGES
   assert _table(output, "errors") is None or _table(output, "errors").num_rows == 0
-  names, vectors = _vectors(output)
-  clean_names, clean_vectors = _vectors(clean_output)
-  assert names == clean_names == sorted(uris)
-  np.testing.assert_allclose(vectors, clean_vectors, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(*_same_vectors(output, clean_output, uris), rtol=1e-5, atol=1e-6)
 
 
 def test_a_refresh_on_a_flaky_store_copies_the_previous_files_whole_and_loses_no_row(bucket, clean_run):
@@ -119,37 +127,16 @@ def test_a_refresh_on_a_flaky_store_copies_the_previous_files_whole_and_loses_no
   proxy, uris = bucket
   clean_output, _ = clean_run
   output = f"{proxy.bucket}/flaky-refresh"
-  proxy.reset_counts()
-  proxy.faults(p503=0.10, p429=0.05, p_reset=0.02)
-  for kind, outcome in (("list", "503"), ("copy", "503"), ("copy", "reset"), ("read", "reset")):
-    proxy.once(kind, outcome)
-  try:
-    status, stderr = _cli("--input", f"{proxy.bucket}/photos/**/*.jpg", "--output", output, *MODEL,
-                          "--previous", clean_output)
-  finally:
-    proxy.faults()
-  print(f"\nflaky refresh: {sum(proxy.counts.values())} requests, {proxy.injected()} faults injected: "
-        f"{sorted(proxy.outcomes.items())}")
-  assert status == 0, stderr
-  for kind, outcome in (("copy", "503"), ("copy", "reset")):
-    assert proxy.outcomes[(kind, outcome)] >= 1, (kind, outcome)
-  summary = read_summary(output)
-  assert summary["status"] == "ok"
-  assert (summary["counts"]["carried_over"], summary["counts"]["embedded"], summary["counts"]["failed"]) == (
-      N_IMAGES, 0, 0)
-  assert proxy.counts["read"] == sum(1 for kind, uri in proxy.requests  # no image read: the index files only
-                                     if kind == "read" and not uri.startswith(f"{proxy.bucket}/photos/"))
-  copied = sorted(m.path for m in FileSystems.match([f"{output}/embeddings-*.parquet"])[0].metadata_list)
-  previous = sorted(m.path for m in FileSystems.match([f"{clean_output}/embeddings-*.parquet"])[0].metadata_list)
-  copied = {f: _get(f) for f in copied}
-  previous = [_get(f) for f in previous]
+  counts = _flaky_run(proxy, (("list", "503"), ("copy", "503"), ("copy", "reset"), ("read", "reset")), output,
+                      "--previous", clean_output)
+  assert (counts["carried_over"], counts["embedded"]) == (N_IMAGES, 0)
+  assert not [uri for kind, uri in proxy.requests if kind == "read" and uri.startswith(f"{proxy.bucket}/photos/")]
+  copied = [_get(m.path) for m in FileSystems.match([f"{output}/embeddings-*.parquet"])[0].metadata_list]
+  previous = [_get(m.path) for m in FileSystems.match([f"{clean_output}/embeddings-*.parquet"])[0].metadata_list]
   # Each previous file copied whole, byte for byte; beside them, the embed step's own file has no row.
-  assert sorted(data for data in copied.values() if data in previous) == sorted(previous)
-  assert all(pq.read_metadata(pa.BufferReader(data)).num_rows == 0 for data in copied.values() if data not in previous)
-  names, vectors = _vectors(output)
-  clean_names, clean_vectors = _vectors(clean_output)
-  assert names == clean_names == sorted(uris)
-  np.testing.assert_array_equal(vectors, clean_vectors)
+  assert sorted(data for data in copied if data in previous) == sorted(previous)
+  assert all(pq.read_metadata(pa.BufferReader(data)).num_rows == 0 for data in copied if data not in previous)
+  np.testing.assert_array_equal(*_same_vectors(output, clean_output, uris))
 
 
 @pytest.mark.parametrize("status", [404, 403])
