@@ -289,7 +289,7 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
       "shards", main="matched")
 
   tallied = [matched_files]  # what the summary counts: Tally's (name, value) pairs
-  previous_shard_rows = reused_unread = unread_counts = None
+  previous_shard_rows = unread_counts = None
   # Globs whose names can only be images (`*.jpg`): none of the shard steps below, which are ~10
   # stages of their own on the local runner (an unchanged refresh: ~0.1 s of ~4 here).
   with_shards = bool(config.manifest) or shards.may_match_shards(config.inputs, config.input_format)
@@ -312,10 +312,10 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
                | "JoinCommitted" >> beam.CoGroupByKey()
                | "Decide" >> beam.FlatMap(reuse.decide_bucket, trust_resume, trust_previous)
                .with_outputs("reused", "gone", "parts", main="items"))
-    items, reused_unread = decided.items, (decided.reused,)
+    items, unread_shards = decided.items, ()  # the images of shards left unread: their rows reused
     if with_shards:
       items, shards_unread, unread_counts = _with_members(items, index, p, config, trust_previous)
-      reused_unread += (shards_unread,)
+      unread_shards = (shards_unread,)
   if config.previous:
     # A shard's images have no item of their own: those of shards still matched are counted against
     # what the shard's reader finds (below); those of shards gone are removed.
@@ -361,13 +361,14 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
   reused_tables = None
   if committed:
     # One Flatten of the three: each level of Flatten is another copy of every Use on the local runner.
-    uses = (results["reused"], *reused_unread) | "AllReused" >> beam.Flatten()
+    uses = (results["reused"], decided.reused, *unread_shards) | "AllReused" >> beam.Flatten()
     whole = None
     if not config.num_shards and not config.extra_fields:
       # Committed files reused row for row as they are: copied by the summary step, never read
       # (reuse.WholeFiles). A fixed number of shards, or columns of this run's own, rewrite every row.
+      # The join's own Uses give their part summaries (decided.parts); the other producers make no exact Use.
       others = [rows | f"NotWhole{i}" >> beam.Map(reuse.not_whole)
-                for i, rows in enumerate((results["reused"], *reused_unread[1:]))]
+                for i, rows in enumerate((results["reused"], *unread_shards))]
       whole = ((decided.parts, *others) | "AllParts" >> beam.Flatten()
                | "WholeFiles" >> reuse.WholeFiles(schema, config.output))
       tallied.append(whole | "CountWhole" >> _tallied("copy"))
