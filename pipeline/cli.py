@@ -90,17 +90,21 @@ def startup_without_gc():
       gc.enable()
 
 
-def _not_apitools_warning(record) -> bool:
-  return not str(record.msg).startswith(APITOOLS_WARNING)
+class _Dropping(logging.Filter):
+  """Drops the records whose message starts with `prefix`; every other record passes."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self._prefix = prefix
+
+  def filter(self, record) -> bool:
+    return not str(record.msg).startswith(self._prefix)
 
 
+_NOT_APITOOLS_WARNING = _Dropping(APITOOLS_WARNING)
 # A refresh's reused rows go through a sink that writes no file of no rows (pipeline/graph.py,
 # WriteReused): where every previous file was copied whole, Beam logs that it found none to finalize.
 NO_SHARDS_WARNING = "No shards found to finalize"
-
-
-def _not_no_shards_warning(record) -> bool:
-  return not str(record.msg).startswith(NO_SHARDS_WARNING)
 
 
 @contextlib.contextmanager
@@ -108,11 +112,11 @@ def without_apitools_warning():
   """Drops Beam's apitools warning, logged once when Beam is first imported; every other record passes."""
   # A filter on the root logger sees only records logged on the root logger itself, as this one is.
   root = logging.getLogger()
-  root.addFilter(_not_apitools_warning)
+  root.addFilter(_NOT_APITOOLS_WARNING)
   try:
     yield
   finally:
-    root.removeFilter(_not_apitools_warning)
+    root.removeFilter(_NOT_APITOOLS_WARNING)
 
 
 def without_tensorflow_noise(text: str) -> str:
@@ -183,7 +187,7 @@ def main(argv=None):
   argv = [a for a in argv if a != VERBOSE_FLAG]
   logging.getLogger().setLevel(logging.WARNING)
   if not verbose:
-    logging.getLogger("apache_beam.io.filebasedsink").addFilter(_not_no_shards_warning)
+    logging.getLogger("apache_beam.io.filebasedsink").addFilter(_Dropping(NO_SHARDS_WARNING))
   # Arrow's buffers from the C library's malloc, not its default mimalloc, unless the user chose:
   # reading 30,720 reused rows back and writing them again (Arrow's own peak: 30 MB) raised the
   # process's RSS by 121 MB on mimalloc and by 53 MB on malloc (benchmarks/README.md). Arrow reads
