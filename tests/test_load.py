@@ -132,3 +132,45 @@ def test_load_files_decodes_a_pools_files_in_one_call_and_matches_load_file(tmp_
     assert [g.error["error_type"] for g in got if g.error] == ["FileNotFoundError", "unidentified_image"]
   finally:
     pool.close()
+
+
+def test_a_loader_reading_in_its_decoder_gives_what_reading_here_gives(tmp_path):
+  # Local files go to the decode process by name (read and hashed there); bytes given go as bytes.
+  from PIL import Image
+  from transforms.decode import LocalFile
+  from transforms.decode_pool import DecodePool
+  from transforms.load import InProcessDecoder
+  from transforms.read import sha256_hex
+  Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+  Image.new("L", (20, 50), 90).save(tmp_path / "b.png")
+  (tmp_path / "c.jpg").write_text("<html>not an image</html>")
+  (tmp_path / "d.jpg").mkdir()
+  previous = sha256_hex((tmp_path / "a.png").read_bytes())
+  paths = [str(tmp_path / n) for n in ("a.png", "gone.jpg", "b.png", "c.jpg", "d.jpg", "a.png")]
+  requests = [LoadRequest(p, known=(previous,) if i == 5 else ()) for i, p in enumerate(paths)]
+  requests.append(LoadRequest(None, data=(tmp_path / "b.png").read_bytes()))
+  spec = DecodeSpec(sizes=(32,))
+  pool = DecodePool(1, None)
+  calls = []
+
+  class Counting:  # the pool, recording what each round trip carried
+    def decode_many(self, datas, spec):
+      calls.append([type(d).__name__ for d in datas])
+      return pool.decode_many(datas, spec)
+
+  try:
+    want = Loader(pool, spec).load_many(requests)
+    for decoder in (Counting(), InProcessDecoder()):
+      got = Loader(decoder, spec, read_in_decoder=True).load_many(requests)
+      for g, w in zip(got, want, strict=True):
+        assert (g.uri, g.sha256, g.error, g.reused) == (w.uri, w.sha256, w.error, w.reused)
+        assert (g.image is None) == (w.image is None)
+        if g.image is not None:
+          assert (g.image.width, g.image.height) == (w.image.width, w.image.height)
+          assert np.array_equal(g.image.arrays[32], w.image.arrays[32])
+    assert calls == [[LocalFile.__name__] * 6 + ["bytes"]]
+    assert [g.error["error_type"] for g in want if g.error] == ["FileNotFoundError", "unidentified_image",
+                                                                "IsADirectoryError"]
+    assert want[5].reused and want[0].sha256 == previous
+  finally:
+    pool.close()
