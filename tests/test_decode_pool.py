@@ -1,6 +1,5 @@
 """Decode isolation: hostile files cost their own decode process and nothing else."""
 
-import hashlib
 import pathlib
 import signal
 import subprocess
@@ -158,54 +157,6 @@ def test_a_group_larger_than_the_request_bound_is_split(monkeypatch):
     pool.close()
 
 
-def test_a_local_file_is_read_hashed_and_decoded_in_the_decode_process(tmp_path, monkeypatch):
-  from transforms.decode import LoadedFile, LocalFile, ReadFailed
-  truncated = GOOD[: len(GOOD) // 2]
-  (tmp_path / "good.jpg").write_bytes(GOOD)
-  (tmp_path / "truncated.jpg").write_bytes(truncated)
-  (tmp_path / "folder.jpg").mkdir()
-  digest = hashlib.sha256(GOOD).hexdigest()
-  items = [LocalFile(str(tmp_path / "good.jpg")), LocalFile(str(tmp_path / "gone.jpg")),
-           LocalFile(str(tmp_path / "truncated.jpg")), LocalFile(str(tmp_path / "folder.jpg")),
-           LocalFile(str(tmp_path / "good.jpg"), known=(digest,)), GOOD]
-  pool = DecodePool(1, None)
-  sent = []
-  original = decode_pool._Child.send
-  monkeypatch.setattr(decode_pool._Child, "send", lambda child, payload: sent.append(len(payload)) or original(child, payload))
-  try:
-    good, gone, cut, folder, known, given = pool.decode_many(items, spec())
-    want = decode_and_resize(GOOD, (32, 48))
-    assert isinstance(good, LoadedFile) and good.sha256 == digest
-    assert all(np.array_equal(good.image.arrays[s], want.arrays[s]) for s in (32, 48))
-    assert isinstance(gone, ReadFailed) and gone.error_type == "FileNotFoundError"
-    assert gone.message.startswith("could not read file: [Errno 2]") and "gone.jpg" in gone.message
-    assert cut.sha256 == hashlib.sha256(truncated).hexdigest() and cut.image.error_type == "truncated_image"
-    assert isinstance(folder, ReadFailed) and folder.error_type == "IsADirectoryError"
-    assert known == LoadedFile(digest, None)  # known bytes: hashed, not decoded
-    assert all(np.array_equal(given.arrays[s], want.arrays[s]) for s in (32, 48))  # bytes beside files
-    # One request, which carried the one file given as bytes and only the others' names.
-    assert len(sent) == 1 and len(GOOD) < sent[0] < len(GOOD) + 2048
-    assert pool.started == 1 and pool.replaced == 0
-  finally:
-    pool.close()
-
-
-def test_a_local_file_larger_than_the_ceiling_is_too_large_not_a_crash(tmp_path):
-  from transforms.decode import LocalFile
-  big = tmp_path / "big.jpg"
-  with open(big, "wb") as f:
-    f.truncate(768 << 20)  # sparse: 768 MiB to read, nothing on disk
-  pool = DecodePool(1, 256 << 20)
-  try:
-    [result] = pool.decode_many([LocalFile(str(big))], spec(memory=256 << 20))
-    assert isinstance(result, DecodeError) and result.error_type == "too_large"
-    assert "0.25 GiB (--decode-memory)" in str(result)
-    assert pool.decode(GOOD, spec(memory=256 << 20)).width == 500
-    assert pool.replaced == 0  # a MemoryError is an answer, not a crash
-  finally:
-    pool.close()
-
-
 def test_a_decode_past_its_deadline_is_killed_on_the_injected_clock(plugin_env):
   clock = FakeClock()
   pool = DecodePool(1, None, clock=clock)
@@ -230,48 +181,6 @@ def test_a_decode_past_its_deadline_is_killed_on_the_injected_clock(plugin_env):
     assert "--decode-timeout=5s" in str(outcome["error"])
     assert not alive(blocked)  # stopped, not left decoding in the background
     assert pool.decode(GOOD, spec()).width == 500 and pool.replaced == 1
-  finally:
-    pool.close()
-
-
-def test_a_local_file_that_never_ends_costs_its_deadline_not_a_thread_forever(tmp_path):
-  # A FIFO in the input folder: read in the worker, it would hold a read thread for good.
-  import os
-
-  from transforms.decode import LocalFile
-  fifo = tmp_path / "endless.jpg"
-  os.mkfifo(fifo)
-  readings = []
-
-  class Clock(FakeClock):  # counts its readings: the pool reads it for a file's deadline, then as it waits
-    def __call__(self):
-      readings.append(1)
-      return super().__call__()
-
-  clock = Clock()
-  pool = DecodePool(1, None, clock=clock)
-  outcome = {}
-  try:
-    reader = next(iter(pool._children)).pid
-
-    def load():
-      outcome["results"] = pool.decode_many([LocalFile(str(fifo)), LocalFile(str(SAMPLES / "astronaut.jpg"))],
-                                            spec(timeout=5))
-
-    thread = threading.Thread(target=load)
-    thread.start()
-    writer = os.open(fifo, os.O_WRONLY)  # returns once the decode process has opened it to read
-    try:
-      os.write(writer, GOOD[:100])  # a start, and then nothing more
-      wait_for(lambda: len(readings) >= 2, "the file's deadline to be set")
-      clock.now += 5.1
-      thread.join(60)
-    finally:
-      os.close(writer)
-    endless, good = outcome["results"]
-    assert isinstance(endless, DecodeProcessError) and endless.error_type == "decode_timeout"
-    assert not alive(reader)
-    assert good.sha256 == hashlib.sha256(GOOD).hexdigest() and good.image.width == 500  # the replacement read it
   finally:
     pool.close()
 

@@ -1,7 +1,6 @@
 """Decode stage: image bytes -> uint8 RGB arrays, one per target size, equal to Keras's load_img on plain files."""
 
 import dataclasses
-import hashlib
 import io
 import operator
 from collections.abc import Mapping, Sequence
@@ -68,49 +67,6 @@ class DecodedImage:
   width: int
   height: int
   arrays: dict[int, np.ndarray]  # size -> uint8 (size, size, 3); FULL -> (height, width, 3); C-contiguous, read-only
-
-
-@dataclasses.dataclass(frozen=True)
-class LocalFile:
-  """A local file for the decoder itself to read, hash and decode (a decode process reads it from
-  disk: its bytes never pass through the worker's GIL or a pipe), unless its sha256 is one of
-  `known` (rows already made for those bytes stand: it is not decoded)."""
-  path: str
-  known: tuple = ()
-
-
-class ReadFailed(Exception):
-  """A LocalFile that could not be read (vanished, unreadable, a directory): `error_type` is the
-  OSError's class name, as the errors output names a read failure."""
-
-  def __init__(self, error_type: str, message: str):
-    super().__init__(message)
-    self.error_type = error_type
-    self.message = message
-
-  def __reduce__(self):
-    return (ReadFailed, (self.error_type, self.message))
-
-
-@dataclasses.dataclass
-class LoadedFile:
-  """What a decoder gave for a LocalFile: its `sha256` (None when it was not read) and `image`: a
-  DecodedImage, the exception its read (ReadFailed) or decode raised, or None for known bytes."""
-  sha256: Optional[str]
-  image: object
-
-
-def read_local(item: LocalFile) -> tuple:
-  """(bytes, sha256 hex) of the file; raises ReadFailed, or DecodeError("too_large") where its
-  bytes don't fit (a decode process's memory ceiling)."""
-  try:
-    with open(item.path, "rb") as f:
-      data = f.read()
-  except MemoryError:
-    raise DecodeError("too_large", "ran out of memory reading the file") from None
-  except Exception as e:  # vanished, unreadable, permission: the file's own fault
-    raise ReadFailed(type(e).__name__, f"could not read file: {e}") from None
-  return data, hashlib.sha256(data).hexdigest()
 
 
 def decode_and_resize(

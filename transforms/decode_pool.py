@@ -220,11 +220,6 @@ class DecodePool:
     """`decode` of each file, in one round trip to one decode process: per file, a
     `decode.DecodedImage` or the exception `decode` would raise for it, in order.
 
-    A `decode.LocalFile` in `datas` is read and hashed by the decode process itself, and gives a
-    `decode.LoadedFile` (its sha256, and its image, its decode's exception, or None for bytes it
-    was told are known), or an exception where it failed before a digest: `decode.ReadFailed`, a
-    file too large to read under the ceiling, or the process's own failures below.
-
     One request per file cost the caller a thread hand-off, a queue and two pipe round trips
     under the GIL that the model's thread needs; a group pays them once. Limits stay per file:
     each file's deadline runs from the reply before it, and a file that is killed at its deadline
@@ -234,11 +229,10 @@ class DecodePool:
       # Bounded in bytes as well: a request is held whole by the decode process, under its ceiling.
       group, size = [], 0
       for data in datas[len(results):]:
-        length = len(data) if isinstance(data, (bytes, bytearray)) else 0  # a LocalFile is read there
-        if group and size + length > _GROUP_BYTES:
+        if group and size + len(data) > _GROUP_BYTES:
           break
         group.append(data)
-        size += length
+        size += len(data)
       results.extend(self._decode_on_one_child(group, spec))
     return results
 
@@ -323,10 +317,8 @@ class DecodePool:
 # A decoded image crosses back as raw pixels, not as a pickled DecodedImage: unpickling the dataclass
 # and its arrays cost the parent ~0.07 ms of its GIL a file, as much as the rest of the round trip.
 # Layout: status byte, width, height, array count, then per array its height, width, bands and
-# bytes; an error is its status byte and the pickled exception. A LocalFile's reply, once read, is
-# the _FILE byte and its 32-byte sha256, then _KNOWN alone (not decoded) or an image's reply.
-_OK, _ERROR, _FILE, _KNOWN = 0, 1, 2, 3
-_DIGEST = 32
+# bytes; an error is its status byte and the pickled exception.
+_OK, _ERROR = 0, 1
 _IMAGE = struct.Struct(">BIII")
 _ARRAY = struct.Struct(">III")
 
@@ -344,11 +336,6 @@ def _parse_reply(reply: memoryview) -> tuple:
   """("ok", DecodedImage) or ("error", the exception); the arrays are read-only views of `reply`."""
   if reply[0] == _ERROR:
     return "error", pickle.loads(reply[1:])
-  if reply[0] == _KNOWN:
-    return "ok", None
-  if reply[0] == _FILE:
-    from transforms.decode import LoadedFile
-    return "ok", LoadedFile(bytes(reply[1:1 + _DIGEST]).hex(), _parse_reply(reply[1 + _DIGEST:])[1])
   import numpy as np
   from transforms.decode import DecodedImage
   _, width, height, count = _IMAGE.unpack_from(reply)
@@ -549,52 +536,36 @@ def _serve(parent: int, ceiling: int):
       reply(*_serve_one(datas.pop(), spec, ceiling, served))
 
 
-def _serve_one(item, spec, ceiling, served) -> list:
-  """The reply's parts for one file: its bytes, or a decode.LocalFile to read and hash here."""
+def _serve_one(data, spec, ceiling, served) -> list:
+  """The reply's parts for one file."""
   from PIL import Image
 
   from transforms import decode
   # Pillow's guard stays on, at the run's limit; None (max_pixels 0) lifts it, and only the
   # memory ceiling is left.
   Image.MAX_IMAGE_PIXELS = spec.max_pixels
-  prefix, result, data = [], None, item
-  if isinstance(item, decode.LocalFile):
-    try:
-      data, digest = decode.read_local(item)
-    except (decode.ReadFailed, decode.DecodeError) as e:
-      data, result = None, ("error", e)
-    else:
-      prefix = [bytes([_FILE]), bytes.fromhex(digest)]
-      if digest in item.known:
-        data, result = None, ("known", None)
-  if result is None:
-    try:
-      result = ("ok", decode.decode_and_resize(
-          data, spec.sizes, resize=spec.resize, max_pixels=spec.max_pixels, fast=spec.fast,
-          option_names=dict(spec.option_names)))
-    except decode.DecodeError as e:
-      result = ("error", e)
-    except MemoryError:  # outside decode_and_resize's own mapping (the arrays' copies)
-      result = ("error", decode.DecodeError("too_large", "ran out of memory decoding the image"))
-  if result[0] == "error" and getattr(result[1], "error_type", None) == "too_large" and ceiling:
+  try:
+    result = ("ok", decode.decode_and_resize(
+        data, spec.sizes, resize=spec.resize, max_pixels=spec.max_pixels, fast=spec.fast,
+        option_names=dict(spec.option_names)))
+  except decode.DecodeError as e:
+    result = ("error", e)
+  except MemoryError:  # outside decode_and_resize's own mapping (the arrays' copies)
+    result = ("error", decode.DecodeError("too_large", "ran out of memory decoding the image"))
+  if result[0] == "error" and result[1].error_type == "too_large" and ceiling:
     result = ("error", decode.DecodeError("too_large", (
         f"decoding needed more memory than the decode process's ceiling of {ceiling / (1 << 30):.2f} GiB "
         f"({spec.name('memory')}); the file is hostile or larger than that allows")))
-  del data, item
+  del data
   try:
-    if result[0] == "known":
-      parts = [bytes([_KNOWN])]
-    elif result[0] == "ok":
-      parts = _encode_image(result[1])
-    else:
-      parts = [bytes([_ERROR]), pickle.dumps(result[1])]
+    parts = _encode_image(result[1]) if result[0] == "ok" else [bytes([_ERROR]), pickle.dumps(result[1])]
   except MemoryError:
     parts = [bytes([_ERROR]), pickle.dumps(decode.DecodeError("too_large", "ran out of memory returning the image"))]
   # VmHWM is a high-water mark, so reading it now and then loses no peak; only a process that
   # dies before its next reading is reported at its previous one.
   peak = own_peak_rss() if result[0] == "error" or served % 32 == 1 else 0
   del result
-  return prefix + parts + [_HEADER.pack(peak)]
+  return parts + [_HEADER.pack(peak)]
 
 
 if __name__ == "__main__":

@@ -244,10 +244,7 @@ class _EmbedDoFn(beam.DoFn):
   def setup(self):
     processes = self._decode_processes or worker_cores()  # counted on the worker, not the launcher
     self._decoders = decode_pool.PoolWhenNeeded(processes, self._spec.memory)
-    # A local file is read and hashed in the decode process that decodes it: under its memory
-    # ceiling and deadline (a 20 GB file or a FIFO costs its own error row, not the worker's memory
-    # or a read thread forever), its bytes crossing no pipe.
-    self._loader = Loader(self._decoders, self._spec, read_in_decoder=True)
+    self._loader = Loader(self._decoders, self._spec)
     self._executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=max(self._read_threads, processes), thread_name_prefix="read-decode")
     self._model = None  # built at the first batch to embed: a run that reuses every row needs none

@@ -4,8 +4,6 @@ import collections
 import dataclasses
 from typing import Optional
 
-from apache_beam.io.filesystems import FileSystems
-
 from transforms import decode
 from transforms.decode_pool import DecodeProcessError
 from transforms.read import read_bytes, sha256_hex
@@ -39,38 +37,25 @@ class Loaded:
 
 class InProcessDecoder:
   """`decode_and_resize` in this process, without isolation: for trusted bytes and tests. Has the
-  `decode_many` of transforms.decode_pool.DecodePool, which isolates each decode, `decode.LocalFile`s
-  included."""
+  `decode_many` of transforms.decode_pool.DecodePool, which isolates each decode."""
 
   def decode_many(self, datas, spec: decode.DecodeSpec) -> list:
-    return [self._one(data, spec) for data in datas]
-
-  def _one(self, data, spec):
-    if isinstance(data, decode.LocalFile):
+    results = []
+    for data in datas:
       try:
-        data_bytes, digest = decode.read_local(data)
-      except Exception as e:  # mapped to an error row by `loaded_file`
-        return e
-      return decode.LoadedFile(digest, None if digest in data.known else self._one(data_bytes, spec))
-    try:
-      return decode.decode_and_resize(data, spec.sizes, resize=spec.resize, max_pixels=spec.max_pixels,
-                                      fast=spec.fast, option_names=dict(spec.option_names))
-    except Exception as e:  # mapped to an error row by `decoded`
-      return e
+        results.append(decode.decode_and_resize(data, spec.sizes, resize=spec.resize, max_pixels=spec.max_pixels,
+                                                fast=spec.fast, option_names=dict(spec.option_names)))
+      except Exception as e:  # mapped to an error row by `decoded`
+        results.append(e)
+    return results
 
 
 class Loader:
-  """Reads, hashes and decodes `LoadRequest`s with `decoder.decode_many` (one round trip a call).
+  """Reads, hashes and decodes `LoadRequest`s with `decoder.decode_many` (one round trip a call)."""
 
-  `read_in_decoder`: a local file goes to the decoder as a `decode.LocalFile`, read and hashed
-  where it is decoded (a decode process), so its bytes never cross this process's GIL or a pipe;
-  other files (gs://, any Beam filesystem, bytes given) are read and hashed here.
-  """
-
-  def __init__(self, decoder, spec: decode.DecodeSpec, read_in_decoder: bool = False):
+  def __init__(self, decoder, spec: decode.DecodeSpec):
     self._decoder = decoder
     self._spec = spec
-    self._read_in_decoder = read_in_decoder
 
   def load(self, request: LoadRequest) -> Loaded:
     return self.load_many([request])[0]
@@ -78,27 +63,15 @@ class Loader:
   def load_many(self, requests) -> list:
     results, pending, datas = [], [], []
     for request in requests:
-      path = _local_path(request) if self._read_in_decoder else None
-      if path is not None:
-        loaded, data = Loaded(request.uri), decode.LocalFile(path, request.known)
-      else:
-        loaded, data = read_and_hash(request)
+      loaded, data = read_and_hash(request)
       results.append(loaded)
       if data is not None:
         pending.append(len(results) - 1)
         datas.append(data)
     if datas:
-      for i, data, image in zip(pending, datas, self._decoder.decode_many(datas, self._spec)):
-        results[i] = loaded_file(results[i], image) if isinstance(data, decode.LocalFile) else decoded(results[i], image)
+      for i, image in zip(pending, self._decoder.decode_many(datas, self._spec)):
+        results[i] = decoded(results[i], image)
     return results
-
-
-def _local_path(request: LoadRequest) -> Optional[str]:
-  """Where a request's bytes are on this machine's disk, when they are to be read from there."""
-  path = request.source or request.uri
-  if request.data is None and path and FileSystems.get_scheme(path) is None:
-    return path
-  return None
 
 
 def read_and_hash(request: LoadRequest):
@@ -115,18 +88,6 @@ def read_and_hash(request: LoadRequest):
   if digest in request.known:
     return Loaded(uri, digest, reused=True), None
   return Loaded(uri, digest), data
-
-
-def loaded_file(loaded: Loaded, result) -> Loaded:
-  """`loaded` completed from what a decoder gave for its `decode.LocalFile`."""
-  uri = loaded.uri
-  if isinstance(result, decode.LoadedFile):
-    if result.image is None:  # bytes already known: their row stands
-      return Loaded(uri, result.sha256, reused=True)
-    return decoded(Loaded(uri, result.sha256), result.image)
-  if isinstance(result, decode.ReadFailed):
-    return Loaded(uri, error=error_row(uri, "read", result.error_type, result.message))
-  return decoded(loaded, result)  # failed before its digest: too large to read, timed out, crashed
 
 
 def decoded(loaded: Loaded, image) -> Loaded:
