@@ -132,3 +132,33 @@ def test_load_files_decodes_a_pools_files_in_one_call_and_matches_load_file(tmp_
     assert [g.error["error_type"] for g in got if g.error] == ["FileNotFoundError", "unidentified_image"]
   finally:
     pool.close()
+
+
+def test_a_fifo_a_device_a_folder_and_a_file_over_the_ceiling_cost_their_own_rows_unread(tmp_path):
+  import os
+  import threading
+
+  from PIL import Image
+  from transforms.load import InProcessDecoder
+  Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+  os.mkfifo(tmp_path / "fifo.jpg")  # read, it would wait for a writer for good
+  (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # read, it would never end
+  (tmp_path / "folder.jpg").mkdir()
+  with open(tmp_path / "big.jpg", "wb") as f:
+    f.truncate(64 << 20)  # sparse: 64 MiB to read, nothing on disk
+  spec = DecodeSpec(sizes=(32,), memory=32 << 20, option_names=(("memory", "--decode-memory"),))
+  names = ["fifo.jpg", "zero.jpg", "folder.jpg", "big.jpg", "a.png"]
+  got = []
+  loading = threading.Thread(target=lambda: got.extend(
+      Loader(InProcessDecoder(), spec).load_many([LoadRequest(str(tmp_path / n)) for n in names])), daemon=True)
+  loading.start()
+  loading.join(120)  # bounds only a broken build, which would wait on the FIFO forever
+  assert not loading.is_alive(), "a read is still waiting"
+  assert [(g.error["stage"], g.error["error_type"]) if g.error else None for g in got] == [
+      ("read", "NotARegularFile"), ("read", "NotARegularFile"), ("read", "IsADirectoryError"),
+      ("decode", "too_large"), None]
+  assert got[0].error["message"].startswith("could not read file: not a regular file (a FIFO, a socket or a device)")
+  assert got[2].error["message"] == f"could not read file: [Errno 21] Is a directory: '{tmp_path / 'folder.jpg'}'"
+  assert got[3].error["message"] == (f"the file is {64 << 20:,} bytes, over the decode process's memory ceiling of "
+                                     "0.03 GiB (--decode-memory); it was not read")
+  assert got[3].sha256 is None and got[4].image.width == 40

@@ -6,7 +6,7 @@ from typing import Optional
 
 from transforms import decode
 from transforms.decode_pool import DecodeProcessError
-from transforms.read import read_bytes, sha256_hex
+from transforms.read import FileTooLarge, read_bytes, sha256_hex
 from transforms.store import StoreUnavailable
 from transforms.write import error_row
 
@@ -63,7 +63,7 @@ class Loader:
   def load_many(self, requests) -> list:
     results, pending, datas = [], [], []
     for request in requests:
-      loaded, data = read_and_hash(request)
+      loaded, data = read_and_hash(request, self._spec)
       results.append(loaded)
       if data is not None:
         pending.append(len(results) - 1)
@@ -74,14 +74,22 @@ class Loader:
     return results
 
 
-def read_and_hash(request: LoadRequest):
-  """(Loaded, the bytes to decode or None): the Loaded is final when it holds an error or is reused."""
+def read_and_hash(request: LoadRequest, spec: Optional[decode.DecodeSpec] = None):
+  """(Loaded, the bytes to decode or None): the Loaded is final when it holds an error or is reused.
+
+  A local file over `spec.memory` bytes (the decode process's ceiling, which its bytes could not
+  cross) is a `too_large` row, not read."""
   uri, data = request.uri, request.data
   if data is None:
+    ceiling = spec.memory if spec is not None else None
     try:
-      data = read_bytes(request.source or uri)
+      data = read_bytes(request.source or uri, max_bytes=ceiling)
     except StoreUnavailable:
       raise  # the store's fault, not the file's: the run stops, and --resume reads it again
+    except FileTooLarge as e:
+      return Loaded(uri, error=error_row(uri, "decode", "too_large", (
+          f"the file is {e.size:,} bytes, over the decode process's memory ceiling of {ceiling / (1 << 30):.2f} GiB "
+          f"({spec.name('memory')}); it was not read"))), None
     except Exception as e:  # vanished, unreadable, permission: the file's own fault
       return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}")), None
   digest = sha256_hex(data)

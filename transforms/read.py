@@ -1,7 +1,9 @@
 """Read stage: a file's bytes and their sha256; gs:// with one request per file, every other scheme through Beam's FileSystems."""
 
+import errno
 import hashlib
 import os
+import stat
 import threading
 
 from apache_beam.io.filesystems import FileSystems
@@ -23,8 +25,25 @@ _clients = threading.local()
 store.install()
 
 
-def read_bytes(uri: str) -> bytes:
-  """Whole file contents: local paths, gs:// and every other Beam filesystem."""
+class NotARegularFile(OSError):
+  """A local path that names a FIFO, a socket or a device: its read could wait for a writer, or never end."""
+
+
+class FileTooLarge(Exception):
+  """A local file larger than the caller will hold (`max_bytes`): not read."""
+
+  def __init__(self, size: int, limit: int):
+    super().__init__(f"the file is {size:,} bytes, over the {limit:,} allowed")
+    self.size, self.limit = size, limit
+
+
+def read_bytes(uri: str, max_bytes=None) -> bytes:
+  """Whole file contents: local paths, gs:// and every other Beam filesystem.
+
+  A local path is read only when it names a regular file (else NotARegularFile, or
+  IsADirectoryError) of at most `max_bytes` (else FileTooLarge): a FIFO, /dev/zero or a 20 GB
+  file in an input folder costs its own error, not a read thread or the worker's memory.
+  """
   if uri.startswith(_GCS_PREFIX):
     client = _gcs_client()
     if client is not None:
@@ -38,9 +57,26 @@ def read_bytes(uri: str) -> bytes:
   if FileSystems.get_scheme(uri) is None:
     # A local path: what Beam's LocalFileSystem does in the end, without its per-call lookups of
     # the filesystem and compression (~0.05 ms a file, under the GIL the model's thread needs).
-    with open(uri, "rb") as f:
-      return f.read()
+    return _read_local(uri, max_bytes)
   return _read_through_filesystems(uri)
+
+
+def _read_local(path: str, max_bytes) -> bytes:
+  # O_NONBLOCK: opening a FIFO must not wait for a writer (a regular file ignores the flag).
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+  try:
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+      raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(info.st_mode):
+      raise NotARegularFile(f"not a regular file (a FIFO, a socket or a device), so it was not read: {path!r}")
+    if max_bytes is not None and info.st_size > max_bytes:
+      raise FileTooLarge(info.st_size, max_bytes)
+  except BaseException:
+    os.close(fd)
+    raise
+  with open(fd, "rb") as f:
+    return f.read()
 
 
 def _read_through_filesystems(uri: str) -> bytes:
