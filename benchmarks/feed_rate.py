@@ -17,6 +17,11 @@ On the throughput benchmark's JPEGs (500x375; N made once, 4N as links to them),
 Each repeat measures all four side by side (decode, forward, N, 4N), and with --repeats > 1 prints
 its own ratio: the spread between repeats is what this VM's drift does to one ratio.
 
+`--against DIR` (another checkout of this repository, e.g. `git worktree add /tmp/before REV`):
+each repeat also runs that tree's pipeline on the same N and 4N files, the two trees' order
+alternated from repeat to repeat, and prints both trees' per-repeat ratios and their medians: a
+before/after within one run, where two runs minutes apart carry this VM's drift.
+
 It prints each rate and the pipeline's marginal rate over the limit (issue 16's target: 0.85);
 and, per image, the CPU time of each side (the pipeline's: its whole process tree, decode
 processes included, marginal between N and 4N), which other processes on the machine disturb far
@@ -66,11 +71,11 @@ def forward_rate(n, size, backbone):
   return images / (time.perf_counter() - started), (time.process_time() - cpu) / images
 
 
-def pipeline_run(folder, out, args, extra):
+def pipeline_run(folder, out, args, extra, repo=REPO):
   """(wall seconds, CPU seconds of the whole process tree, decode processes included)."""
   cmd = [sys.executable, "-m", "pipeline", "--input", f"{folder}/*.jpg", "--output", out, "--overwrite",
          "--backbones", args.backbone, "--image-size", str(args.size), "--weights", "random", *extra]
-  child = run_child(cmd, out + "-log", 3600)
+  child = run_child(cmd, out + "-log", 3600, repo=repo)
   if child["rc"] != 0:
     with open(child["log"] + ".err") as f:
       raise SystemExit(f.read()[-3000:])
@@ -90,6 +95,8 @@ def main(argv=None):
                       help="before each measurement, wait up to this many seconds for other processes to use "
                            "under a quarter of a core (0: don't wait)")
   parser.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "embed-images-bench"))
+  parser.add_argument("--against", metavar="DIR",
+                      help="another checkout whose pipeline runs beside this one's in every repeat, order alternated")
   args, extra = parser.parse_known_args(argv)
   extra = [a for a in extra if a != "--"]
   paths = make_images(args.n, args.cache_dir)
@@ -114,12 +121,22 @@ def main(argv=None):
   # Every measurement of a repeat side by side (the baselines, then N, then 4N): this VM's speed drifts by tens of
   # percent within minutes, and a limit measured minutes before the runs it divides carries that drift.
   decodes, forwards, runs, ratios = [], [], {"n": [], "4n": []}, []
+  other, against = {"n": [], "4n": []}, {"this": [], "against": []}  # --against: the other tree's runs and ratios
   for r in range(args.repeats):
     decodes.append(quietly(decode_rate, paths, args.size))
     forwards.append(quietly(forward_rate, args.n, args.size, args.backbone))
-    for name, folder in (("n", small), ("4n", large))[:1 if args.end_to_end else 2]:
-      quiet()
-      runs[name].append(pipeline_run(folder, os.path.join(work, f"out-{name}-{r}"), args, extra))
+    trees = [("this", REPO, runs)] + ([("against", os.path.abspath(args.against), other)] if args.against else [])
+    for label, repo, tree_runs in (trees if r % 2 == 0 else trees[::-1]):
+      for name, folder in (("n", small), ("4n", large))[:1 if args.end_to_end else 2]:
+        quiet()
+        tree_runs[name].append(pipeline_run(folder, os.path.join(work, f"out-{label}-{name}-{r}"), args, extra, repo))
+    if args.against and not args.end_to_end:
+      limit_r = 1 / (1 / decodes[-1][0] + 1 / forwards[-1][0])
+      for label, repo, tree_runs in trees:
+        marginal_r = 3 * args.n / (tree_runs["4n"][-1][0] - tree_runs["n"][-1][0])
+        against[label].append(marginal_r / limit_r)
+        print(f"repeat {r + 1}, {label} tree ({repo}): N {tree_runs['n'][-1][0]:.2f} s, 4N {tree_runs['4n'][-1][0]:.2f} s, "
+              f"marginal {marginal_r:.0f} img/s: {marginal_r / limit_r:.3f} of the limit ({limit_r:.0f})", flush=True)
     if not args.end_to_end and args.repeats > 1:
       limit_r = 1 / (1 / decodes[-1][0] + 1 / forwards[-1][0])
       marginal_r = 3 * args.n / (runs["4n"][-1][0] - runs["n"][-1][0])
@@ -150,6 +167,10 @@ def main(argv=None):
   if ratios:
     print(f"the same within each repeat         {statistics.median(ratios):8.2f}   (median of "
           f"{', '.join(f'{x:.2f}' for x in ratios)})")
+  for label, values in against.items():
+    if values:
+      print(f"{label} tree ({REPO if label == 'this' else os.path.abspath(args.against)}): median per-repeat ratio "
+            f"{statistics.median(values):.3f} (of {', '.join(f'{x:.3f}' for x in values)})")
   print(f"CPU: (decode + forward) / pipeline  {(decode_cpu + forward_cpu) / marginal_cpu:8.2f}   "
         "(the share of the pipeline's CPU an image that decode and forward need)")
   # On a GPU worker the forward pass leaves the CPU; the rest of the pipeline's CPU stays there.

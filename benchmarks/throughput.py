@@ -623,17 +623,18 @@ def wait_for_quiet(limit, threshold=0.25, slack=1.15):
       return load, probe
 
 
-def run_child(cmd, log_path, timeout):
-  """Runs cmd; returns wall seconds (start to exit), exit code, peak tree RSS, wait4 max RSS, the
-  child tree's CPU seconds, the CPU seconds other processes used meanwhile, stdout."""
+def run_child(cmd, log_path, timeout, repo=REPO):
+  """Runs cmd in `repo` (by default the checkout of this script); returns wall seconds (start to
+  exit), exit code, peak tree RSS, wait4 max RSS, the child tree's CPU seconds, the CPU seconds
+  other processes used meanwhile, stdout."""
   peak = [0]
   env = dict(os.environ)
-  # The code next to this script, whatever an editable install points at.
-  env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  # That checkout's code, whatever an editable install points at.
+  env["PYTHONPATH"] = os.pathsep.join([repo] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
   with open(log_path + ".out", "w") as out, open(log_path + ".err", "w") as err:
     busy_before, steal_before = _machine_busy()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=REPO, env=env)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=repo, env=env)
     done = threading.Event()
 
     def sample():
