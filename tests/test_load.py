@@ -162,3 +162,15 @@ def test_a_fifo_a_device_a_folder_and_a_file_over_the_ceiling_cost_their_own_row
   assert got[3].error["message"] == (f"the file is {64 << 20:,} bytes, over the decode process's memory ceiling of "
                                      "0.03 GiB (--decode-memory); it was not read")
   assert got[3].sha256 is None and got[4].image.width == 40
+
+
+def test_an_object_listed_over_the_ceiling_is_too_large_unread_on_any_filesystem():
+  # The store is never asked: no bucket exists, so a read would fail otherwise.
+  from transforms.load import InProcessDecoder
+  spec = DecodeSpec(sizes=(32,), memory=32 << 20, option_names=(("memory", "--decode-memory"),))
+  requests = [LoadRequest("gs://no-such-bucket/huge.jpg", size=20 << 30),
+              LoadRequest("mem://nowhere/huge.jpg", size=(32 << 20) + 1)]
+  got = Loader(InProcessDecoder(), spec).load_many(requests)
+  assert [(g.error["stage"], g.error["error_type"], g.sha256) for g in got] == [("decode", "too_large", None)] * 2
+  assert got[0].error["message"] == (f"the file is {20 << 30:,} bytes, over the decode process's memory ceiling of "
+                                     "0.03 GiB (--decode-memory); it was not read")

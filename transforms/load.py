@@ -17,12 +17,14 @@ class LoadRequest:
 
   `uri` names it in error rows (None for bytes given directly). `known`: digests of rows already
   made for it (a previous run's, an interrupted run's): bytes hashing to one of them are not
-  decoded, their row stands.
+  decoded, their row stands. `size`: its size in bytes as its listing gave it, where known: an
+  object over the decode processes' memory ceiling is not read, on any filesystem.
   """
   uri: Optional[str]
   source: Optional[str] = None
   data: Optional[bytes] = None
   known: tuple = ()
+  size: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -77,12 +79,14 @@ class Loader:
 def read_and_hash(request: LoadRequest, spec: Optional[decode.DecodeSpec] = None):
   """(Loaded, the bytes to decode or None): the Loaded is final when it holds an error or is reused.
 
-  A local file over `spec.memory` bytes (the decode process's ceiling, which its bytes could not
-  cross) is a `too_large` row, not read."""
+  A file over `spec.memory` bytes (the decode process's ceiling, which its bytes could not cross)
+  is a `too_large` row, not read: by its listed size on any filesystem, by fstat for a local file."""
   uri, data = request.uri, request.data
   if data is None:
     ceiling = spec.memory if spec is not None else None
     try:
+      if ceiling is not None and request.size is not None and request.size > ceiling:
+        raise FileTooLarge(request.size, ceiling)
       data = read_bytes(request.source or uri, max_bytes=ceiling)
     except StoreUnavailable:
       raise  # the store's fault, not the file's: the run stops, and --resume reads it again
