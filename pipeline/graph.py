@@ -330,7 +330,7 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
 
   if config.dedupe:
     items, deduplicated = items | "Dedupe" >> DedupeWithShards(
-        config.read_threads, config.shard_layouts, config.extra_fields)
+        config.read_threads, config.shard_layouts, config.extra_fields, config.decode_memory)
     tallied.append(deduplicated | "CountDeduplicated" >> _tallied("deduplicated"))
   if with_shards:
     items = items | "SplitParquetShards" >> beam.FlatMap(_split_parquet, config.parquet_part_rows)

@@ -59,3 +59,30 @@ def test_dedupe_embeds_each_content_once_and_every_uri_gets_its_row(tmp_path):
   assert summary["counts"]["failed_by_type"] == {"empty_file": 2}
   # 4 copies of good files and 1 of the empty one reused another uri's outcome
   assert summary["counts"]["deduplicated"] == 5
+
+
+def test_hashing_for_dedupe_reads_no_fifo_and_no_file_over_the_ceiling(tmp_path):
+  import hashlib
+  import os
+  import threading
+
+  from transforms.dedupe import HashFilesDoFn
+  from transforms.listing import Listed
+  (tmp_path / "a.jpg").write_bytes(b"same bytes")
+  (tmp_path / "b.jpg").write_bytes(b"same bytes")
+  os.mkfifo(tmp_path / "fifo.jpg")  # read, it would wait for a writer for good
+  with open(tmp_path / "big.jpg", "wb") as f:
+    f.truncate(64 << 20)  # sparse: 64 MiB on the listing and on disk, nothing stored
+  items = [Item(str(tmp_path / "a.jpg")), Item(str(tmp_path / "b.jpg")), Item(str(tmp_path / "fifo.jpg")),
+           Item(str(tmp_path / "big.jpg")), Item("gs://no-such-bucket/huge.jpg", listed=Listed(size=20 << 30))]
+  hashing = HashFilesDoFn(threads=2, max_bytes=32 << 20)
+  hashing.setup()
+  got = []
+  worker = threading.Thread(target=lambda: got.extend(hashing.process(items)), daemon=True)
+  worker.start()
+  worker.join(120)  # bounds only a broken build, which would wait on the FIFO forever
+  hashing.teardown()
+  assert not worker.is_alive(), "a read is still waiting"
+  keys = [key for key, _ in got]
+  assert keys[0] == keys[1] == hashlib.sha256(b"same bytes").hexdigest()
+  assert keys[2:] == [f"unreadable:{item.uri}" for item in items[2:]]  # the embed stage says why, unread

@@ -9,25 +9,32 @@ from transforms.item import Item
 from transforms.read import read_bytes, sha256_hex
 
 
-def _digest(uri):
+def _digest(uri, max_bytes=None, listed_size=None):
+  """The sha256 of the bytes at `uri`, or None where they can't be read, or are over `max_bytes`
+  by their listing or on disk (the embed stage then reads them again, or not, and reports why)."""
+  if max_bytes is not None and listed_size is not None and listed_size > max_bytes:
+    return None
   try:
-    return sha256_hex(read_bytes(uri))
+    return sha256_hex(read_bytes(uri, max_bytes=max_bytes))
   except Exception:  # unreadable now: the embed stage reads it again and reports why
     return None
 
 
 class HashFilesDoFn(beam.DoFn):
   """Batches of Items in; (sha256 or a unique key for unreadable files, item) out; reads several
-  files at once. (The embed stage reads each file again: its digest is the one that counts.)"""
+  files at once. (The embed stage reads each file again: its digest is the one that counts.)
+  `max_bytes`: the decode processes' memory ceiling; a file over it is not read here either."""
 
-  def __init__(self, threads):
-    self._threads = threads
+  def __init__(self, threads, max_bytes=None):
+    self._threads, self._max_bytes = threads, max_bytes
 
   def setup(self):
     self._executor = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="hash")
 
   def process(self, batch):
-    for item, digest in zip(batch, self._executor.map(_digest, [item.uri for item in batch])):
+    digests = self._executor.map(
+        lambda item: _digest(item.uri, self._max_bytes, item.listed.size if item.listed is not None else None), batch)
+    for item, digest in zip(batch, digests):
       yield (digest or f"unreadable:{item.uri}"), item
 
   def teardown(self):
@@ -96,15 +103,16 @@ class DedupeWithShards(beam.PTransform):
   """--dedupe over files and the images inside shards alike: each content is embedded once, by a file
   or a shard; every uri still gets its row. Returns (items, counts of duplicates: their sum is the run's)."""
 
-  def __init__(self, threads, layouts, extra_fields):
+  def __init__(self, threads, layouts, extra_fields, max_bytes=None):
     super().__init__()
     self._threads, self._layouts, self._extra_fields = threads, layouts, extra_fields
+    self._max_bytes = max_bytes
 
   def expand(self, items):
     files, shard_items = items | "FilesOrShards" >> beam.Partition(lambda item, n: int(bool(item.shard_format)), 2)
     hashed_files = (files
                     | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=256)
-                    | "Hash" >> beam.ParDo(HashFilesDoFn(self._threads))
+                    | "Hash" >> beam.ParDo(HashFilesDoFn(self._threads, self._max_bytes))
                     | "FromFiles" >> beam.MapTuple(lambda digest, item: (digest, (None, item))))
     hashed_members = (shard_items
                       | "SpreadShards" >> beam.Reshuffle()

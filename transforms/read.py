@@ -30,7 +30,7 @@ class NotARegularFile(OSError):
 
 
 class FileTooLarge(Exception):
-  """A local file larger than the caller will hold (`max_bytes`): not read."""
+  """A file larger than the caller will hold (`max_bytes`, or the size its listing gave): not read."""
 
   def __init__(self, size: int, limit: int):
     super().__init__(f"the file is {size:,} bytes, over the {limit:,} allowed")
