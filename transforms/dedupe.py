@@ -12,10 +12,8 @@ from transforms.read import read_bytes, sha256_hex
 def _digest(uri, max_bytes=None, listed_size=None):
   """The sha256 of the bytes at `uri`, or None where they can't be read, or are over `max_bytes`
   by their listing or on disk (the embed stage then reads them again, or not, and reports why)."""
-  if max_bytes is not None and listed_size is not None and listed_size > max_bytes:
-    return None
   try:
-    return sha256_hex(read_bytes(uri, max_bytes=max_bytes))
+    return sha256_hex(read_bytes(uri, max_bytes=max_bytes, listed_size=listed_size))
   except Exception:  # unreadable now: the embed stage reads it again and reports why
     return None
 

@@ -85,9 +85,7 @@ def read_and_hash(request: LoadRequest, spec: Optional[decode.DecodeSpec] = None
   if data is None:
     ceiling = spec.memory if spec is not None else None
     try:
-      if ceiling is not None and request.size is not None and request.size > ceiling:
-        raise FileTooLarge(request.size, ceiling)
-      data = read_bytes(request.source or uri, max_bytes=ceiling)
+      data = read_bytes(request.source or uri, max_bytes=ceiling, listed_size=request.size)
     except StoreUnavailable:
       raise  # the store's fault, not the file's: the run stops, and --resume reads it again
     except FileTooLarge as e:

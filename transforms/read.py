@@ -37,13 +37,16 @@ class FileTooLarge(Exception):
     self.size, self.limit = size, limit
 
 
-def read_bytes(uri: str, max_bytes=None) -> bytes:
+def read_bytes(uri: str, max_bytes=None, listed_size=None) -> bytes:
   """Whole file contents: local paths, gs:// and every other Beam filesystem.
 
-  A local path is read only when it names a regular file (else NotARegularFile, or
-  IsADirectoryError) of at most `max_bytes` (else FileTooLarge): a FIFO, /dev/zero or a 20 GB
-  file in an input folder costs its own error, not a read thread or the worker's memory.
+  Nothing over `max_bytes` is read (FileTooLarge): on any filesystem by `listed_size` (what its
+  listing said, where known), and a local path by fstat, and only when it names a regular file
+  (else NotARegularFile, or IsADirectoryError): a FIFO, /dev/zero or a 20 GB file in an input
+  folder costs its own error, not a read thread or the worker's memory.
   """
+  if max_bytes is not None and listed_size is not None and listed_size > max_bytes:
+    raise FileTooLarge(listed_size, max_bytes)
   if uri.startswith(_GCS_PREFIX):
     client = _gcs_client()
     if client is not None:
