@@ -60,7 +60,8 @@ class RunConfig:
   engine_requested: Optional[str] = None  # --engine as given; None: `engine`
   # Reshuffle the inputs before the embed stage, so that its work spreads over the workers. False
   # where one process runs everything (launch.in_one_process): there the listing streams straight
-  # into the embed stage, one fused stage, and decoding starts with the first file listed.
+  # into the embed stage, one fused stage, and decoding starts with the first file listed. It also
+  # sets how many buckets the join with committed rows has (reuse.join_buckets).
   fan_out: bool = True
 
   @property

@@ -293,12 +293,13 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
   # Globs whose names can only be images (`*.jpg`): none of the shard steps below, which are ~10
   # stages of their own on the local runner (an unchanged refresh: ~0.1 s of ~4 here).
   with_shards = bool(config.manifest) or shards.may_match_shards(config.inputs, config.input_format)
-  committed = []
+  committed, buckets = [], reuse.join_buckets(config.fan_out)
   if config.previous:
-    committed.append(p | "PreviousIndex" >> reuse.CommittedIndex(previous_files(config.previous), reuse.PREVIOUS))
+    committed.append(p | "PreviousIndex" >> reuse.CommittedIndex(
+        previous_files(config.previous), reuse.PREVIOUS, buckets))
   if config.resume:
     committed.append(p | "CheckpointIndex" >> reuse.CommittedIndex(
-        checkpoint.committed_files(config.output), reuse.RESUME))
+        checkpoint.committed_files(config.output), reuse.RESUME, buckets))
   if committed:
     index = committed[0] if len(committed) == 1 else tuple(committed) | "AllCommitted" >> beam.Flatten()
     # One join by uri, a bucket of uris at a time: a committed row whose listing is this object's is
@@ -308,7 +309,7 @@ def build_graph(p: beam.Pipeline, config, shared_model=None):
     # that file among the inputs to ride on its row: under it, nothing is trusted unread.
     trust_resume = not (config.resume_verify or config.dedupe)
     trust_previous = not (config.previous_verify or config.dedupe)
-    decided = ({"items": items | "ByBucket" >> beam.ParDo(reuse.ByBucket()), "committed": index}
+    decided = ({"items": items | "ByBucket" >> beam.ParDo(reuse.ByBucket(buckets)), "committed": index}
                | "JoinCommitted" >> beam.CoGroupByKey()
                | "Decide" >> beam.FlatMap(reuse.decide_bucket, trust_resume, trust_previous)
                .with_outputs("reused", "gone", "parts", main="items"))

@@ -181,6 +181,28 @@ def test_a_touched_file_is_read_again_and_carried_over(bucket, tmp_path):
                                     "crc32c": None, "md5": None, "mtime": None}
 
 
+def test_a_refresh_decides_the_same_in_one_process_and_across_worker_processes(bucket, tmp_path):
+  # In one process the join by uri has 64 buckets, across processes 512 (reuse.join_buckets): the
+  # same rows either way, for unchanged, touched and removed files.
+  assert _run(bucket, tmp_path / "day1") == 0
+  files = sorted(bucket.glob("*.jpg"))
+  stat = os.stat(files[0])
+  os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  files[1].unlink()
+  previous = ["--previous", str(tmp_path / "day1")]
+  assert _run(bucket, tmp_path / "one", *previous) == 0
+  assert _run(bucket, tmp_path / "many", *previous, "--direct_running_mode=multi_processing",
+              "--direct_num_workers=2") == 0
+  for out in ("one", "many"):
+    counts = read_summary(str(tmp_path / out))["counts"]
+    assert (counts["embedded"], counts["carried_over"], counts["removed"]) == (0, len(files) - 1, 1), out
+  one, many = _rows(tmp_path / "one"), _rows(tmp_path / "many")
+  assert sorted(one) == sorted(many) == sorted(str(f) for f in files[:1] + files[2:])
+  for uri in one:
+    assert one[uri][0] == many[uri][0]
+    np.testing.assert_array_equal(one[uri][1], many[uri][1])
+
+
 def _embedding_files(out):
   """{file name: bytes} of a run's embeddings files that hold rows."""
   return {p.name: p.read_bytes() for p in sorted(out.glob("embeddings-*.parquet"))

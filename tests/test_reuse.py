@@ -1,5 +1,7 @@
 """transforms/reuse.py and listing.same_object: committed rows found by reference, trusted by listing."""
 
+import pickle
+
 import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
@@ -158,3 +160,31 @@ def test_the_join_moves_a_list_per_bucket_and_decides_as_one_uri_at_a_time_would
     assert_that(joined.reused | beam.combiners.Count.Globally(), equal_to([4]), label="lists")
     assert_that(joined.reused | beam.FlatMapTuple(lambda file, uses: [(file, u.uri, u.row) for u in uses.values]),
                 equal_to([((path, 0), f"img{i}.jpg", i) for i in range(30)]), label="reused")
+
+
+def test_a_batch_crosses_a_shuffle_compressed_and_comes_back_equal(tmp_path):
+  # The committed references of 2,000 rows, as the index sends them: their pickles, compressed.
+  n = 2000
+  listings = [Listed(size=1000 + i, mtime_ns=1_700_000_000_000_000_000 + 7919 * i) for i in range(n)]
+  table = rows_to_table([f"/data/photos/{i % 50:03d}/{i:06d}.jpg" for i in range(n)],
+                        [f"{(i * 2654435761) % (1 << 256):064x}" for i in range(n)], [1] * n, [1] * n,
+                        np.zeros((n, 2), np.float32), listings=listings)
+  path = str(tmp_path / "previous.parquet")
+  pq.write_table(table, path)
+  batches = [batch for _, batch in reuse.bucketed_index((path, "row"), "previous", buckets=4)]
+  plain = sum(len(pickle.dumps(batch.values, pickle.HIGHEST_PROTOCOL)) for batch in batches)
+  sent = [pickle.dumps(batch) for batch in batches]
+  assert sum(map(len, sent)) < 0.7 * plain
+  back = [pickle.loads(blob) for blob in sent]
+  assert pickle.dumps(back[0]) == sent[0]  # moved on unread: the same bytes, not packed again
+  assert back == batches
+  refs = sorted(ref for batch in back for chunk in batch.values for _, ref in chunk.refs())
+  assert [(ref.row, ref.sha256, ref.listed) for ref in refs] == [
+      (i, f"{(i * 2654435761) % (1 << 256):064x}", listings[i]) for i in range(n)]
+
+
+def test_the_join_has_fewer_buckets_where_one_process_runs_it():
+  # One worker has nothing to spread 512 keys over, and the local runner holds every element of a
+  # shuffle with its own overhead; workers that share the job out keep 512.
+  assert reuse.join_buckets(fan_out=True) == reuse.BUCKETS == 512
+  assert reuse.join_buckets(fan_out=False) == reuse.ONE_PROCESS_BUCKETS == 64

@@ -23,7 +23,13 @@ A committed row is found by reference, never carried by value until it is writte
 Memory is one small reference per row (a path, a position, a digest, a listing), never a vector;
 the joins are shuffles on Dataflow and the vectors are read back where they are written. A bucket
 (`BUCKETS` of them, by a hash of the uri) holds 1/512 of the objects: ~20,000 references for a
-bucket of 10M objects, in one worker's memory for its join.
+bucket of 10M objects, in one worker's memory for its join. What crosses a shuffle is a `Batch`: a
+list pickled and compressed (zstd), ~2.3x smaller than the pickle for references, ~3x for items.
+
+Where one process runs the job (the local runner's defaults), `ONE_PROCESS_BUCKETS` buckets: the
+local runner holds every element of a shuffle in its memory, each with its own overhead, and one
+worker has nothing to spread 512 keys over. With both, an unchanged refresh's peak grows ~0.5 KB a
+previous row there, against ~1.7 KB with 512 buckets of plain pickles (benchmarks/README.md).
 """
 
 import contextlib
@@ -46,6 +52,7 @@ ROW, ERROR = "row", "error"
 _READ_BUFFER = 1 << 20
 _BATCH_ROWS = 256
 BUCKETS = 512  # the join's keys: a list of a bucket's objects crosses the shuffle, not each object
+ONE_PROCESS_BUCKETS = 64  # the same, where one process runs every stage (RunConfig.fan_out False)
 _FLUSH = 8192  # objects held by one worker before its lists go on, whatever the bundle
 
 
@@ -66,10 +73,11 @@ class Ref(NamedTuple):
 
 
 class Batch:
-  """Values that cross a shuffle together, as one pickle of the list: Beam's coder would pickle a
-  list's values one by one, which is most of what an unchanged refresh costs, object by object.
-  Unpickled, a Batch holds those bytes until `values` is read: a stage that only moves it on (the
-  local runner's Flatten before a GroupByKey decodes and encodes every element) copies bytes."""
+  """Values that cross a shuffle together, as one pickle of the list, compressed (`_pack`): Beam's
+  coder would pickle a list's values one by one, which is most of what an unchanged refresh costs,
+  object by object. Unpickled, a Batch holds those bytes until `values` is read: a stage that only
+  moves it on (the local runner's Flatten before a GroupByKey decodes and encodes every element)
+  copies bytes, and the local runner's shuffles hold them, not the objects."""
 
   __slots__ = ("_values", "_blob")
 
@@ -79,11 +87,11 @@ class Batch:
   @property
   def values(self) -> list:
     if self._values is None:
-      self._values, self._blob = pickle.loads(self._blob), None
+      self._values, self._blob = pickle.loads(_unpack(self._blob)), None
     return self._values
 
   def __reduce__(self):
-    blob = self._blob if self._blob is not None else pickle.dumps(self._values, pickle.HIGHEST_PROTOCOL)
+    blob = self._blob if self._blob is not None else _pack(pickle.dumps(self._values, pickle.HIGHEST_PROTOCOL))
     return _unpickled_batch, (blob,)
 
   def __eq__(self, other):
@@ -91,6 +99,17 @@ class Batch:
 
   def __repr__(self):
     return f"Batch({self.values!r})"
+
+
+def _pack(raw: bytes) -> bytes:
+  """`raw` compressed: its length (8 bytes), then zstd at level 1 (pyarrow's codec). Measured on an unchanged
+  refresh's lists (30,720 objects): 10.2 MB of pickles to 4.3 MB for ~0.13 s of CPU; zlib level 1 was larger
+  (4.4 MB) in 1.6x the time."""
+  return len(raw).to_bytes(8, "little") + pa.compress(raw, "zstd", asbytes=True)
+
+
+def _unpack(blob: bytes) -> bytes:
+  return pa.decompress(memoryview(blob)[8:], int.from_bytes(blob[:8], "little"), "zstd", asbytes=True)
 
 
 def _unpickled_batch(blob: bytes) -> Batch:
@@ -210,17 +229,23 @@ class ByBucket(beam.DoFn):
 
 class CommittedIndex(beam.PTransform):
   """(bucket, Batch of Refs) of every row of `files`, a list of (path, kind), for `source`. The files are listed
-  at launch; each is read by one worker, only its uri, sha256 and listing columns."""
+  at launch; each is read by one worker, only its uri, sha256 and listing columns. `buckets`: ByBucket's."""
 
-  def __init__(self, files, source):
+  def __init__(self, files, source, buckets: int = BUCKETS):
     super().__init__()
-    self._files, self._source = list(files), source
+    self._files, self._source, self._buckets = list(files), source, buckets
 
   def expand(self, pbegin):
     return (pbegin
             | "Files" >> beam.Create(self._files)
             | "Spread" >> beam.Reshuffle()
-            | "Index" >> beam.FlatMap(bucketed_index, self._source))
+            | "Index" >> beam.FlatMap(bucketed_index, self._source, self._buckets))
+
+
+def join_buckets(fan_out: bool) -> int:
+  """How many buckets the join by uri has: BUCKETS where workers share the job out, ONE_PROCESS_BUCKETS where
+  one process runs it."""
+  return BUCKETS if fan_out else ONE_PROCESS_BUCKETS
 
 
 def _ordered(refs) -> dict:
