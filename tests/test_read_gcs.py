@@ -1,6 +1,7 @@
 """transforms/read.py on gs://, against the local GCS emulator: bytes, errors, one client per thread."""
 
 import os
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -50,6 +51,31 @@ def test_gcs_bytes_equal_what_was_written(gcs_bucket):
     assert got == data, name
     assert got == _read_with_filesystems(f"{gcs_bucket}/{name}"), name
     assert sha256_hex(got) == sha256_hex(data)
+
+
+def test_an_object_with_no_listed_size_is_read_up_to_the_ceiling_and_no_further(gcs_bucket, tmp_path):
+  # A manifest's row has no listing: the download itself stops past max_bytes, and an object
+  # within it reads whole, its checksum checked as before. The same through Beam's filesystems
+  # (any other scheme; a local path here, which read_bytes itself reads with fstat).
+  from transforms.decode import DecodeSpec
+  from transforms.load import InProcessDecoder, LoadRequest, Loader
+  big, fits = os.urandom(3 << 20), os.urandom(1 << 20)
+  for root, read_at in ((gcs_bucket, read_bytes), (str(tmp_path), read._read_through_filesystems)):
+    _write(f"{root}/big.jpg", big)
+    _write(f"{root}/fits.jpg", fits)
+    tracemalloc.start()
+    with pytest.raises(read.FileTooLarge, match=r"^the file is more than 1,048,576 bytes, over the 1,048,576 allowed$"):
+      read_at(f"{root}/big.jpg", max_bytes=1 << 20)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < (2 << 20), (root, peak)  # never the 3 MiB object whole
+    assert read_at(f"{root}/fits.jpg", max_bytes=1 << 20) == fits  # exactly the ceiling: read
+    assert read_at(f"{root}/big.jpg", max_bytes=3 << 20) == big
+  spec = DecodeSpec(sizes=(32,), memory=1 << 20, option_names=(("memory", "--decode-memory"),))
+  got = Loader(InProcessDecoder(), spec).load_many([LoadRequest(f"{gcs_bucket}/big.jpg")])
+  assert (got[0].error["stage"], got[0].error["error_type"], got[0].sha256) == ("decode", "too_large", None)
+  assert got[0].error["message"] == ("the file is more than 1,048,576 bytes, over the decode process's memory "
+                                     "ceiling of 0.00 GiB (--decode-memory); it was not read")
 
 
 def test_missing_object_raises_the_same_error_as_filesystems(gcs_bucket):

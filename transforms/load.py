@@ -90,7 +90,7 @@ def read_and_hash(request: LoadRequest, spec: Optional[decode.DecodeSpec] = None
       raise  # the store's fault, not the file's: the run stops, and --resume reads it again
     except FileTooLarge as e:
       return Loaded(uri, error=error_row(uri, "decode", "too_large", (
-          f"the file is {e.size:,} bytes, over the decode process's memory ceiling of {ceiling / (1 << 30):.2f} GiB "
+          f"the file is {e.what}, over the decode process's memory ceiling of {ceiling / (1 << 30):.2f} GiB "
           f"({spec.name('memory')}); it was not read"))), None
     except Exception as e:  # vanished, unreadable, permission: the file's own fault
       return Loaded(uri, error=error_row(uri, "read", type(e).__name__, f"could not read file: {e}")), None
