@@ -178,6 +178,10 @@ def test_a_batch_crosses_a_shuffle_compressed_and_comes_back_equal(tmp_path):
   back = [pickle.loads(blob) for blob in sent]
   assert pickle.dumps(back[0]) == sent[0]  # moved on unread: the same bytes, not packed again
   assert back == batches
+  # A small list is sent as its pickle: compressing it would cost more than it saves.
+  small = reuse.Batch([reuse.Use(1, "row", "previous", "a.jpg", {}, LOCAL)])
+  assert pickle.dumps(small) == pickle.dumps(reuse.Batch(blob=pickle.dumps(small.values, pickle.HIGHEST_PROTOCOL)))
+  assert pickle.loads(pickle.dumps(small)) == small
   refs = sorted(ref for batch in back for chunk in batch.values for _, ref in chunk.refs())
   assert [(ref.row, ref.sha256, ref.listed) for ref in refs] == [
       (i, f"{(i * 2654435761) % (1 << 256):064x}", listings[i]) for i in range(n)]

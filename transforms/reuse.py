@@ -24,7 +24,7 @@ Memory is one small reference per row (a path, a position, a digest, a listing),
 the joins are shuffles on Dataflow and the vectors are read back where they are written. A bucket
 (`BUCKETS` of them, by a hash of the uri) holds 1/512 of the objects: ~20,000 references for a
 bucket of 10M objects, in one worker's memory for its join. What crosses a shuffle is a `Batch`: a
-list pickled and compressed (zstd), ~2.3x smaller than the pickle for references, ~3x for items.
+list pickled and, from 2 KB, compressed (zstd): ~2x smaller than the pickle for references, ~3x for items.
 
 Where one process runs the job (the local runner's defaults), `ONE_PROCESS_BUCKETS` buckets: the
 local runner holds every element of a shuffle in its memory, each with its own overhead, and one
@@ -101,15 +101,24 @@ class Batch:
     return f"Batch({self.values!r})"
 
 
+_PACK_FROM = 2048  # bytes of pickle; a smaller one is sent as it is
+
+
 def _pack(raw: bytes) -> bytes:
-  """`raw` compressed: its length (8 bytes), then zstd at level 1 (pyarrow's codec). Measured on an unchanged
-  refresh's lists (30,720 objects): 10.2 MB of pickles to 4.3 MB for ~0.13 s of CPU; zlib level 1 was larger
-  (4.4 MB) in 1.6x the time."""
-  return len(raw).to_bytes(8, "little") + pa.compress(raw, "zstd", asbytes=True)
+  """`raw`, a pickle, as a Batch sends it: from _PACK_FROM bytes, b"Z", its length (8 bytes), then zstd at level 1
+  (pyarrow's codec); below, the pickle itself (which starts with PROTO, 0x80). Measured on an unchanged refresh's
+  lists (30,720 objects): 10.2 MB of pickles to 4.3 MB for ~0.13 s of CPU (zlib level 1: 4.4 MB, 1.6x the time).
+  A small pickle is not worth it: --previous-verify's one-item lists, ~35,000 of them, took ~62 us each to
+  compress inside the run, 2.2 s of a 7.4 s run."""
+  if len(raw) < _PACK_FROM:
+    return raw
+  return b"Z" + len(raw).to_bytes(8, "little") + pa.compress(raw, "zstd", asbytes=True)
 
 
-def _unpack(blob: bytes) -> bytes:
-  return pa.decompress(memoryview(blob)[8:], int.from_bytes(blob[:8], "little"), "zstd", asbytes=True)
+def _unpack(blob: bytes):
+  if blob[:1] != b"Z":
+    return blob
+  return pa.decompress(memoryview(blob)[9:], int.from_bytes(blob[1:9], "little"), "zstd", asbytes=True)
 
 
 def _unpickled_batch(blob: bytes) -> Batch:
