@@ -124,3 +124,20 @@ def test_concurrent_reads(gcs_bucket):
   # says nothing about real GCS, where per-request latency dominates.
   print("\n200 x 50 KB via FileSystems.open: sequential %.2f s, 16 threads %.2f s"
         % (t1 - t0, t2 - t1))
+
+
+def test_the_emulator_lists_in_pages_as_gcs_does(gcs_bucket):
+  # GCS answers a listing a page of at most 1,000 objects at a time; the emulator as installed answers
+  # all of them at once, which made a listing's memory and requests unlike GCS's. tests/gcs_emulator.py
+  # pages it.
+  from transforms import listing, read
+  names = [f"paged/{i:02d}.jpg" for i in range(7)]
+  for name in names:
+    with FileSystems.create(f"{gcs_bucket}/{name}") as f:
+      f.write(b"x")
+  client, _ = read._gcs_client()
+  bucket = gcs_bucket[len("gs://"):]
+  pages = [[blob.name for blob in page] for page in client.list_blobs(bucket, prefix="paged/", page_size=3).pages]
+  assert pages == [names[0:3], names[3:6], names[6:]]
+  # Our own listing's pages (listing.PAGE_SIZE, the most GCS sends) see every object once.
+  assert [uri for uri, _ in listing.match_gcs(f"{gcs_bucket}/paged/*.jpg")] == [f"{gcs_bucket}/{n}" for n in names]

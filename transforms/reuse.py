@@ -50,6 +50,7 @@ from transforms.write import embeddings_schema
 PREVIOUS, RESUME = "previous", "resume"
 ROW, ERROR = "row", "error"
 _READ_BUFFER = 1 << 20
+_GCS_SMALL_READS = 4 << 20
 _BATCH_ROWS = 256
 BUCKETS = 512  # the join's keys: a list of a bucket's objects crosses the shuffle, not each object
 ONE_PROCESS_BUCKETS = 64  # the same, where one process runs every stage (RunConfig.fan_out False)
@@ -144,9 +145,18 @@ def use(ref: Ref, item, exact: bool = False) -> tuple:
 
 
 @contextlib.contextmanager
-def _parquet(path):
-  """A committed Parquet file, read through Beam's filesystems a buffer at a time."""
-  with FileSystems.open(path, compression_type="uncompressed") as handle:
+def _parquet(path, columns_only=True):
+  """A committed Parquet file, read through Beam's filesystems a buffer at a time. On gs://, where only
+  a few small columns or the footer are wanted (`columns_only`: the index, the errors' uris, a file's
+  schema), gcsio reads _GCS_SMALL_READS bytes at a time instead of its 16 MiB: at 12,288 objects the
+  index held 16 MiB chunks of a 28 MB file for three columns of ~1 MB each (main process peak
+  272 MB against 238 MB with 4 MiB reads, and 239 against 227 MB at 3,072)."""
+  if columns_only and FileSystems.get_scheme(path) == "gs":
+    # FileSystems.open's own GcsIO (the store's retry policy installed in it), with a read buffer of our choosing.
+    opened = FileSystems.get_filesystem(path)._gcsIO().open(path, "r", read_buffer_size=_GCS_SMALL_READS)
+  else:
+    opened = FileSystems.open(path, compression_type="uncompressed")
+  with opened as handle:
     yield pq.ParquetFile(handle, buffer_size=_READ_BUFFER, pre_buffer=False)
 
 
@@ -478,7 +488,7 @@ class _FetchDoFn(beam.DoFn):
     columns = ["sha256", "width", "height", "embedding"] if kind == ROW else ["stage", "error_type", "message"]
     if kind == ROW and any(u.columns is None for u in uses):  # an unread shard's images: their own columns
       columns += [f.name for f in self._extra_fields]
-    with _parquet(path) as parquet:
+    with _parquet(path, columns_only=False) as parquet:  # the vectors: gcsio's 16 MiB reads
       first = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
       # The wanted positions in this row group, read a slice at a time: what is held is _BATCH_ROWS rows.
       positions, start, done = np.array([u.row for u in uses]) - first, 0, 0
