@@ -30,8 +30,7 @@ class HashFilesDoFn(beam.DoFn):
     self._executor = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="hash")
 
   def process(self, batch):
-    digests = self._executor.map(
-        lambda item: _digest(item.uri, self._max_bytes, item.listed.size if item.listed is not None else None), batch)
+    digests = self._executor.map(lambda item: _digest(item.uri, self._max_bytes, item.listed_size), batch)
     for item, digest in zip(batch, digests):
       yield (digest or f"unreadable:{item.uri}"), item
 

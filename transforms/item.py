@@ -51,6 +51,11 @@ class Item:
     yield self
     yield from self.duplicates
 
+  @property
+  def listed_size(self) -> Optional[int]:
+    """The size its listing gave, None without a listing."""
+    return None if self.listed is None else self.listed.size
+
   def digests(self) -> tuple:
     """The digests of the rows it may reuse (`reuse`), for EmbedImages' known_digests."""
     return tuple(ref.sha256 for ref in self.reuse)

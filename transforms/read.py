@@ -6,6 +6,7 @@ import io
 import os
 import stat
 import threading
+from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -41,15 +42,15 @@ class FileTooLarge(Exception):
 
 
 class _CappedBuffer(io.BytesIO):
-  """A download's buffer that holds at most `limit` bytes: the write that would pass it raises
-  FileTooLarge, which stops the download there (no retry policy retries it)."""
+  """A read's buffer that holds at most `limit` bytes (None: any): the write that would pass it raises
+  FileTooLarge, which stops a download there (no retry policy retries it)."""
 
-  def __init__(self, limit: int):
+  def __init__(self, limit: Optional[int]):
     super().__init__()
     self._limit = limit
 
   def write(self, data) -> int:
-    if self.tell() + len(data) > self._limit:
+    if self._limit is not None and self.tell() + len(data) > self._limit:
       raise FileTooLarge(self._limit + 1, self._limit, exact=False)
     return super().write(data)
 
@@ -107,17 +108,12 @@ def _read_local(path: str, max_bytes) -> bytes:
 
 
 def _read_through_filesystems(uri: str, max_bytes=None) -> bytes:
+  buffer = _CappedBuffer(max_bytes)
   with FileSystems.open(uri, compression_type="uncompressed") as f:
-    chunks, total = [], 0
-    while True:
-      chunk = f.read(_CHUNK if max_bytes is None else min(_CHUNK, max_bytes + 1 - total))
-      if not chunk:
-        break
-      total += len(chunk)
-      if max_bytes is not None and total > max_bytes:
-        raise FileTooLarge(total, max_bytes, exact=False)
-      chunks.append(chunk)
-  return b"".join(chunks)
+    # Never a chunk of more than the one byte past the ceiling that tells the file is over it.
+    while chunk := f.read(_CHUNK if max_bytes is None else min(_CHUNK, max_bytes + 1 - buffer.tell())):
+      buffer.write(chunk)
+  return buffer.getvalue()
 
 
 def _gcs_options():

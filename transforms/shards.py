@@ -485,7 +485,7 @@ class ExpandShards(beam.DoFn):
 
   def process(self, item):
     if item.shard_format is None:
-      yield item, LoadRequest(item.uri, size=item.listed.size if item.listed is not None else None)
+      yield item, LoadRequest(item.uri, size=item.listed_size)
       return
     found = previous_seen = 0
     for member, uri, columns in shard_images(item, self._layouts, self._extra_fields):

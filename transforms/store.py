@@ -26,7 +26,7 @@ _MAX_BACKOFF = 16.0  # below google's 60 s, so that a sleep never overshoots the
 # A flaky store's faults come one or two in a row, and a run's serial steps (launch checks, listing pages,
 # the writes at the end) wait out each: benchmarks/store_outage.py's flaky run (64 objects, 34 faults)
 # took 4.4-4.5x a 4.4 s fault-free run with 1 s, 1.9-2.0x with 0.25 s. A store that stays down still
-# backs off to _MAX_BACKOFF within six tries.
+# backs off to _MAX_BACKOFF by its seventh sleep.
 _INITIAL_BACKOFF = 0.25
 
 
