@@ -7,8 +7,9 @@ more at interpreter exit (~1.3 s). So the imports run with the GC paused, what t
 moved to the permanent generation (`gc.freeze`), and the heap is frozen again before exit.
 TensorFlow and Keras are imported where first needed (transforms/tensorflow_import.py), under
 the same pause and the capture below: a run that builds no model never imports them. Optional
-dependencies that Beam and Keras import where installed, and this program never uses, are kept out
-of those imports (`kept_out`): BigQuery's client (~0.3 s), scikit-learn (~0.8 s) and IPython (~0.13 s).
+dependencies that Beam, TensorFlow and Keras import where installed, and this program never uses,
+are kept out of those imports (`kept_out`): BigQuery's client (~0.3 s), scikit-learn (~0.8 s),
+IPython (~0.13 s) and SciPy (~0.1 s).
 `pipeline.main.run` itself, which tests and other programs call in-process, leaves the GC alone.
 
 Quiet: what a person sees is this program's own output. Without --verbose, Beam's "apitools not
@@ -55,7 +56,9 @@ def _first_tensorflow_import(quiet: bool):
   # TensorFlow's import imports all of Keras, whose scikit-learn wrappers import scikit-learn where
   # it is installed (the `report` extra): ~0.8 s of a 2-core machine's start-up; and whose
   # `saving.file_editor` imports IPython where it is installed, to show a table in a notebook: ~0.13 s.
-  with startup_without_gc(), kept_out("sklearn", "IPython"), \
+  # TensorFlow's own legacy Keras engine (`tensorflow.python.keras.engine.training_v1` and
+  # `training_arrays_v1`, never used with Keras 3) imports SciPy's sparse matrices where installed: ~0.1 s.
+  with startup_without_gc(), kept_out("sklearn", "IPython", "scipy"), \
       tensorflow_noise_held_back() if quiet else contextlib.nullcontext():
     yield
 

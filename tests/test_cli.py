@@ -139,10 +139,12 @@ def test_a_run_never_imports_bigquerys_client_and_scikit_learn_imports_after_ten
   assert result.stderr.splitlines()[-1].startswith("embed-images: ok: 7 matched, 7 embedded")
 
 
-@pytest.mark.parametrize("module,submodule", [("sklearn", "sklearn.neighbors"), ("IPython", "IPython.display")])
+@pytest.mark.parametrize("module,submodule", [("sklearn", "sklearn.neighbors"), ("IPython", "IPython.display"),
+                                              ("scipy", "scipy.sparse")])
 def test_the_command_lines_tensorflow_import_leaves_optional_modules_out_and_importable_after(module, submodule):
   # Keras imports them with TensorFlow where they are installed: its scikit-learn wrappers (~0.8 s
-  # here) and its saving.file_editor's notebook display (~0.13 s).
+  # here) and its saving.file_editor's notebook display (~0.13 s); TensorFlow's legacy Keras engine
+  # imports SciPy's sparse matrices (~0.1 s).
   pytest.importorskip(module)
   code = ("import sys\n"
           "from pipeline import cli\n"
