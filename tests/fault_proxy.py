@@ -85,6 +85,7 @@ class FaultProxy:
     self.counts = collections.Counter()
     self.outcomes = collections.Counter()
     self.requests = []
+    self.paths = []  # (kind, path with its query) of each request
     self.latency_s = 0.0
     self._fractions = {"503": 0.0, "429": 0.0, "reset": 0.0}
     self._fault_kinds = None
@@ -155,6 +156,7 @@ class FaultProxy:
       self.counts.clear()
       self.outcomes.clear()
       self.requests.clear()
+      self.paths.clear()
 
   def injected(self) -> int:
     """How many requests got a fault rather than the upstream's answer."""
@@ -199,6 +201,8 @@ class FaultProxy:
 
   def _handle(self, handler):
     kind, uri = request_kind(handler.command, handler.path)
+    with self._lock:
+      self.paths.append((kind, handler.path))
     body = _read_body(handler)
     verdict = self._verdict(kind, uri)
     if verdict is not None and verdict[0] == "status":

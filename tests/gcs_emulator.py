@@ -58,7 +58,8 @@ def _reset_beam_credentials_cache():
 # - a listing in pages, as GCS answers one: at most `maxResults` objects (GCS's default and most, 1,000),
 #   in name order, and a `nextPageToken` while more remain. The emulator answers every object in one
 #   response, so a listing of 30,720 objects was one 30 MB answer, where GCS sends 31 pages.
-#   (Only the objects are paged; a `delimiter`'s prefixes come whole, as before.)
+#   (Only the objects are paged; a `delimiter`'s prefixes come whole, as before.) `startOffset`
+#   (inclusive) and `endOffset` (exclusive) bound the names listed, as GCS's do; the emulator ignores them.
 _LAUNCH = """
 import sys
 from gcp_storage_emulator import storage
@@ -77,6 +78,10 @@ def _paged_ls(request, response, storage, *args, **kwargs):
         items = sorted(listing.get("items") or [], key=lambda item: item["name"])
         if query.get("pageToken"):
             items = [item for item in items if item["name"] > query["pageToken"][0]]
+        if query.get("startOffset"):
+            items = [item for item in items if item["name"] >= query["startOffset"][0]]
+        if query.get("endOffset"):
+            items = [item for item in items if item["name"] < query["endOffset"][0]]
         page = dict(listing, items=items[:size])
         if len(items) > size:
             page["nextPageToken"] = items[size - 1]["name"]

@@ -139,5 +139,8 @@ def test_the_emulator_lists_in_pages_as_gcs_does(gcs_bucket):
   bucket = gcs_bucket[len("gs://"):]
   pages = [[blob.name for blob in page] for page in client.list_blobs(bucket, prefix="paged/", page_size=3).pages]
   assert pages == [names[0:3], names[3:6], names[6:]]
+  # startOffset (inclusive) and endOffset (exclusive) bound the names, as GCS's do (listing.py splits by them).
+  ranged = client.list_blobs(bucket, prefix="paged/", page_size=3, start_offset="paged/02", end_offset="paged/05.jpg")
+  assert [[blob.name for blob in page] for page in ranged.pages] == [names[2:5]]
   # Our own listing's pages (listing.PAGE_SIZE, the most GCS sends) see every object once.
   assert [uri for uri, _ in listing.match_gcs(f"{gcs_bucket}/paged/*.jpg")] == [f"{gcs_bucket}/{n}" for n in names]

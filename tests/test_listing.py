@@ -78,3 +78,82 @@ def test_gcs_listing_is_one_request_and_retries_under_faults(gcs_proxy):
   assert gcs_proxy.counts["list"] == 3
   assert gcs_proxy.outcomes[("list", "503")] == gcs_proxy.outcomes[("list", "reset")] == 1
   assert PAGE_SIZE == 1000
+
+
+# Names of every shape a split point must fall between: digits, ASCII letters on both sides of the
+# digits, a folder, accented and CJK characters, one outside the BMP, a name equal to the prefix's
+# folder and one just past the prefix.
+_MANY = ([f"photos/{i:05d}.jpg" for i in range(240)] + [f"photos/{c}{i:02d}.png" for c in "AZaz~" for i in range(12)]
+         + [f"photos/sub/{i}.jpg" for i in range(30)]
+         + ["photos/\u00e9t\u00e9.jpg", "photos/\u4e2d.jpg", "photos/\U0001F600.jpg", "photos/\U0010FFFF.jpg"])
+_OUTSIDE = ["photos0.jpg", "photor.jpg", "other/1.jpg"]
+
+
+def _upload(bucket, names):
+  import concurrent.futures
+
+  def one(name):
+    with FileSystems.create(f"{bucket}/{name}") as f:
+      f.write(name.encode())
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    list(pool.map(one, names))
+
+
+def test_a_gcs_listing_past_one_page_splits_by_name_across_threads_and_lists_each_object_once(gcs_proxy,
+                                                                                              monkeypatch):
+  import math
+  from urllib.parse import parse_qs, urlsplit
+
+  from transforms import listing
+  bucket = gcs_proxy.bucket
+  _upload(bucket, _MANY + _OUTSIDE)
+  monkeypatch.setattr(listing, "PAGE_SIZE", 10)  # GCS's pages hold 1,000: 10 here makes 33 pages of 324 objects
+  gcs_proxy.reset_counts()
+  listed = [uri for uri, _ in match_pattern(f"{bucket}/photos/**")]
+  assert sorted(listed) == sorted(f"{bucket}/{n}" for n in _MANY) and len(set(listed)) == len(listed)
+  queries = [parse_qs(urlsplit(path).query) for kind, path in gcs_proxy.paths if kind == "list"]
+  starts = {q["startOffset"][0] for q in queries if "startOffset" in q}
+  assert len(starts) >= listing.LIST_THREADS - 1  # split until the threads were busy
+  # Each range costs at most one page more than its objects fill: the requests stay near one per page.
+  pages = math.ceil(len(_MANY) / 10)
+  assert pages <= len(queries) <= pages + len(starts) + 1, (len(queries), pages, len(starts))
+  # A listing of one page is one request, as before: no split.
+  gcs_proxy.reset_counts()
+  assert _ours(f"{bucket}/photos/0000*.jpg") == [f"{bucket}/photos/{i:05d}.jpg" for i in range(10)]
+  assert gcs_proxy.counts["list"] == 1
+
+
+def test_a_split_gcs_listing_under_faults_still_lists_each_object_once(gcs_proxy, monkeypatch):
+  from transforms import listing
+  bucket = gcs_proxy.bucket
+  _upload(bucket, _MANY)
+  monkeypatch.setattr(listing, "PAGE_SIZE", 10)
+  gcs_proxy.faults(p503=0.15, p429=0.05, p_reset=0.05, kinds=["list"])
+  listed = [uri for uri, _ in match_pattern(f"{bucket}/photos/**")]
+  assert sorted(listed) == sorted(f"{bucket}/{n}" for n in _MANY)
+  assert gcs_proxy.injected() > 0
+
+
+def test_a_range_that_fails_fails_the_listing_and_a_listing_stopped_early_ends_its_threads(gcs_proxy, monkeypatch):
+  import threading
+
+  import pytest
+  from google.api_core import exceptions
+
+  from transforms import listing
+  bucket = gcs_proxy.bucket
+  _upload(bucket, _MANY)
+  monkeypatch.setattr(listing, "PAGE_SIZE", 10)
+  # A permanent error on a later range's request (not retried) must fail the listing, not drop its objects.
+  gcs_proxy.down("list", status=403, after=6)
+  with pytest.raises(exceptions.Forbidden):
+    list(match_pattern(f"{bucket}/photos/**"))
+  gcs_proxy.up()
+  # A consumer that stops after the first object: the listing threads stop too.
+  listed = match_pattern(f"{bucket}/photos/**")
+  next(listed)
+  listed.close()
+  for thread in threading.enumerate():
+    if thread.name.startswith("list_"):
+      thread.join(timeout=60)
+      assert not thread.is_alive(), thread.name

@@ -13,7 +13,9 @@ next run can compare without reading the object.
 - gs://: `size`, `generation`, `crc32c` (base64, as GCS gives it) and `md5` when the object has one;
   listed with google-cloud-storage's `list_blobs(prefix=...)`, page by page (one request per 1,000
   objects), under transforms/store.py's retry policy and outage deadline; Beam's match would give
-  neither generation nor crc32c;
+  neither generation nor crc32c. A listing that runs past one page is split by name into ranges
+  (`startOffset`, `endOffset`) listed by up to LIST_THREADS threads at once (`_list_gcs`), so a
+  bucket of millions of objects is not one request after another;
 - any other Beam filesystem: Beam's match, `size` and `mtime` (seconds, as Beam reports it).
 
 Globs mean what Beam's FileSystems.match makes of them (`FileSystem.translate_pattern`: `*` within a
@@ -21,8 +23,11 @@ folder, `**` across folders, `?`, `[...]`), from the prefix before the first glo
 `match_pattern(pattern)` is the same thing as a plain function, for tests and the launch checks.
 """
 
+import concurrent.futures
 import os
+import queue
 import re
+import threading
 from typing import Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -35,6 +40,11 @@ from transforms import read  # its client, and the store's retry policy installe
 _GCS = "gs://"
 PAGE_SIZE = 1000  # GCS's most per list request
 _FIELDS = "items(name,size,generation,crc32c,md5Hash),nextPageToken"
+LIST_THREADS = 8  # list requests in flight at once for one pattern, once its listing runs past a page
+_QUEUED_PAGES = 2 * LIST_THREADS  # pages listed and not yet taken, before the listing threads wait
+_WAIT = 0.5  # seconds a listing thread waits on a full queue before it looks whether it should stop
+_MAX_CHAR = 0x10FFFF
+_FIRST_ASCII_ABOVE = 0x80  # split points are sought among ASCII characters first, as most names are
 
 
 class Listed(NamedTuple):
@@ -100,18 +110,182 @@ def _regex(pattern: str):
 
 
 def match_gcs(pattern: str) -> Iterator[Tuple[str, Listed]]:
-  """gs:// objects matching `pattern`, one list request per PAGE_SIZE objects under its prefix."""
+  """gs:// objects matching `pattern`, one list request per PAGE_SIZE objects under its prefix
+  (and one more for each split of a listing past its first page that finds no object)."""
   bucket, _, name_pattern = pattern[len(_GCS):].partition("/")
   prefix = _prefix(name_pattern)
   regex = _regex(pattern)
-  client, retry = read._gcs_client()
-  blobs = client.list_blobs(bucket, prefix=prefix, page_size=PAGE_SIZE, fields=_FIELDS, retry=retry)
-  for page in blobs.pages:
-    for blob in page:
-      uri = f"{_GCS}{bucket}/{blob.name}"
-      if regex.fullmatch(uri) and not blob.name.endswith("/"):
-        yield uri, Listed(size=int(blob.size or 0), generation=int(blob.generation), crc32c=blob.crc32c,
-                          md5=blob.md5_hash)
+  for page in _list_gcs(bucket, prefix):
+    for name, listed in page:
+      uri = f"{_GCS}{bucket}/{name}"
+      if regex.fullmatch(uri) and not name.endswith("/"):
+        yield uri, listed
+
+
+def _char(code: int, above: int, below: Optional[int]) -> Optional[str]:
+  """chr(code), moved out of the surrogates (no name holds one), if still strictly between `above`
+  and `below` (None: no bound); else None."""
+  if 0xD800 <= code <= 0xDFFF:
+    code = 0xD7FF if 0xD7FF > above else 0xE000
+  return chr(code) if above < code and (below is None or code < below) else None
+
+
+def _between(low: str, high: Optional[str]) -> Optional[str]:
+  """A name strictly between `low` and `high` (None: no bound above) in GCS's listing order, which
+  is by UTF-8 bytes, so by code points, as Python compares str: near the middle of what lies
+  between them, among ASCII characters first. None where no such name is worth a request."""
+  i = 0
+  while True:
+    if i >= len(low):  # past low's end: low + any character (not a control character) is above it
+      return low + c if (c := _char((0x1F + (_FIRST_ASCII_ABOVE if high is None else ord(high[i]))) // 2, 0x1F,
+                                    None if high is None else ord(high[i]))) else None
+    a = ord(low[i])
+    if high is None:
+      top = _FIRST_ASCII_ABOVE if a < _FIRST_ASCII_ABOVE - 1 else _MAX_CHAR + 1
+      if top - a >= 2:
+        return low[:i] + _char((a + top) // 2, a, top)
+      i += 1  # low's character is the highest there is: look past it
+      continue
+    b = ord(high[i])
+    if a == b:
+      i += 1
+      continue
+    if b - a >= 2 and (c := _char((a + b) // 2, a, b)):
+      return low[:i] + c
+    # Neighbours (or only surrogates between): every name that goes on from low[:i + 1] is below high.
+    high = None
+    i += 1
+
+
+def _class_top(code: int) -> int:
+  """The code point just above the class of characters that `code` is in (digits; ASCII letters of
+  its case; else ASCII, else all): where the names' next character likely stops."""
+  if 0x30 <= code <= 0x39:
+    return 0x3A
+  if 0x61 <= code <= 0x7A:
+    return 0x7B
+  if 0x41 <= code <= 0x5A:
+    return 0x5B
+  return _FIRST_ASCII_ABOVE if code < _FIRST_ASCII_ABOVE - 1 else _MAX_CHAR + 1
+
+
+def _split_point(first: str, last: str, high: Optional[str]) -> Optional[str]:
+  """Where to split a range whose page ran from `first` to `last`, its end being `high` (None: none):
+  a name strictly between `last` and `high`. The page's names differed from the position where
+  `first` and `last` part; the split goes two characters before that, halfway between `last`'s
+  character and the top of its class (for a digit, just above "9"), so that the new range holds several pages'
+  worth if the names go on as they did; else a character further left; else `_between`. Simulated
+  on sequential numbers, uuids, dated folders and words (`benchmarks/listing.py --simulate`), 8
+  threads list 30,720 names in 0.29-0.48 of the pages' serial time for 35-77% more requests than
+  pages, and 300,000 in 0.16-0.20 for 15-37% more."""
+  parted = len(os.path.commonprefix([first, last]))
+  bounded = len(os.path.commonprefix([last, high])) if high is not None else 0
+  for p in range(min(parted - 2, len(last) - 1), bounded - 1, -1):
+    a = ord(last[p])
+    top = _class_top(a)
+    if high is not None and p == bounded:
+      top = min(top, ord(high[p]))
+    if top - a >= 2 and (c := _char((a + top) // 2, a, top)):
+      return last[:p] + c
+  return _between(last, high)
+
+
+def _above_prefix(prefix: str) -> Optional[str]:
+  """The least name above every name that starts with `prefix` (None: the prefix bounds nothing)."""
+  for i in range(len(prefix) - 1, -1, -1):
+    if (c := _char(ord(prefix[i]) + 1, ord(prefix[i]), _MAX_CHAR + 1)) is not None:
+      return prefix[:i] + c
+  return None
+
+
+class _Split(NamedTuple):
+  """A queue message: one more range is being listed."""
+
+
+class _Done(NamedTuple):
+  """A queue message: a range is listed to its end (error: or it failed with that)."""
+  error: Optional[BaseException] = None
+
+
+def _listed(blob) -> Tuple[str, Listed]:
+  return blob.name, Listed(size=int(blob.size or 0), generation=int(blob.generation), crc32c=blob.crc32c,
+                           md5=blob.md5_hash)
+
+
+def _list_gcs(bucket: str, prefix: str) -> Iterator[list]:
+  """Pages (lists of (name, Listed)) of every object under `prefix`, each object once, in no set order.
+  A page waits in the queue as these small tuples, not as google-cloud-storage's Blobs.
+
+  One range, all of the prefix, is listed page by page as google-cloud-storage lists. Where a range
+  has more pages after one, and fewer than LIST_THREADS ranges are being listed, it is split: a name
+  between its last object and its end (`_split_point`) becomes the start of a new range, listed by another
+  thread with `startOffset` (inclusive) and the old end as `endOffset` (exclusive); the first range
+  stops at the first name at or above it. Ranges split until the threads are busy, so the names'
+  shape decides where: a split that lands past every name costs one request that finds nothing. Each
+  request runs under the store's retry policy and outage deadline (read._gcs_client); the first
+  range to fail stops the listing with its error."""
+  pages = queue.Queue(_QUEUED_PAGES)
+  stop = threading.Event()
+  listing = [1]  # ranges being listed (a thread of each, or one queued to start)
+  lock = threading.Lock()
+  threads = concurrent.futures.ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="list")
+
+  def put(message) -> bool:
+    while not stop.is_set():
+      try:
+        pages.put(message, timeout=_WAIT)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def split(first: str, last: str, end: Optional[str]) -> Optional[str]:
+    with lock:
+      if listing[0] >= LIST_THREADS:
+        return None
+      start = _split_point(first, last, end if end is not None else _above_prefix(prefix))
+      if start is None or not put(_Split()):
+        return None
+      listing[0] += 1
+    threads.submit(list_range, start, end)
+    return start
+
+  def list_range(start: Optional[str], end: Optional[str]):
+    error = None
+    try:
+      client, retry = read._gcs_client()
+      blobs = client.list_blobs(bucket, prefix=prefix, start_offset=start, end_offset=end, page_size=PAGE_SIZE,
+                                fields=_FIELDS, retry=retry)
+      for page in blobs.pages:
+        page = [_listed(blob) for blob in page]
+        below = page if end is None else [item for item in page if item[0] < end]
+        if (below and not put(below)) or len(below) < len(page) or not blobs.next_page_token:
+          break  # stopped, or at a split's start, or listed to the end
+        if page:  # (GCS may answer a page with no object and a token for the next)
+          end = split(page[0][0], page[-1][0], end) or end
+    except Exception as e:  # noqa: BLE001 - the listing's caller raises it
+      error = e
+    finally:
+      with lock:
+        listing[0] -= 1
+      put(_Done(error))
+
+  threads.submit(list_range, None, None)
+  try:
+    ranges = 1
+    while ranges:
+      message = pages.get()
+      if isinstance(message, _Split):
+        ranges += 1
+      elif isinstance(message, _Done):
+        ranges -= 1
+        if message.error is not None:
+          raise message.error
+      else:
+        yield message
+  finally:
+    stop.set()
+    threads.shutdown(wait=False, cancel_futures=True)
 
 
 def match_local(pattern: str) -> Iterator[Tuple[str, Listed]]:
