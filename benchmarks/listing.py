@@ -1,7 +1,7 @@
 """A gs:// listing of many objects: one range after another against ranges split across threads.
 
-    python benchmarks/listing.py [--n 30720] [--latency-ms 30,100] [--shapes digits,hex] [--rounds 3]
-    python benchmarks/listing.py --simulate [--n 30720,300000] [--shapes digits,hex,dates,words]
+    python benchmarks/listing.py [--n 61440] [--latency-ms 30,100] [--shapes digits,hex] [--rounds 3]
+    python benchmarks/listing.py --simulate [--n 3072,30720,300000,1000000] [--shapes digits,hex,folders,dates,words]
 
 Lists `--n` objects (empty, under `photos/`) with `transforms.listing.match_gcs` on the GCS emulator
 behind tests/fault_proxy.py, which holds each request for `--latency-ms` (in parallel across
@@ -15,10 +15,11 @@ The emulator answers one request at a time and builds its whole listing for ever
 N / 1,000 pages, each a pass over all N objects), so its own time per page is the floor here, at
 any number of threads. Real GCS answers pages in parallel; its per-page time was not measured.
 
-`--simulate` runs the splitting (`transforms.listing._split_point`, LIST_THREADS ranges at most)
+`--simulate` runs the splitting (`transforms.listing._split_points`, LIST_THREADS ranges at most)
 over sorted name lists in memory, every request taking one unit of time, no store at all: how many
 page-times the listing takes against one range's, and how many requests, for four shapes of names
-(`dates`: photos/2026/MM/DD/imgNNNNN.jpg; `words`: photos/<animal>/<letter><n>.jpg).
+(`dates`: photos/2026/MM/DD/imgNNNNN.jpg; `folders`: photos/NNN/NNNNNN.jpg, 1,024 a folder, as
+`refresh.py` names them; `words`: photos/<animal>/<letter><n>.jpg).
 """
 
 import argparse
@@ -41,16 +42,19 @@ def _names(shape, n):
   if shape == "dates":
     days = [(m, d) for m in range(1, 13) for d in range(1, 29)]
     return [f"photos/2026/{m:02d}/{d:02d}/img{i:05d}.jpg" for i, (m, d) in enumerate(days * (n // len(days) + 1))][:n]
+  if shape == "folders":
+    return [f"photos/{i // 1024:03d}/{i:06d}.jpg" for i in range(n)]
   if shape == "words":
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
     return [f"photos/{rng.choice(['cat', 'dog', 'bird', 'fish', 'horse'])}/{rng.choice(letters)}{i}.jpg"
             for i in range(n)]
-  raise SystemExit(f"--shapes: unknown shape {shape!r} (digits, hex, dates, words)")
+  raise SystemExit(f"--shapes: unknown shape {shape!r} (digits, hex, dates, folders, words)")
 
 
 def simulate(names, page=1000, prefix="photos/"):
-  """(page-times, requests) of listing `names` split as transforms/listing.py splits, every request
-  taking one unit of time: an event per request, in time order."""
+  """(page-times, requests) of listing `names` split as transforms/listing.py splits (its
+  `_split_points`, LIST_THREADS and `_SPLIT_AFTER_PAGES`), every request taking one unit of time:
+  an event per request, in time order."""
   import bisect
   import heapq
 
@@ -58,18 +62,22 @@ def simulate(names, page=1000, prefix="photos/"):
   names = sorted(names)
   threads, high_of_prefix = listing.LIST_THREADS, listing._above_prefix(prefix)
   events = [(1, 0, bisect.bisect_left(names, prefix), None)]  # (ends at, order, first index, range end)
-  order, requests, ranges, last_end, seen = 1, 1, 1, 0, 0
+  order, requests, ranges, last_end, seen, boundaries = 1, 1, 1, 0, 0, 0
   while events:
     at, _, index, end = heapq.heappop(events)
     stop = len(names) if end is None else bisect.bisect_left(names, end)
     got = names[index:min(index + page, stop)]
     seen, index, last_end = seen + len(got), index + len(got), max(last_end, at)
-    if index < stop and got and ranges < threads:
-      start = listing._split_point(got[0], got[-1], end if end is not None else high_of_prefix)
-      if start is not None:
-        heapq.heappush(events, (at + 1, order, bisect.bisect_left(names, start), end))
-        order, requests, ranges, end = order + 1, requests + 1, ranges + 1, start
-        stop = bisect.bisect_left(names, end)
+    if index < stop and got:  # a page with more after it: where the listing may split
+      boundaries += 1
+      if boundaries >= listing._SPLIT_AFTER_PAGES:
+        starts = listing._split_points(got[0], got[-1], end if end is not None else high_of_prefix, threads - ranges)
+        for start, until in zip(starts, starts[1:] + [end]):
+          heapq.heappush(events, (at + 1, order, bisect.bisect_left(names, start), until))
+          order, requests, ranges = order + 1, requests + 1, ranges + 1
+        if starts:
+          end = starts[0]
+          stop = bisect.bisect_left(names, end)
     if index >= stop:
       ranges -= 1
       continue
@@ -99,9 +107,9 @@ def main(argv=None):
   parser.add_argument("--simulate", action="store_true", help="the splitting alone, in memory: no store")
   args = parser.parse_args(argv)
   if args.simulate:
-    args.n, args.shapes = args.n or "30720,300000", args.shapes or "digits,hex,dates,words"
+    args.n, args.shapes = args.n or "3072,30720,300000,1000000", args.shapes or "digits,hex,dates,folders,words"
     return _simulate(args)
-  args.n, args.shapes = int(args.n or 30720), args.shapes or "digits,hex"
+  args.n, args.shapes = int(args.n or 61440), args.shapes or "digits,hex"
 
   from benchmarks.refresh import _fast_put_all
   from tests.fault_proxy import fault_proxy
@@ -129,7 +137,7 @@ def main(argv=None):
             listing.LIST_THREADS = count
             proxy.reset_counts()
             started = time.perf_counter()
-            uris = [uri for uri, _ in listing.match_gcs(f"gs://{bucket}/photos/*.jpg")]
+            uris = [uri for uri, _ in listing.match_gcs(f"gs://{bucket}/photos/**")]
             took = time.perf_counter() - started
             best[count] = min(best.get(count, took), took)
             requests[count] = proxy.counts["list"]

@@ -107,7 +107,9 @@ def test_a_gcs_listing_past_one_page_splits_by_name_across_threads_and_lists_eac
   from transforms import listing
   bucket = gcs_proxy.bucket
   _upload(bucket, _MANY + _OUTSIDE)
-  monkeypatch.setattr(listing, "PAGE_SIZE", 10)  # GCS's pages hold 1,000: 10 here makes 33 pages of 324 objects
+  # GCS's pages hold 1,000 and a listing splits after 32: 10 and 4 here, so 324 objects are 33 pages and split.
+  monkeypatch.setattr(listing, "PAGE_SIZE", 10)
+  monkeypatch.setattr(listing, "_SPLIT_AFTER_PAGES", 4)
   gcs_proxy.reset_counts()
   listed = [uri for uri, _ in match_pattern(f"{bucket}/photos/**")]
   assert sorted(listed) == sorted(f"{bucket}/{n}" for n in _MANY) and len(set(listed)) == len(listed)
@@ -117,10 +119,14 @@ def test_a_gcs_listing_past_one_page_splits_by_name_across_threads_and_lists_eac
   # Each range costs at most one page more than its objects fill: the requests stay near one per page.
   pages = math.ceil(len(_MANY) / 10)
   assert pages <= len(queries) <= pages + len(starts) + 1, (len(queries), pages, len(starts))
-  # A listing of one page is one request, as before: no split.
+  # A listing of one page is one request, as before; one of up to listing._SPLIT_AFTER_PAGES pages is not split.
   gcs_proxy.reset_counts()
   assert _ours(f"{bucket}/photos/0000*.jpg") == [f"{bucket}/photos/{i:05d}.jpg" for i in range(10)]
   assert gcs_proxy.counts["list"] == 1
+  monkeypatch.setattr(listing, "PAGE_SIZE", 3)
+  gcs_proxy.reset_counts()
+  assert _ours(f"{bucket}/photos/A*.png") == [f"{bucket}/photos/A{i:02d}.png" for i in range(12)]
+  assert gcs_proxy.counts["list"] == 4 == listing._SPLIT_AFTER_PAGES
 
 
 def test_a_split_gcs_listing_under_faults_still_lists_each_object_once(gcs_proxy, monkeypatch):
@@ -128,6 +134,7 @@ def test_a_split_gcs_listing_under_faults_still_lists_each_object_once(gcs_proxy
   bucket = gcs_proxy.bucket
   _upload(bucket, _MANY)
   monkeypatch.setattr(listing, "PAGE_SIZE", 10)
+  monkeypatch.setattr(listing, "_SPLIT_AFTER_PAGES", 4)
   gcs_proxy.faults(p503=0.15, p429=0.05, p_reset=0.05, kinds=["list"])
   listed = [uri for uri, _ in match_pattern(f"{bucket}/photos/**")]
   assert sorted(listed) == sorted(f"{bucket}/{n}" for n in _MANY)
@@ -144,6 +151,7 @@ def test_a_range_that_fails_fails_the_listing_and_a_listing_stopped_early_ends_i
   bucket = gcs_proxy.bucket
   _upload(bucket, _MANY)
   monkeypatch.setattr(listing, "PAGE_SIZE", 10)
+  monkeypatch.setattr(listing, "_SPLIT_AFTER_PAGES", 4)
   # A permanent error on a later range's request (not retried) must fail the listing, not drop its objects.
   gcs_proxy.down("list", status=403, after=6)
   with pytest.raises(exceptions.Forbidden):
