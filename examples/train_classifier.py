@@ -4,7 +4,8 @@
         --backbones mobilenet_v2 [--weights imagenet] [any embed-images option]
 
 Labels come from the folder names (--label-from-dir); a softmax regression is trained on a
-deterministic 75/25 split of the files (by hash of the uri) and its held-out accuracy printed.
+deterministic 75/25 split of each label's files (by a digest of the file's path under --data) and
+its held-out accuracy printed.
 """
 
 import argparse
@@ -17,9 +18,19 @@ from pipeline import read_embeddings
 from pipeline.main import run
 
 
-def split_by_uri(uris, test_fraction=0.25):
-  """Same split on every run and machine: by a digest of the uri, not by a random draw."""
-  return np.array([int(hashlib.sha1(u.encode()).hexdigest(), 16) % 1000 < test_fraction * 1000 for u in uris])
+def split_by_uri(uris, labels, root, test_fraction=0.25):
+  """Same split on every run, machine and copy of the folder: within each label, the files whose digest
+  of their path under `root` ranks lowest are held out (a quarter, at least one of two or more), not
+  a random draw, and not the absolute path's, which would change with where the folder sits."""
+  def key(uri):
+    return hashlib.sha1((uri[len(root):] if uri.startswith(root) else uri).lstrip("/").encode()).hexdigest()
+
+  test = np.zeros(len(uris), bool)
+  for label in set(labels):
+    members = sorted((i for i, each in enumerate(labels) if each == label), key=lambda i: key(uris[i]))
+    held_out = max(1, round(test_fraction * len(members))) if len(members) >= 2 else 0
+    test[members[:held_out]] = True
+  return test
 
 
 def train_softmax(x, y, classes, epochs=300, learning_rate=0.5, l2=1e-3):
@@ -56,7 +67,7 @@ def main(argv=None):
   labels = emb.column("label")
   names = sorted(set(labels))
   y = np.array([names.index(label) for label in labels])
-  test = split_by_uri(emb.uris)
+  test = split_by_uri(emb.uris, labels, data)
   if test.all() or not test.any():
     print("not enough images for a train/test split", file=sys.stderr)
     return 1
