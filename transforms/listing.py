@@ -13,9 +13,9 @@ next run can compare without reading the object.
 - gs://: `size`, `generation`, `crc32c` (base64, as GCS gives it) and `md5` when the object has one;
   listed with google-cloud-storage's `list_blobs(prefix=...)`, page by page (one request per 1,000
   objects), under transforms/store.py's retry policy and outage deadline; Beam's match would give
-  neither generation nor crc32c. A listing that runs past one page is split by name into ranges
-  (`startOffset`, `endOffset`) listed by up to LIST_THREADS threads at once (`_list_gcs`), so a
-  bucket of millions of objects is not one request after another;
+  neither generation nor crc32c. A listing that runs past _SPLIT_AFTER_PAGES pages is split by name
+  into ranges (`startOffset`, `endOffset`) listed by up to LIST_THREADS threads at once (`_list_gcs`),
+  so a bucket of millions of objects is not one request after another;
 - any other Beam filesystem: Beam's match, `size` and `mtime` (seconds, as Beam reports it).
 
 Globs mean what Beam's FileSystems.match makes of them (`FileSystem.translate_pattern`: `*` within a
@@ -40,7 +40,7 @@ from transforms import read  # its client, and the store's retry policy installe
 _GCS = "gs://"
 PAGE_SIZE = 1000  # GCS's most per list request
 _FIELDS = "items(name,size,generation,crc32c,md5Hash),nextPageToken"
-LIST_THREADS = 8  # list requests in flight at once for one pattern, once its listing runs past a page
+LIST_THREADS = 8  # list requests in flight at once for one pattern, once its listing is split
 _SPLIT_AFTER_PAGES = 32  # pages listed in all before the first split: a listing of up to 32,000 objects is one range
 _QUEUED_PAGES = 2 * LIST_THREADS  # pages listed and not yet taken, before the listing threads wait
 _WAIT = 0.5  # seconds a listing thread waits on a full queue before it looks whether it should stop
@@ -112,7 +112,7 @@ def _regex(pattern: str):
 
 def match_gcs(pattern: str) -> Iterator[Tuple[str, Listed]]:
   """gs:// objects matching `pattern`, one list request per PAGE_SIZE objects under its prefix
-  (and one more for each split of a listing past its first page that finds no object)."""
+  (and, past _SPLIT_AFTER_PAGES pages, one more for each range a split starts that ends a page short)."""
   bucket, _, name_pattern = pattern[len(_GCS):].partition("/")
   prefix = _prefix(name_pattern)
   regex = _regex(pattern)
@@ -142,7 +142,7 @@ def _between(low: str, high: Optional[str]) -> Optional[str]:
                                     None if high is None else ord(high[i]))) else None
     a = ord(low[i])
     if high is None:
-      top = _FIRST_ASCII_ABOVE if a < _FIRST_ASCII_ABOVE - 1 else _MAX_CHAR + 1
+      top = _top_above(a)
       if top - a >= 2:
         return low[:i] + _char((a + top) // 2, a, top)
       i += 1  # low's character is the highest there is: look past it
@@ -158,6 +158,11 @@ def _between(low: str, high: Optional[str]) -> Optional[str]:
     i += 1
 
 
+def _top_above(code: int) -> int:
+  """Past the ASCII characters where `code` is one below their top, else past every character."""
+  return _FIRST_ASCII_ABOVE if code < _FIRST_ASCII_ABOVE - 1 else _MAX_CHAR + 1
+
+
 def _class_top(code: int) -> int:
   """The code point just above the class of characters that `code` is in (digits; ASCII letters of
   its case; else ASCII, else all): where the names' next character likely stops."""
@@ -167,7 +172,7 @@ def _class_top(code: int) -> int:
     return 0x7B
   if 0x41 <= code <= 0x5A:
     return 0x5B
-  return _FIRST_ASCII_ABOVE if code < _FIRST_ASCII_ABOVE - 1 else _MAX_CHAR + 1
+  return _top_above(code)
 
 
 def _split_points(first: str, last: str, high: Optional[str], most: int) -> list:
@@ -237,6 +242,7 @@ def _list_gcs(bucket: str, prefix: str) -> Iterator[list]:
   stop = threading.Event()
   listing = [1, 0]  # ranges being listed (a thread of each, or one queued to start); pages listed
   lock = threading.Lock()
+  above_prefix = _above_prefix(prefix)  # the first range's end, as a split sees it
   threads = concurrent.futures.ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="list")
 
   def put(message) -> bool:
@@ -254,13 +260,13 @@ def _list_gcs(bucket: str, prefix: str) -> Iterator[list]:
       listing[1] += 1
       if listing[1] < _SPLIT_AFTER_PAGES:
         return None
-      starts = _split_points(first, last, end if end is not None else _above_prefix(prefix), LIST_THREADS - listing[0])
+      starts = _split_points(first, last, end if end is not None else above_prefix, LIST_THREADS - listing[0])
       for _ in starts:
         if not put(_Split()):
           return None  # stopped: nothing more is listed
       listing[0] += len(starts)
-    for start, stop in zip(starts, starts[1:] + [end]):
-      threads.submit(list_range, start, stop)
+    for start, until in zip(starts, starts[1:] + [end]):
+      threads.submit(list_range, start, until)
     return starts[0] if starts else None
 
   def list_range(start: Optional[str], end: Optional[str]):

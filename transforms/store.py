@@ -137,7 +137,6 @@ def _predicate(error) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _retry_class():
-  from google.api_core import exceptions as api_exceptions
   from google.api_core import retry as api_retry
 
   class OutageRetry(api_retry.Retry):
@@ -149,10 +148,7 @@ def _retry_class():
       @functools.wraps(func)
       def call(*args, **kwargs):
         try:
-          result = retried(*args, **kwargs)
-        except api_exceptions.RetryError as e:  # this call's own timeout
-          OUTAGE.failed(e.cause or e)
-          raise OUTAGE.error() from e
+          result = retried(*args, **kwargs)  # no timeout of its own (retry()), so never a RetryError
         except Exception as e:
           if _transient(e) and OUTAGE.expired:
             raise OUTAGE.error() from e
